@@ -1,0 +1,130 @@
+"""Reading model folders: which files hold what, and how other layouts become DistilBERT keys.
+
+Layouts that load (all end as `DistilBertModel` keys, no prefix):
+- `DistilBertModel` folders: the keys as they are.
+- `DistilBertForMaskedLM` checkpoints: strip `distilbert.`, drop the `vocab_*` heads.
+- BERT checkpoints (`BertModel`, `BertForMaskedLM`, ...): renamed key by key. BERT adds a token-type embedding
+  to every token; with single-segment input that is always row 0, a constant vector, so adding it into every
+  position embedding gives exactly the same function without token types. The pooler is dropped.
+- Old files: `LayerNorm.gamma/beta` become `weight/bias`; `embeddings.position_ids` is a buffer, ignored.
+- sentence-transformers folders: `modules.json` says where the transformer lives and which pooling follows.
+
+Weights are read from safetensors. A folder with only `pytorch_model.bin` is read with
+`torch.load(weights_only=True)`, which refuses to unpickle code. Nothing is ever loaded with `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import CheckpointError
+
+# Keys that belong to heads or buffers we do not need, in any layout.
+_DROP = re.compile(
+    r"^(vocab_transform|vocab_layer_norm|vocab_projector|pooler|cls|qa_outputs|classifier|pre_classifier)\."
+    r"|(^|\.)position_ids$"
+)
+
+# BERT → DistilBERT, per layer (applied after `encoder.layer.` → `transformer.layer.`).
+_BERT_RENAMES = [
+    ("attention.self.query.", "attention.q_lin."),
+    ("attention.self.key.", "attention.k_lin."),
+    ("attention.self.value.", "attention.v_lin."),
+    ("attention.output.dense.", "attention.out_lin."),
+    ("attention.output.LayerNorm.", "sa_layer_norm."),
+    ("intermediate.dense.", "ffn.lin1."),
+    ("output.dense.", "ffn.lin2."),
+    ("output.LayerNorm.", "output_layer_norm."),
+]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder: `model.safetensors`, sharded safetensors, or (last) `pytorch_model.bin`."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    legacy = folder / "pytorch_model.bin"
+    if legacy.exists():
+        # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"{folder}: no model.safetensors (or pytorch_model.bin) in the folder; found {found}")
+
+
+def to_distilbert_keys(state: dict[str, torch.Tensor], model_type: str, source: str) -> dict[str, torch.Tensor]:
+    """Convert a checkpoint's tensors to `DistilBertModel` key names (see the module docstring)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+        for prefix in ("distilbert.", "bert.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if _DROP.search(key):
+            continue
+        out[key] = tensor
+    if model_type == "distilbert":
+        return out
+    if model_type != "bert":
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported (expected 'distilbert' or 'bert')"
+        )
+    bert: dict[str, torch.Tensor] = {}
+    for key, tensor in out.items():
+        if key.startswith("encoder.layer."):
+            key = "transformer.layer." + key[len("encoder.layer.") :]
+            for old, new in _BERT_RENAMES:
+                if old in key:
+                    key = key.replace(old, new, 1)
+                    break
+        bert[key] = tensor
+    token_types = bert.pop("embeddings.token_type_embeddings.weight", None)
+    if token_types is not None:
+        # Single-segment input always looks up token type 0: fold that constant row into every position.
+        bert["embeddings.position_embeddings.weight"] = (
+            bert["embeddings.position_embeddings.weight"] + token_types[0]
+        )
+    return bert
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model` key by key; any missing key, unexpected key or shape mismatch is an error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{source}: the weights do not fit a DistilBERT encoder: " + "; ".join(parts))
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {key!r}: the checkpoint has {tuple(state[key].shape)}, "
+                f"config.json implies {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])

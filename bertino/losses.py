@@ -1,0 +1,66 @@
+"""Contrastive and similarity losses, as pure functions of embeddings.
+
+Shapes: B pairs/anchors, k hard negatives per anchor, D embedding dim.
+None of these functions knows the encoder: that is what lets GradCache (grad_cache.py) evaluate them on cached
+embeddings and Matryoshka (matryoshka.py) evaluate them on truncated ones. All math runs in fp32, whatever dtype
+the embeddings arrive in (under fp16 a scaled cosine's exp overflows, and a -1e12 mask is -inf).
+
+Multiple negatives ranking loss (MNRL, InfoNCE with in-batch negatives; Henderson et al. 2017):
+    candidates = [p_1..p_B, n_{1,1}..n_{B,1}, ..., n_{1,k}..n_{B,k}]          (B(1+k), D)
+    s_ij = scale · cos(a_i, c_j)                                              (B, B(1+k))
+    L = mean_i  −log softmax_j(s_i·)[label_i],  label_i = i (its own positive)
+
+CoSENT (Su 2022): with s_i = scale · cos(u_i, v_i),
+    L = log(1 + Σ_{(i,j): gold_i > gold_j} exp(s_j − s_i))
+i.e. every pair ranked wrongly by cosine costs. Pairs with equal gold add nothing; all-equal gold gives log 1 = 0.
+
+CosineSimilarityLoss (the V4 STS loss): L = mean_i (cos(u_i, v_i) − gold_i)², gold scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cos_sim_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, D), b (M, D) → cosine similarities (B, M) in fp32."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def pairwise_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, D), b (B, D) → row-wise cosine similarity (B,) in fp32."""
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
+
+
+def mnrl_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    scale: float = 20.0,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """anchors (B, D), candidates (M, D) with M = B(1+k) → mean cross-entropy ().
+
+    `labels` (B,) index each anchor's positive among the candidates; default `arange(B)` (positives come first).
+    Under DDP with gathered candidates, the caller passes labels offset by rank · M_local.
+    """
+    scores = scale * cos_sim_matrix(anchors, candidates)  # (B, M)
+    if labels is None:
+        labels = torch.arange(anchors.shape[0], device=anchors.device)  # (B,)
+    return F.cross_entropy(scores, labels)
+
+
+def cosent_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """e1, e2 (B, D), gold (B,) → CoSENT loss ()."""
+    s = scale * pairwise_cos(e1, e2)  # (B,)
+    diff = s[None, :] - s[:, None]  # (B, B): [i, j] = s_j − s_i
+    wrong_if_positive = gold.float()[:, None] > gold.float()[None, :]  # (B, B): gold_i > gold_j
+    # -inf (not -1e12) leaves no finite junk in fp32 and gives those pairs exactly zero weight and gradient.
+    diff = diff.masked_fill(~wrong_if_positive, float("-inf")).flatten()  # (B·B,)
+    zero = torch.zeros(1, dtype=diff.dtype, device=diff.device)  # the "1 +" inside the log
+    return torch.logsumexp(torch.cat([zero, diff]), dim=0)
+
+
+def cosine_similarity_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """e1, e2 (B, D), gold (B,) in [0, 1] → mean squared error of cosine vs gold ()."""
+    return F.mse_loss(pairwise_cos(e1, e2), gold.float())

@@ -1,0 +1,73 @@
+"""From a batch's embeddings to its training loss: columns → loss function → Matryoshka → (optional) cross-rank gather.
+
+Shapes: B rows in this rank's batch, n columns of text per row, T = n·B texts, D dim, W world size, k = n − 2.
+
+The encoder embeds all T texts of a batch at once (GradCache mini-batches mix columns freely); the texts are laid
+out column after column, so `reps.view(n, B, D)[c]` is column c. For retrieval rows (query, positive, neg_1..neg_k)
+the anchors are column 0 and the candidates cat(columns 1..n-1) (B(1+k), D): positive i sits at index i.
+
+Gathering across ranks (`gather_across_devices`): every rank's candidates are all-gathered WITH autograd
+(`torch.distributed.nn.functional.all_gather`), anchors stay local and labels are offset by rank · B(1+k), so every
+anchor is scored against every rank's positives and hard negatives. The gather's backward sums the gradients that
+all ranks' losses send to a rank's candidates; DDP then averages over ranks, which turns the mean of the W local
+losses into exactly the single-process loss over W·B anchors: no world-size factor is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .distributed import gather_with_grad, world_info
+from .losses import cosent_loss, cosine_similarity_loss, mnrl_loss
+from .matryoshka import matryoshka_loss
+
+RETRIEVAL_LOSSES = ("mnrl", "cached_mnrl")
+PAIR_LOSSES = ("cosent", "cosine")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How one task turns its embeddings into a loss."""
+
+    loss: str  # mnrl | cached_mnrl | cosent | cosine
+    scale: float = 20.0
+    dims: Sequence[int] | None = None  # Matryoshka dims (None: plain loss on the full embedding)
+    weights: Sequence[float] | None = None
+    gather: bool = False  # gather candidates / pairs across ranks
+
+    def __call__(self, reps: torch.Tensor, n_columns: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """reps (n·B, D), column after column; scores (B,) for pair losses → loss ()."""
+        columns = list(reps.view(n_columns, -1, reps.shape[-1]))  # n × (B, D)
+        B = columns[0].shape[0]
+        rank, world = world_info() if self.gather else (0, 1)
+
+        if self.loss in RETRIEVAL_LOSSES:
+            anchors, candidates = columns[0], torch.cat(columns[1:])  # (B, D), (B(1+k), D)
+            labels = torch.arange(B, device=reps.device)  # (B,)
+            if world > 1:
+                candidates = torch.cat(gather_with_grad(candidates))  # (W·B(1+k), D)
+                labels = labels + rank * B * (n_columns - 1)
+            return self._combine(mnrl_loss, [anchors, candidates], scale=self.scale, labels=labels)
+
+        if self.loss in PAIR_LOSSES:
+            e1, e2 = columns[0], columns[1]  # (B, D) each
+            divide = 1.0
+            if world > 1:
+                # Every rank evaluates the same loss over all W·B pairs; the gather's backward sums W identical
+                # contributions, so divide by W to get the single-process gradient after DDP's average.
+                e1, e2 = torch.cat(gather_with_grad(e1)), torch.cat(gather_with_grad(e2))  # (W·B, D)
+                scores = torch.cat(gather_with_grad(scores.float()))  # (W·B,)
+                divide = float(world)
+            if self.loss == "cosent":
+                return self._combine(cosent_loss, [e1, e2], gold=scores, scale=self.scale) / divide
+            return self._combine(cosine_similarity_loss, [e1, e2], gold=scores) / divide
+
+        raise ValueError(f"unknown loss {self.loss!r} (expected one of {RETRIEVAL_LOSSES + PAIR_LOSSES})")
+
+    def _combine(self, fn, embeddings: list[torch.Tensor], **kwargs) -> torch.Tensor:
+        if self.dims is None:
+            return fn(*embeddings, **kwargs)
+        return matryoshka_loss(fn, embeddings, self.dims, self.weights, **kwargs)
