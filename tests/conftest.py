@@ -30,7 +30,7 @@ def save_tokenizer(folder: Path, model_max_length: int = 64) -> int:
     from transformers import BertTokenizerFast
 
     vocab = write_vocab(folder)
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=model_max_length)
+    tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=True, model_max_length=model_max_length)
     tok.save_pretrained(str(folder))
     return len(tok)
 

@@ -1,0 +1,138 @@
+"""Peak memory of retrieval evaluation on a 100k-passage corpus: chunked scoring vs the full (Q, N) score matrix.
+
+    python benchmarks/evaluate_memory.py                      # both variants, each in a fresh process
+    python benchmarks/evaluate_memory.py --variant metrics    # random embeddings → ir_metrics only
+    python benchmarks/evaluate_memory.py --variant end-to-end # tiny random model + synthetic JSONL → evaluate()
+
+Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`, a high-water mark for the whole process, so each variant
+runs in its own process and reports the rise of the peak over a baseline taken once its inputs are in memory.
+The rise is the working memory of the evaluation; a dense (Q, N) float32 score matrix is shown for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bertino.evaluation import ir_metrics  # noqa: E402
+
+MB = 1024 * 1024
+TOPICS = ["gatto", "cane", "casa", "libro", "tabella", "testo", "pagina", "documento", "formato", "cella", "roma",
+          "milano", "acqua", "sole", "mare", "leonardo", "gioconda", "louvre"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def report(name: str, n_queries: int, n_corpus: int, baseline: float, seconds: float, metrics: dict) -> None:
+    rise = peak_rss_mb() - baseline
+    dense = n_queries * n_corpus * 4 / MB
+    print(f"[{name}] Q={n_queries} N={n_corpus}: peak RSS {peak_rss_mb():.0f} MB, rise during evaluation "
+          f"{rise:.0f} MB (a dense (Q, N) float32 score matrix alone: {dense:.0f} MB); {seconds:.1f} s")
+    print(f"[{name}] " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+# ================================================================================================ variants
+def run_metrics(args) -> None:
+    """Random unit-ish embeddings; each query is a noisy copy of its one relevant passage."""
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.randn(args.corpus, args.dim, generator=g)  # (N, D) float32
+    relevant_ids = torch.randint(0, args.corpus, (args.queries,), generator=g)  # (Q,)
+    queries = corpus[relevant_ids] + 8.0 * torch.randn(args.queries, args.dim, generator=g)  # (Q, D)
+    relevant = [{int(i)} for i in relevant_ids]
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    metrics = ir_metrics(queries, corpus, relevant, chunk_size=args.chunk_size)
+    report(f"metrics, chunk_size={args.chunk_size}, D={args.dim}", args.queries, args.corpus, baseline,
+           time.perf_counter() - start, metrics)
+
+
+def run_end_to_end(args) -> None:
+    """A tiny random DistilBERT and a synthetic JSONL file, through the steps of `evaluate()`, peak after each.
+
+    Row j of the file: a query, its one positive and enough `negative_*` passages that the corpus has N texts.
+    """
+    from bertino import SentenceEncoder
+    from bertino.evaluation import evaluate_sets, load_eval_sets
+
+    per_row = args.corpus // args.queries  # passages per row: 1 positive + per_row - 1 negatives
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_tiny_model(tmp / "model")
+        ir_file = tmp / "synthetic_ir.jsonl"
+        with ir_file.open("w", encoding="utf-8") as f:
+            for j in range(args.queries):
+                passages = [passage(j * per_row + n) for n in range(per_row)]
+                row = {"query": f"{TOPICS[j % len(TOPICS)]} {j * per_row}", "positive": passages[0]}
+                row.update({f"negative_{n}": text for n, text in enumerate(passages[1:], start=1)})
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        encoder = SentenceEncoder.from_pretrained(tmp / "model")
+        baseline = peak_rss_mb()
+        start = time.perf_counter()
+        ir_sets, _ = load_eval_sets([ir_file])
+        print(f"[end-to-end] after loading the file: peak rise {peak_rss_mb() - baseline:.0f} MB")
+        results = evaluate_sets(encoder, ir_sets, [], dims=[encoder.dim, encoder.dim // 2], batch_size=256,
+                                show_progress_bar=False)
+        seconds = time.perf_counter() - start
+    report(f"end-to-end, dims {list(results)}", len(ir_sets[0].queries), len(ir_sets[0].corpus), baseline,
+           seconds, results[encoder.dim]["synthetic_ir"])
+
+
+def passage(i: int) -> str:
+    return f"il {TOPICS[i % len(TOPICS)]} {i} e la {TOPICS[(i * 7 + 3) % len(TOPICS)]} della pagina {i % 97}"
+
+
+def make_tiny_model(folder: Path) -> None:
+    """A random 2-layer, 32-dim DistilBertModel with a WordPiece tokenizer over the synthetic texts' words."""
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    folder.mkdir(parents=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "il", "la", "e", "della", "pagina"] + TOPICS
+    vocab += chars + ["##" + c for c in chars]
+    vocab = list(dict.fromkeys(vocab))  # no duplicate lines ("e" is a word and a character): ids stay < len(vocab)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=64)
+    if len(tok) < len(vocab):  # transformers >= 5 ignores vocab_file= (and builds 5 specials); it takes vocab=
+        tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=64)
+    tok.save_pretrained(str(folder))
+    cfg = DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64)
+    torch.manual_seed(0)
+    DistilBertModel(cfg).save_pretrained(str(folder))
+
+
+# ================================================================================================ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=["all", "metrics", "end-to-end"], default="all")
+    p.add_argument("--corpus", type=int, default=100_000)
+    p.add_argument("--queries", type=int, default=1_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--chunk-size", type=int, default=50_000)
+    args = p.parse_args()
+    if args.variant == "metrics":
+        return run_metrics(args)
+    if args.variant == "end-to-end":
+        return run_end_to_end(args)
+    common = ["--corpus", str(args.corpus), "--queries", str(args.queries), "--dim", str(args.dim)]
+    for extra in (["--variant", "metrics", "--chunk-size", str(args.chunk_size)],
+                  ["--variant", "metrics", "--chunk-size", "10000"],
+                  ["--variant", "end-to-end"]):
+        subprocess.run([sys.executable, __file__, *common, *extra], check=True)  # a fresh peak for each
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Evaluation: information-retrieval (IR) and semantic-textual-similarity (STS) metrics, and the eval files.
+
+Shapes: Q queries, N corpus texts, D embedding dim, d a truncated (Matryoshka) dim, C corpus chunk, R query chunk,
+K the longest cut-off (100 for MAP@100, at most N), P STS pairs.
+
+Information retrieval. Each query q has a set of relevant corpus ids rel(q). The corpus is ranked by cosine similarity
+cos(q, c) = q·c / (|q| |c|), ties broken by corpus id (smaller first), so the ranking r_1, r_2, ... is a total order
+and no result depends on how the corpus is chunked. With hit_i = [r_i ∈ rel(q)] (i = 1-based rank):
+
+    Accuracy@k  = [Σ_{i≤k} hit_i > 0]                       (a relevant text in the top k)
+    Precision@k = Σ_{i≤k} hit_i / k
+    Recall@k    = Σ_{i≤k} hit_i / |rel|
+    MRR@k       = 1 / min{i ≤ k : hit_i}                     (0 when no hit in the top k)
+    NDCG@k      = DCG@k / IDCG@k,   DCG@k = Σ_{i≤k} hit_i / log2(i + 1),   IDCG@k = Σ_{i≤min(|rel|,k)} 1 / log2(i + 1)
+    MAP@k       = Σ_{i≤k} hit_i · Precision@i / min(k, |rel|)
+
+each averaged over queries (Manning, Raghavan & Schütze, "Introduction to Information Retrieval", ch. 8; the same
+definitions as sentence-transformers' InformationRetrievalEvaluator). The scores are exact: only the top K of each
+query is kept, and a corpus chunk's top K merged with the running top K gives the top K of the union.
+
+Semantic similarity. For pairs (a_j, b_j) with gold score g_j, s_j = cos(a_j, b_j):
+
+    Pearson  = Σ (s_j − s̄)(g_j − ḡ) / sqrt(Σ (s_j − s̄)² · Σ (g_j − ḡ)²)
+    Spearman = Pearson(rank(s), rank(g))                     (tied values share their average rank)
+
+Matryoshka evaluation: every distinct text is encoded once at full dim; dim d uses the first d coordinates,
+re-normalised (cosine does that). Eval files are JSONL (optionally gzipped); see `load_ir_file`, `load_sts_file`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+
+IR_METRICS = ("map@100", "ndcg@10", "mrr@10", "accuracy@1", "accuracy@3", "accuracy@5", "accuracy@10",
+              "recall@10", "precision@10")
+STS_METRICS = ("spearman_cosine", "pearson_cosine")
+METRIC_LABELS = {  # how tables print the metric names (the model card's spelling)
+    "map": "MAP", "ndcg": "NDCG", "mrr": "MRR", "accuracy": "Accuracy", "recall": "Recall",
+    "precision": "Precision", "spearman_cosine": "Spearman Cosine", "pearson_cosine": "Pearson Cosine",
+}
+# Scores per (query chunk × corpus chunk) block: R·C ≤ this, so a block's temporaries stay ~100 MB whatever Q and N.
+SCORE_BLOCK_ELEMENTS = 1 << 22
+MATMUL_ROWS = 1024  # corpus rows per float64 matmul (a 1024 × 768 float64 slice is 6 MB)
+
+
+# ================================================================================================ IR metrics
+def ir_metrics(
+    query_emb: torch.Tensor,
+    corpus_emb: torch.Tensor,
+    relevant: Sequence[set[int]],
+    *,
+    chunk_size: int = 50_000,
+    accuracy_at_k: Sequence[int] = (1, 3, 5, 10),
+    precision_recall_at_k: Sequence[int] = (10,),
+    mrr_at_k: Sequence[int] = (10,),
+    ndcg_at_k: Sequence[int] = (10,),
+    map_at_k: Sequence[int] = (100,),
+) -> dict[str, float]:
+    """Retrieval metrics of query_emb (Q, D) against corpus_emb (N, D) by cosine similarity.
+
+    `relevant[q]` is the set of corpus row ids relevant to query q (non-empty). The corpus is scored `chunk_size`
+    rows at a time against a query chunk of R = SCORE_BLOCK_ELEMENTS // chunk_size queries, so the working memory
+    (~100 MB) does not grow with Q or N: the full (Q, N) score matrix is never built.
+    Returns {"map@100": ..., "ndcg@10": ..., ...} (CONTRACT.md's order), each the mean over queries.
+    """
+    query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
+    _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size)
+    cutoffs = {"map": map_at_k, "ndcg": ndcg_at_k, "mrr": mrr_at_k, "accuracy": accuracy_at_k,
+               "recall": precision_recall_at_k, "precision": precision_recall_at_k}
+    for name, ks in cutoffs.items():
+        if any(int(k) < 1 for k in ks):
+            raise DataError(f"ir_metrics: cut-offs must be >= 1, got {name}@{list(ks)}")
+    Q, N = query_emb.shape[0], corpus_emb.shape[0]
+    K = min(max(int(k) for ks in cutoffs.values() for k in ks), N)  # the deepest rank any metric looks at
+    R = max(1, SCORE_BLOCK_ELEMENTS // min(chunk_size, N))  # query chunk: an (R, C) score block stays bounded
+
+    # Every relevant (query, doc) pair as one int64 key q·N + doc, so "is r_i relevant?" is one torch.isin.
+    rel_keys = torch.tensor(sorted(q * N + d for q, docs in enumerate(relevant) for d in docs), dtype=torch.int64)
+    n_rel = torch.tensor([len(docs) for docs in relevant], dtype=torch.float64)  # (Q,)
+
+    per_query: dict[str, list[torch.Tensor]] = {}  # metric → [(R,) per query chunk]
+    for q0 in range(0, Q, R):
+        q1 = min(q0 + R, Q)
+        _, top_ids = top_k_cosine(query_emb[q0:q1], corpus_emb, K, chunk_size)  # (R, K)
+        keys = top_ids + torch.arange(q0, q1, dtype=torch.int64).unsqueeze(1) * N  # (R, K)
+        hits = torch.isin(keys, rel_keys).double()  # (R, K): hit_i of the formulas, rank i = column + 1
+        for name, value in _metrics_from_hits(hits, n_rel[q0:q1], cutoffs).items():
+            per_query.setdefault(name, []).append(value)
+    # One mean over all Q values (not a running sum of chunk sums): the same bits whatever the chunking.
+    return {name: torch.cat(per_query[name]).mean().item() for name in _ordered(per_query)}
+
+
+def top_k_cosine(
+    query_emb: torch.Tensor, corpus_emb: torch.Tensor, k: int, chunk_size: int = 50_000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best corpus rows per query by cosine, ordered by (−score, corpus id): scores, ids, each (R, k).
+
+    k must be <= N. Scores are float32 but accumulated in float64: BLAS picks different kernels (and so different
+    summation orders) for different matrix shapes, so float32 dot products change in the last bit with the chunk
+    size and near-ties would swap; float64 sums rounded to float32 are the same bits for every chunking.
+    """
+    R, N = query_emb.shape[0], corpus_emb.shape[0]
+    q = F.normalize(query_emb.double(), dim=-1)  # (R, D)
+    best_scores = torch.empty(R, 0, dtype=torch.float32)  # running top k over the chunks seen so far
+    best_ids = torch.empty(R, 0, dtype=torch.int64)
+    for c0 in range(0, N, chunk_size):
+        scores = _cosine(q, corpus_emb[c0 : c0 + chunk_size])  # (R, C)
+        if not torch.isfinite(scores).all():
+            raise DataError(f"ir_metrics: corpus rows {c0}..{c0 + scores.shape[1] - 1} or the queries hold NaN/inf")
+        chunk_scores, chunk_ids = _chunk_top_k(scores, min(k, scores.shape[1]))  # (R, k')
+        # Merge: the top k of (running top k ∪ this chunk's top k) is the top k of everything seen so far.
+        best_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (R, k + k')
+        best_ids = torch.cat([best_ids, chunk_ids + c0], dim=1)  # (R, k + k')
+        best_scores, best_ids = _sort_by_score_then_id(best_scores, best_ids)
+        best_scores, best_ids = best_scores[:, :k], best_ids[:, :k]  # (R, k)
+    return best_scores, best_ids
+
+
+def _cosine(q: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
+    """cos(q_i, c_j) as float32 (R, C), for unit rows q (R, D) float64 and any rows corpus (C, D).
+
+    The float64 copy is made MATMUL_ROWS corpus rows at a time, so the working memory stays small for any C.
+    """
+    scores = torch.empty(q.shape[0], corpus.shape[0], dtype=torch.float32)  # (R, C)
+    for s in range(0, corpus.shape[0], MATMUL_ROWS):
+        c = corpus[s : s + MATMUL_ROWS].double()  # (c, D)
+        norm = torch.linalg.vector_norm(c, dim=1).clamp_min(1e-12)  # (c,) as F.normalize's eps
+        scores[:, s : s + MATMUL_ROWS] = (q @ c.T) / norm  # (R, c), rounded to float32 on assignment
+    return scores
+
+
+def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of each row of scores (R, C) by (−score, column): scores, columns (R, k), in that order.
+
+    torch.topk picks an arbitrary subset of the values tied at the cut-off, so only its k-th value is trusted:
+    everything strictly above it is in, and the remaining places go to the tied columns with the smallest ids.
+    """
+    kth = scores.topk(k, dim=1).values[:, -1:]  # (R, 1) the cut-off score
+    above = scores > kth  # (R, C) always kept
+    tied = scores == kth  # (R, C) kept while places are left, smallest column first
+    places = k - above.sum(dim=1, keepdim=True)  # (R, 1) ≥ 1
+    keep = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= places))  # (R, C), exactly k per row
+    cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k) ascending column ids (nonzero is row-major)
+    return _sort_by_score_then_id(scores.gather(1, cols), cols)
+
+
+def _sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row of scores, ids (R, M) by (−score, id): sort by the secondary key, then stably by the primary."""
+    by_id = ids.argsort(dim=1, stable=True)  # (R, M)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    by_score = scores.argsort(dim=1, descending=True, stable=True)  # ties keep the id order just made
+    return scores.gather(1, by_score), ids.gather(1, by_score)
+
+
+def _metrics_from_hits(hits: torch.Tensor, n_rel: torch.Tensor, cutoffs: dict) -> dict[str, torch.Tensor]:
+    """Per-query metrics (R,) from hits (R, K) (1.0 where the rank-(i+1) text is relevant) and |rel| n_rel (R,)."""
+    K = hits.shape[1]
+    ranks = torch.arange(1, K + 1, dtype=torch.float64)  # (K,) 1-based ranks
+    precision_at_rank = hits.cumsum(dim=1) / ranks  # (R, K) Precision@i for every i
+    out = {}
+    for k in cutoffs["accuracy"]:
+        out[f"accuracy@{k}"] = hits[:, :k].amax(dim=1)
+    for k in cutoffs["precision"]:
+        out[f"precision@{k}"] = hits[:, :k].sum(dim=1) / k  # / k even when k > N, as in the reference
+        out[f"recall@{k}"] = hits[:, :k].sum(dim=1) / n_rel
+    for k in cutoffs["mrr"]:
+        out[f"mrr@{k}"] = (hits[:, :k] / ranks[:k]).amax(dim=1)  # 1/i is decreasing: the max is the first hit
+    for k in cutoffs["ndcg"]:
+        discount = 1.0 / torch.log2(torch.arange(1, k + 1, dtype=torch.float64) + 1)  # (k,) 1/log2(i+1)
+        ideal = discount.cumsum(dim=0)[(n_rel.clamp(max=k) - 1).long()]  # (R,) IDCG: min(|rel|, k) hits on top
+        out[f"ndcg@{k}"] = (hits[:, :k] * discount[: min(k, K)]).sum(dim=1) / ideal
+    for k in cutoffs["map"]:
+        out[f"map@{k}"] = (hits[:, :k] * precision_at_rank[:, :k]).sum(dim=1) / n_rel.clamp(max=k)
+    return out
+
+
+def _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size) -> None:
+    if query_emb.ndim != 2 or corpus_emb.ndim != 2 or query_emb.shape[1] != corpus_emb.shape[1]:
+        raise DataError(f"ir_metrics: expected query_emb (Q, D) and corpus_emb (N, D), got "
+                        f"{tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
+    Q, N = query_emb.shape[0], corpus_emb.shape[0]
+    if Q == 0 or N == 0:
+        raise DataError(f"ir_metrics: needs at least one query and one corpus text, got Q={Q}, N={N}")
+    if len(relevant) != Q:
+        raise DataError(f"ir_metrics: relevant has {len(relevant)} sets for {Q} queries")
+    for q, docs in enumerate(relevant):
+        if not docs:
+            raise DataError(f"ir_metrics: query {q} has no relevant corpus id")
+        if any(not 0 <= d < N for d in docs):
+            raise DataError(f"ir_metrics: query {q} lists relevant ids {sorted(docs)}, outside 0..{N - 1}")
+    if chunk_size < 1:
+        raise DataError(f"ir_metrics: chunk_size must be >= 1, got {chunk_size}")
+
+
+def _ordered(names) -> list[str]:
+    """CONTRACT.md's metric order first, any extra cut-offs after it."""
+    return [m for m in IR_METRICS if m in names] + sorted(m for m in names if m not in IR_METRICS)
+
+
+# ================================================================================================ STS metrics
+def sts_metrics(e1, e2, gold) -> dict[str, float]:
+    """Spearman and Pearson correlation of cos(e1_j, e2_j) with gold_j; e1, e2 (P, D), gold (P,). numpy math.
+
+    A constant gold score has no correlation (DataError); constant cosines (a collapsed model) give NaN.
+    """
+    a, b, g = _to_numpy(e1), _to_numpy(e2), _to_numpy(gold).reshape(-1)
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] != g.shape[0]:
+        raise DataError(f"sts_metrics: expected e1, e2 (P, D) and gold (P,), got {a.shape}, {b.shape}, {g.shape}")
+    if g.shape[0] < 2 or np.all(g == g[0]):
+        raise DataError(f"sts_metrics: needs at least 2 pairs with different gold scores, got {g.shape[0]} pairs")
+    norms = np.maximum(np.linalg.norm(a, axis=1), 1e-12) * np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    cosine = (a * b).sum(axis=1) / norms  # (P,)
+    return {"spearman_cosine": _pearson(average_ranks(cosine), average_ranks(g)),
+            "pearson_cosine": _pearson(cosine, g)}
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x (P,), tied values sharing the mean of the ranks they span: [10, 20, 20, 30] → [1, 2.5, 2.5, 4]."""
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)  # group of each value, group sizes
+    last = np.cumsum(counts)  # rank of each group's last member
+    return (last - (counts - 1) / 2.0)[group]  # mean of ranks last-count+1 .. last
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if np.all(x == x[0]) or np.all(y == y[0]):  # undefined; test equality, as x - mean(x) may not round to 0
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum() / math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum())))
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# ================================================================================================ eval files
+class IRSet(NamedTuple):
+    name: str  # the file's stem
+    queries: list[str]  # (Q,) distinct, in order of first appearance
+    corpus: list[str]  # (N,) every distinct positive and negative, in order of first appearance
+    relevant: list[set[int]]  # (Q,) corpus ids of each query's positives
+
+
+class STSSet(NamedTuple):
+    name: str
+    sentences1: list[str]  # (P,)
+    sentences2: list[str]  # (P,)
+    scores: list[float]  # (P,) gold scores, any scale (the correlations are scale-invariant)
+
+
+def load_ir_file(path: str | os.PathLike) -> IRSet:
+    """Read JSONL rows {"query": str, "positive": str | [str, ...], "negative_1": str, ...} into an IRSet.
+
+    A query on several rows gets all their positives; negatives (`negative` / `negative_*` keys) join the corpus
+    but are relevant to no query (unless they are some query's positive).
+    """
+    corpus_ids: dict[str, int] = {}  # text → corpus id, in order of first appearance
+    query_ids: dict[str, int] = {}
+    relevant: list[set[int]] = []
+    for where, row in _read_jsonl(path):
+        query = _text(row, "query", where)
+        positives = _texts(row, "positive", where)
+        negatives = [t for key in row if key == "negative" or key.startswith("negative_") for t in _texts(row, key, where)]
+        for text in positives + negatives:
+            corpus_ids.setdefault(text, len(corpus_ids))
+        if query not in query_ids:
+            query_ids[query] = len(query_ids)
+            relevant.append(set())
+        relevant[query_ids[query]].update(corpus_ids[t] for t in positives)
+    return IRSet(_set_name(path), list(query_ids), list(corpus_ids), relevant)
+
+
+def load_sts_file(path: str | os.PathLike) -> STSSet:
+    """Read JSONL rows {"sentence1": str, "sentence2": str, "score": number} into an STSSet."""
+    s1, s2, scores = [], [], []
+    for where, row in _read_jsonl(path):
+        s1.append(_text(row, "sentence1", where))
+        s2.append(_text(row, "sentence2", where))
+        score = row.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{where}: key 'score' must be a finite number, found {score!r}"
+                            if "score" in row else f"{where}: missing key 'score' (found keys {sorted(row)})")
+        scores.append(float(score))
+    if len(scores) < 2 or len(set(scores)) < 2:
+        raise DataError(f"{path}: an STS file needs at least 2 rows with different scores "
+                        f"(found {len(scores)} rows, {len(set(scores))} distinct scores)")
+    return STSSet(_set_name(path), s1, s2, scores)
+
+
+def load_eval_sets(
+    ir_files: Sequence[str | os.PathLike] = (), sts_files: Sequence[str | os.PathLike] = ()
+) -> tuple[list[IRSet], list[STSSet]]:
+    """Load every file before any encoding, so a bad file fails in seconds; set names must be unique."""
+    ir_sets, sts_sets = [load_ir_file(p) for p in ir_files], [load_sts_file(p) for p in sts_files]
+    names = [s.name for s in ir_sets + sts_sets]
+    files = [str(p) for p in list(ir_files) + list(sts_files)]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise DataError(f"two eval files share the set name {name!r} (the file's stem): "
+                            f"{files[names.index(name)]} and {files[i]}; rename one")
+    return ir_sets, sts_sets
+
+
+def _set_name(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("FILE:LINE", row) for each non-blank line; DataError on a missing/empty file or a bad line."""
+    path = Path(path)
+    if not (path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
+        raise DataError(f"{path}: expected a .jsonl or .jsonl.gz eval file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    n_rows = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
+                n_rows += 1
+                yield where, row
+    except (OSError, UnicodeDecodeError, EOFError) as e:  # unreadable, not gzip, not UTF-8, truncated gzip
+        raise DataError(f"{path}: cannot read the file ({type(e).__name__}: {e})") from None
+    if n_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if key not in row:
+        raise DataError(f"{where}: missing key {key!r} (found keys {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: key {key!r} must be a string, found {type(value).__name__} ({value!r:.60})")
+    return value
+
+
+def _texts(row: dict, key: str, where: str) -> list[str]:
+    """A string, or a non-empty list of strings (several positives for one query)."""
+    value = row.get(key)
+    if isinstance(value, list):
+        if not value or not all(isinstance(t, str) for t in value):
+            raise DataError(f"{where}: key {key!r} must be a string or a non-empty list of strings, "
+                            f"found {value!r:.60}")
+        return value
+    return [_text(row, key, where)]
+
+
+# ================================================================================================ evaluate
+def evaluate(
+    encoder,
+    ir_files: Sequence[str | os.PathLike] = (),
+    sts_files: Sequence[str | os.PathLike] = (),
+    dims: Sequence[int] | None = None,
+    batch_size: int = 32,
+    show_progress_bar: bool = True,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Load the eval files and score `encoder` on each at each dim: {dim: {set name: {metric: value}}}."""
+    ir_sets, sts_sets = load_eval_sets(ir_files, sts_files)
+    return evaluate_sets(encoder, ir_sets, sts_sets, dims, batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+
+def evaluate_sets(
+    encoder,
+    ir_sets: Sequence[IRSet],
+    sts_sets: Sequence[STSSet],
+    dims: Sequence[int] | None = None,
+    *,
+    batch_size: int = 32,
+    show_progress_bar: bool = True,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """`evaluate` for already-loaded sets (the training loop loads them once and evaluates many times).
+
+    Every distinct text of every set is encoded once at full dim D; dim d then slices the first d coordinates.
+    """
+    dims = check_dims(dims, encoder.dim)
+    if not ir_sets and not sts_sets:
+        raise DataError("nothing to evaluate: give at least one IR or STS eval file")
+    index: dict[str, int] = {}  # text → row of `emb`
+    for s in ir_sets:
+        for text in s.queries + s.corpus:
+            index.setdefault(text, len(index))
+    for s in sts_sets:
+        for text in s.sentences1 + s.sentences2:
+            index.setdefault(text, len(index))
+
+    emb = torch.as_tensor(encoder.encode(list(index), batch_size=batch_size, show_progress_bar=show_progress_bar))
+    if emb.shape != (len(index), encoder.dim):  # (T, D), T distinct texts
+        raise DataError(f"encoder.encode returned shape {tuple(emb.shape)}, expected {(len(index), encoder.dim)}")
+
+    def rows(texts: list[str]) -> torch.Tensor:
+        return emb[torch.tensor([index[t] for t in texts], dtype=torch.int64)]  # (len(texts), D)
+
+    results: dict[int, dict[str, dict[str, float]]] = {d: {} for d in dims}
+    for s in ir_sets:
+        queries, corpus = rows(s.queries), rows(s.corpus)  # (Q, D), (N, D)
+        for d in dims:  # cosine on the first d coordinates = truncate, re-normalise, dot
+            results[d][s.name] = ir_metrics(queries[:, :d], corpus[:, :d], s.relevant)
+    for s in sts_sets:
+        a, b = rows(s.sentences1), rows(s.sentences2)  # (P, D) each
+        for d in dims:
+            results[d][s.name] = sts_metrics(a[:, :d], b[:, :d], s.scores)
+    return results
+
+
+def check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
+    """Validate evaluation dims against the model's dim: None means [full_dim]; each in 1..full_dim, no repeats."""
+    if dims is None:
+        return [full_dim]
+    dims = list(dims)
+    if not dims:
+        raise ConfigError("dims is empty: give at least one embedding dim")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= full_dim:
+            raise ConfigError(f"dims {dims}: {d!r} is not an embedding dim of this model (expected 1..{full_dim})")
+    if len(set(dims)) != len(dims):
+        raise ConfigError(f"dims {dims} lists a dim twice")
+    return dims
+
+
+def format_table(results: dict) -> str:
+    """Markdown: per set, one row per metric, one column per dim ("| metric | 768d | 128d |"), 4 decimals."""
+    dims = list(results)
+    if not dims:
+        return ""
+    blocks = []
+    for name in results[dims[0]]:
+        lines = [f"### {name}", "", "| metric | " + " | ".join(f"{d}d" for d in dims) + " |",
+                 "|---" + "|---:" * len(dims) + "|"]
+        for metric in results[dims[0]][name]:
+            values = " | ".join(_fmt(results[d].get(name, {}).get(metric)) for d in dims)
+            lines.append(f"| {metric_label(metric)} | {values} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def metric_label(metric: str) -> str:
+    """"map@100" → "MAP@100", "spearman_cosine" → "Spearman Cosine" (unknown names pass through)."""
+    name, at, k = metric.partition("@")
+    return METRIC_LABELS.get(name, name) + at + k
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4f}"

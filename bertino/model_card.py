@@ -1,0 +1,220 @@
+"""The `README.md` model card of a saved model, laid out like multi-sentence-BERTino V5's card.
+
+    YAML front matter (library_name, pipeline_tag, base_model, tags) → title and description → usage with bertino
+    and with sentence-transformers → evaluation tables (rows: metrics, columns: dims) → training details
+    (losses, Matryoshka dims/weights, hyperparameters) → citations.
+
+`results` has the shape `bertino.evaluation.evaluate` returns, {dim: {set name: {metric: value}}}; the dim keys may
+also be strings, as in the `--json` file of `evaluate.py`. A set holding "map@100" is a retrieval set, one holding
+"spearman_cosine" an STS set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Mapping, Sequence
+
+from .errors import ConfigError
+from .evaluation import metric_label
+
+IR_CARD_METRICS = ("map@100", "ndcg@10", "accuracy@1", "accuracy@10")  # the card's retrieval rows
+STS_CARD_METRICS = ("spearman_cosine", "pearson_cosine")
+EXAMPLE_SENTENCES = ["Chi ha dipinto la Gioconda?",
+                     "Leonardo da Vinci è l'autore della Gioconda, opera conservata al Louvre."]
+
+CITATIONS = {  # name → (when to cite: words, one of which a loss description holds; None: always, BibTeX)
+    "Sentence-BERT": (None, """@inproceedings{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}"""),
+    "MatryoshkaLoss": (("matryoshka",), """@misc{kusupati2024matryoshka,
+    title={Matryoshka Representation Learning},
+    author={Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and Ali Farhadi},
+    year={2024},
+    eprint={2205.13147},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}"""),
+    "MultipleNegativesRankingLoss": (("multiplenegatives", "mnrl"), """@misc{henderson2017efficient,
+    title={Efficient Natural Language Response Suggestion for Smart Reply},
+    author={Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
+    year={2017},
+    eprint={1705.00652},
+    archivePrefix={arXiv},
+    primaryClass={cs.CL}
+}"""),
+    "CachedMultipleNegativesRankingLoss": (("cached", "gradcache"), """@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}"""),
+    "CoSENTLoss": (("cosent",), """@misc{su2022cosent,
+    title={CoSENT: A More Efficient Sentence Vector Training Method Than Sentence-BERT},
+    author={Jianlin Su},
+    year={2022},
+    howpublished={\\url{https://kexue.fm/archives/8847}}
+}"""),
+}
+
+
+def render_model_card(
+    *,
+    base_model: str,
+    dim: int,
+    max_seq_length: int,
+    matryoshka_dims: Sequence[int] | None,
+    matryoshka_weights: Sequence[float] | None,
+    losses: Mapping[str, str],
+    hyperparameters: Mapping[str, object],
+    results: Mapping | None,
+    model_name: str = "bertino sentence encoder",
+    model_id: str = "path/to/model",
+    language: str | None = None,
+    datasets: Mapping[str, str] | None = None,
+) -> str:
+    """The model card as markdown. `losses`: task name → loss description; `model_id`: what usage examples load."""
+    dims = [int(d) for d in matryoshka_dims or []]
+    weights = [float(w) for w in matryoshka_weights or []]
+    if len(dims) != len(weights) or any(not 0 < d <= dim for d in dims):
+        raise ConfigError(f"model card: matryoshka dims {dims} and weights {weights} must pair up, "
+                          f"each dim in 1..{dim}")
+    small = min(dims) if dims and min(dims) < dim else None  # the truncation the usage examples show
+
+    parts = [_front_matter(base_model, language, bool(dims), losses), f"# {model_name}", _description(
+        base_model, dim, dims, small), _details(base_model, dim, max_seq_length), _usage(model_id, dim, small)]
+    if results:
+        parts.append(_evaluation(results, dim))
+    parts.append(_training(losses, dims, weights, hyperparameters, datasets))
+    parts.append(_citations(losses, bool(dims)))
+    return "\n\n".join(parts) + "\n"
+
+
+def _front_matter(base_model: str, language: str | None, matryoshka: bool, losses: Mapping[str, str]) -> str:
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "bertino"]
+    tags += ["matryoshka"] * matryoshka
+    tags += [name for name in CITATIONS if name != "Sentence-BERT" and _cites(name, losses, matryoshka)]
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             f"base_model: {json.dumps(base_model)}"]  # a JSON string is a valid YAML scalar
+    if language:
+        lines.append(f"language: {json.dumps(language)}")
+    lines += ["tags:"] + [f"- {json.dumps(t)}" for t in tags] + ["---"]
+    return "\n".join(lines)
+
+
+def _description(base_model: str, dim: int, dims: list[int], small: int | None) -> str:
+    text = (f"A sentence-embedding model fine-tuned from `{base_model}` with bertino. It maps sentences and "
+            f"paragraphs to a {dim}-dimensional dense vector space (compare with cosine similarity) for semantic "
+            f"search, retrieval-augmented generation and semantic textual similarity.")
+    if dims:
+        text += ("\n\nIt was trained with Matryoshka Representation Learning at dimensions "
+                 f"{', '.join(map(str, dims))}: the first d coordinates of an embedding are themselves a good "
+                 f"embedding, so vectors can be truncated to any of these sizes.")
+        if small:
+            text += f" Truncating to {small} dimensions saves {1 - small / dim:.0%} of vector storage."
+    return text
+
+
+def _details(base_model: str, dim: int, max_seq_length: int) -> str:
+    return "## Model details\n\n" + _table(["Property", "Value"], [
+        ["Base model", f"`{base_model}`"], ["Output dimension", str(dim)],
+        ["Maximum sequence length", f"{max_seq_length} tokens"], ["Similarity function", "cosine"]])
+
+
+def _usage(model_id: str, dim: int, small: int | None) -> str:
+    sentences = "sentences = [\n" + "".join(f"    {json.dumps(s, ensure_ascii=False)},\n" for s in EXAMPLE_SENTENCES) + "]"
+    bertino = [
+        "from bertino import SentenceEncoder", "",
+        f"model = SentenceEncoder.from_pretrained({json.dumps(model_id)})", sentences,
+        "embeddings = model.encode(sentences)", "print(embeddings.shape)", f"# ({len(EXAMPLE_SENTENCES)}, {dim})"]
+    if small:
+        bertino += ["", f"embeddings = model.encode(sentences, truncate_dim={small})  # the first {small} dims",
+                    "print(embeddings.shape)", f"# ({len(EXAMPLE_SENTENCES)}, {small})"]
+    st = ["from sentence_transformers import SentenceTransformer", "",
+          f"model = SentenceTransformer({json.dumps(model_id)})", sentences,
+          "embeddings = model.encode(sentences)", "print(embeddings.shape)", f"# ({len(EXAMPLE_SENTENCES)}, {dim})"]
+    text = ("## Usage\n\n### With bertino\n\n```python\n" + "\n".join(bertino) + "\n```\n\n"
+            "### With Sentence Transformers\n\nThe folder is a standard sentence-transformers model:\n\n"
+            "```bash\npip install -U sentence-transformers\n```\n\n```python\n" + "\n".join(st) + "\n```")
+    if small:
+        text += (f"\n\nTruncated to {small} dimensions:\n\n```python\n"
+                 f"model = SentenceTransformer({json.dumps(model_id)}, truncate_dim={small})\n"
+                 f"embeddings = model.encode(sentences)\nprint(embeddings.shape)\n"
+                 f"# ({len(EXAMPLE_SENTENCES)}, {small})\n```")
+    return text
+
+
+def _evaluation(results: Mapping, dim: int) -> str:
+    results = {int(d): sets for d, sets in results.items()}  # "768" (from a --json file) → 768
+    dims = list(results)
+    columns = ["Metric"] + [f"{d}d (Full)" if d == dim else f"{d}d (Truncated)" for d in dims]
+    blocks = ["## Evaluation\n\nCosine similarity; the Truncated columns use the first d dimensions, "
+              "re-normalised. Reproduce with `python evaluate.py --model <this folder> --ir FILE --sts FILE`."]
+    for name, metrics in results[dims[0]].items():
+        if "map@100" in metrics:
+            title, rows = f"### Information Retrieval: {name}", IR_CARD_METRICS
+        elif "spearman_cosine" in metrics:
+            title, rows = f"### Semantic Textual Similarity: {name}", STS_CARD_METRICS
+        else:
+            title, rows = f"### {name}", tuple(metrics)
+        body = [[metric_label(m)] + [_number(results[d].get(name, {}).get(m)) for d in dims] for m in rows]
+        blocks.append(f"{title}\n\n" + _table(columns, body, numeric=True))
+    return "\n\n".join(blocks)
+
+
+def _training(losses: Mapping[str, str], dims: list[int], weights: list[float],
+              hyperparameters: Mapping[str, object], datasets: Mapping[str, str] | None) -> str:
+    text = "## Training details\n\n### Loss functions\n\n"
+    text += "\n".join(f"{i}. **{task}**: {loss}" for i, (task, loss) in enumerate(losses.items(), start=1))
+    if dims:
+        text += (f"\n\nEach base loss is wrapped in MatryoshkaLoss targeting dimensions {dims} with weights "
+                 f"{weights} (Σ_d w_d · L(e[:, :d]), the weights not renormalised); the embeddings are computed "
+                 f"once per step and truncated per dimension.")
+    else:
+        text += "\n\nTrained without Matryoshka loss: use the full dimension."
+    if datasets:
+        text += "\n\n### Training datasets\n\n" + "\n".join(f"- **{task}**: {d}" for task, d in datasets.items())
+    text += "\n\n### Hyperparameters\n\n" + _table(["Parameter", "Value"],
+                                                   [[str(k), _value(v)] for k, v in hyperparameters.items()])
+    return text
+
+
+def _citations(losses: Mapping[str, str], matryoshka: bool) -> str:
+    blocks = [f"#### {name}\n\n```bibtex\n{bibtex}\n```" for name, (_, bibtex) in CITATIONS.items()
+              if _cites(name, losses, matryoshka)]
+    return "## Citation\n\n" + "\n\n".join(blocks)
+
+
+def _cites(name: str, losses: Mapping[str, str], matryoshka: bool) -> bool:
+    words = CITATIONS[name][0]
+    if words is None:
+        return True
+    if words == ("matryoshka",):
+        return matryoshka
+    return any(w in loss.lower().replace(" ", "").replace("_", "") for loss in losses.values() for w in words)
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: bool = False) -> str:
+    """A markdown table; `numeric` right-aligns every column but the first."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + ("|---:" if numeric else "|---") * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}"
+
+
+def _value(value) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,114 @@
+"""evaluate.py: the table, the --json file, default dims, and one-line errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertino.evaluation import IR_METRICS, STS_METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = load_cli()
+
+
+def run_subprocess(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("eval_files")
+    ir = [{"query": "chi ha dipinto la gioconda", "positive": "leonardo ha dipinto la gioconda",
+           "negative_1": "roma è una città"},
+          {"query": "dove è il louvre", "positive": "il louvre", "negative_1": "il mare e il sole"},
+          {"query": "il gatto", "positive": ["il gatto e il cane", "un gatto"]}]
+    sts = [{"sentence1": "il gatto", "sentence2": "un gatto", "score": 4.5},
+           {"sentence1": "la casa", "sentence2": "il mare", "score": 0.5},
+           {"sentence1": "il sole", "sentence2": "la luna", "score": 2}]
+    files = {"ir": d / "dev_ir.jsonl", "sts": d / "sts_dev.jsonl", "bad": d / "broken.jsonl"}
+    files["ir"].write_text("\n".join(json.dumps(r) for r in ir) + "\n", encoding="utf-8")
+    files["sts"].write_text("\n".join(json.dumps(r) for r in sts) + "\n", encoding="utf-8")
+    files["bad"].write_text(json.dumps(ir[0]) + "\n{not json\n", encoding="utf-8")
+    return files
+
+
+def test_prints_table_and_writes_json(tiny_model_dir, eval_files, tmp_path):
+    out = tmp_path / "results.json"
+    proc = run_subprocess("--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]),
+                          "--sts", str(eval_files["sts"]), "--dims", "32,16", "--batch-size", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "### dev_ir\n\n| metric | 32d | 16d |\n|---|---:|---:|\n| MAP@100 |" in proc.stdout
+    assert "### sts_dev" in proc.stdout and "| Spearman Cosine |" in proc.stdout
+    assert "Encoding" in proc.stderr  # the progress bar
+    results = json.loads(out.read_text())  # strict JSON: NaN would have been written as null
+    assert list(results) == ["32", "16"]
+    for dim in results:
+        assert list(results[dim]) == ["dev_ir", "sts_dev"]
+        assert list(results[dim]["dev_ir"]) == list(IR_METRICS)
+        assert list(results[dim]["sts_dev"]) == list(STS_METRICS)
+        assert all(0.0 <= v <= 1.0 for v in results[dim]["dev_ir"].values())
+        assert all(v is None or -1.0 <= v <= 1.0 for v in results[dim]["sts_dev"].values())
+
+
+def test_default_dims_are_the_recorded_matryoshka_dims(tiny_model_dir, eval_files, tmp_path, capsys):
+    from bertino import SentenceEncoder
+
+    saved = tmp_path / "st_model"
+    SentenceEncoder.from_pretrained(tiny_model_dir).save_pretrained(saved, matryoshka_dims=[32, 8])
+    assert CLI.run(["--model", str(saved), "--ir", str(eval_files["ir"])]) == 0
+    assert "| metric | 32d | 8d |" in capsys.readouterr().out
+    assert CLI.run(["--model", str(tiny_model_dir), "--ir", str(eval_files["ir"])]) == 0  # nothing recorded
+    assert "| metric | 32d |\n" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_and_exit_2_without_traceback(tiny_model_dir, eval_files):
+    proc = run_subprocess("--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]), "--dims", "64")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == ["error: dims [64]: 64 is not an embedding dim of this model (expected 1..32)"]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--dims", "32,abc"], "argument --dims: expected comma-separated"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--dims", "0"], "0 is not an embedding dim"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--dims", "16,16"], "lists a dim twice"),
+    (lambda m, f: ["--model", m], "nothing to evaluate"),
+    (lambda m, f: ["--ir", f["ir"]], "required: --model"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--batch-size", "0"], "--batch-size must be >= 1"),
+    (lambda m, f: ["--model", m, "--ir", str(Path(f["ir"]).with_name("missing.jsonl"))], "missing.jsonl: no such"),
+    (lambda m, f: ["--model", m, "--ir", f["bad"]], "broken.jsonl:2: malformed JSON"),
+    (lambda m, f: ["--model", m, "--ir", f["sts"]], "sts_dev.jsonl:1: missing key 'query'"),
+    (lambda m, f: ["--model", m + "-nope", "--ir", f["ir"]], "nope"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--json", "/no/such/dir/out.json"], "does not exist"),
+])
+def test_each_user_error_is_one_line(tiny_model_dir, eval_files, capsys, make_args, message):
+    files = {k: str(v) for k, v in eval_files.items()}
+    assert CLI.run(make_args(str(tiny_model_dir), files)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert captured.out == ""
+
+
+def test_help_still_works():
+    proc = run_subprocess("--help")
+    assert proc.returncode == 0 and "--model" in proc.stdout and "--json OUT" in proc.stdout

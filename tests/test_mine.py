@@ -1,0 +1,332 @@
+"""bertino.mine: the mining rule against a brute-force full-matrix version, its guarantees, the CLI and its errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertino import SentenceEncoder
+from bertino.errors import ConfigError, DataError
+from bertino.mine import load_corpus, mine, mine_with_stats, run, select_negatives, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["gatto", "cane", "casa", "libro", "tabella", "testo", "pagina", "documento", "formato", "cella", "roma",
+          "milano", "acqua", "sole", "mare", "leonardo", "gioconda", "louvre"]
+
+
+def italian_rows(n: int = 30) -> list[dict]:
+    """Synthetic pairs; "dove è il gatto" appears three times with different positives (one repeated)."""
+    rows = []
+    for i in range(n):
+        t, u = TOPICS[i % len(TOPICS)], TOPICS[(3 * i + 1) % len(TOPICS)]
+        rows.append({"query": f"dove è il {t} {i}", "positive": f"il {t} {i} è nella pagina del {u}"})
+    rows.insert(5, {"query": "dove è il gatto", "positive": "il gatto dorme sulla casa"})
+    rows.insert(11, {"query": "dove è il gatto", "positive": "un gatto nero vicino al mare"})
+    rows.insert(20, {"query": "dove è il gatto", "positive": "il gatto dorme sulla casa"})
+    return rows
+
+
+class LookupEncoder:
+    """A stand-in encoder: each text's vector is a pure function of the text (a crc32-seeded draw), so every order
+    and batching gives the same bits. Texts listed in `same_as` copy another text's vector (exact ties)."""
+
+    def __init__(self, dim: int = 6, same_as: dict[str, str] | None = None):
+        self.dim, self.same_as = dim, same_as or {}
+
+    def vector(self, text: str) -> torch.Tensor:
+        text = self.same_as.get(text, text)
+        rng = np.random.default_rng(zlib.crc32(text.encode("utf-8")))
+        return torch.tensor(rng.standard_normal(self.dim), dtype=torch.float32)
+
+    def encode(self, texts, batch_size=32, normalize=False, show_progress_bar=None, convert_to_tensor=False):
+        emb = torch.stack([self.vector(t) for t in texts])  # (N, D)
+        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+# ================================================================================================ brute force
+def cosine_matrix(encoder, queries: list[str], corpus: list[str], batch_size: int = 64) -> np.ndarray:
+    """The whole (Q, N) cosine matrix, float64 math rounded to float32 (as the chunked code scores).
+
+    All texts are encoded in one call, in mine's order (queries, then corpus), so a real encoder gives the same bits.
+    """
+    texts = list(dict.fromkeys(queries + corpus))
+    emb = torch.as_tensor(encoder.encode(texts, batch_size=batch_size, normalize=True)).double()  # (T, D)
+    q = torch.nn.functional.normalize(emb[[texts.index(t) for t in queries]], dim=-1)  # (Q, D)
+    c = emb[[texts.index(t) for t in corpus]]  # (N, D)
+    return ((q @ c.T) / c.norm(dim=1)).float().numpy()
+
+
+def brute_force_survivors(encoder, rows, *, corpus_extra=(), range_min=10, range_max=50, margin=0.05,
+                          max_score=None, batch_size=64) -> list[list[str]]:
+    """The module docstring's rule, literally: each row's surviving candidates, in rank order (Python loops)."""
+    corpus = list(dict.fromkeys([r["positive"] for r in rows] + list(corpus_extra)))
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    scores = cosine_matrix(encoder, queries, corpus, batch_size)  # (Q, N)
+    positives = defaultdict(set)
+    for r in rows:
+        positives[r["query"]].add(r["positive"])
+    out = []
+    for r in rows:
+        s = scores[queries.index(r["query"])]
+        ranking = sorted(range(len(corpus)), key=lambda j: (-s[j], j))  # the full ranking, ties by corpus id
+        pos = float(s[corpus.index(r["positive"])])
+        survivors = []
+        for rank, j in enumerate(ranking):
+            text = corpus[j]
+            if not range_min <= rank < range_max or text in positives[r["query"]] or text == r["query"]:
+                continue
+            if margin is not None and not float(s[j]) < pos - margin:
+                continue
+            if max_score is not None and not float(s[j]) <= max_score:
+                continue
+            survivors.append(text)
+        out.append(survivors)
+    return out
+
+
+def brute_force(encoder, rows, *, k=2, **settings) -> list[dict]:
+    """Rows with at least k survivors, each with its first k."""
+    return [{"query": r["query"], "positive": r["positive"], **{f"negative_{i + 1}": t for i, t in enumerate(s[:k])}}
+            for r, s in zip(rows, brute_force_survivors(encoder, rows, **settings)) if len(s) >= k]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(k=2, range_min=10, range_max=50, margin=0.05),
+    dict(k=3, range_min=0, range_max=8, margin=None),
+    dict(k=1, range_min=4, range_max=12, margin=0.0),
+    dict(k=3, range_min=2, range_max=20, margin=None, max_score=0.0),
+])
+def test_matches_brute_force(settings):
+    enc, rows, settings = LookupEncoder(), italian_rows(), dict(settings)
+    k = settings.pop("k")
+    expected = brute_force(enc, rows, k=k, **settings)
+    assert 0 < len(expected) < len(rows) or settings["range_min"] == 0  # the filters do something
+    for chunk_size in (1, 7, 50_000):
+        got = mine(enc, rows, num_negatives=k, chunk_size=chunk_size, **settings)
+        assert got == expected, chunk_size
+
+
+def test_ties_are_ranked_by_corpus_id():
+    # Three corpus texts share one vector: their order in the window must be their corpus (first-seen) order.
+    rows = italian_rows(12)
+    twins = [rows[7]["positive"], rows[2]["positive"], rows[9]["positive"]]
+    enc = LookupEncoder(same_as={twins[1]: twins[0], twins[2]: twins[0]})
+    for chunk_size in (1, 2, 100):
+        got = mine(enc, rows, num_negatives=6, range_min=0, range_max=20, margin=None, chunk_size=chunk_size)
+        assert got == brute_force(enc, rows, k=6, range_min=0, range_max=20, margin=None)
+        for row in got:
+            negs = [row[f"negative_{i}"] for i in range(1, 7)]
+            present = [negs.index(t) for t in sorted(twins, key=lambda t: [r["positive"] for r in rows].index(t))
+                       if t in negs]
+            assert present == sorted(present)
+
+
+def test_repeated_query_never_gets_any_of_its_positives():
+    # With range_min=0 and no margin, the query's own positives are at the top of its ranking: all must be skipped.
+    enc, rows = LookupEncoder(), italian_rows()
+    got = mine(enc, rows, num_negatives=4, range_min=0, range_max=10, margin=None)
+    cat = [r for r in got if r["query"] == "dove è il gatto"]
+    assert len(cat) == 3  # every input row of the repeated query is kept, in input order
+    assert [r["positive"] for r in cat] == ["il gatto dorme sulla casa", "un gatto nero vicino al mare",
+                                            "il gatto dorme sulla casa"]
+    all_positives = {"il gatto dorme sulla casa", "un gatto nero vicino al mare"}
+    for r in cat:
+        assert not all_positives & {r[f"negative_{i}"] for i in range(1, 5)}
+
+
+def test_a_query_that_is_also_a_corpus_text_is_not_its_own_negative():
+    enc, rows = LookupEncoder(), italian_rows(10)
+    got = mine(enc, rows, corpus=["dove è il gatto 0"], num_negatives=9, range_min=0, range_max=11, margin=None)
+    row = next(r for r in got if r["query"] == "dove è il gatto 0")
+    assert "dove è il gatto 0" not in [row[f"negative_{i}"] for i in range(1, 10)]
+    assert any("dove è il gatto 0" in r.values() for r in got if r["query"] != "dove è il gatto 0")  # others may
+
+
+def test_guarantees_with_a_real_encoder(tiny_model_dir):
+    """No positive of the query, distinct negatives, the margin, the window: checked on the tiny DistilBERT."""
+    enc, rows = SentenceEncoder.from_pretrained(tiny_model_dir), italian_rows()
+    margin, k, range_min, range_max = 0.002, 2, 3, 20
+    got, stats = mine_with_stats(enc, rows, num_negatives=k, range_min=range_min, range_max=range_max,
+                                 margin=margin, batch_size=4)
+    assert stats.rows_in == len(rows) and stats.rows_out == len(got) > 0 and stats.corpus_size == 32
+    assert stats.mean_negative_score < stats.mean_positive_score
+    corpus = list(dict.fromkeys(r["positive"] for r in rows))
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    scores = cosine_matrix(enc, queries, corpus, batch_size=4)  # (Q, N), the very embeddings mine used
+    positives = defaultdict(set)
+    for r in rows:
+        positives[r["query"]].add(r["positive"])
+    for r in got:
+        negs = [r[f"negative_{i}"] for i in range(1, k + 1)]
+        s = scores[queries.index(r["query"])]
+        rank = {j: i for i, j in enumerate(sorted(range(len(corpus)), key=lambda j: (-s[j], j)))}
+        pos = s[corpus.index(r["positive"])]
+        assert len(set(negs)) == k
+        assert not set(negs) & positives[r["query"]]
+        for t in negs:
+            j = corpus.index(t)
+            assert float(s[j]) < float(pos) - margin
+            assert range_min <= rank[j] < range_max
+    # and the exact rule
+    assert got == brute_force(enc, rows, k=k, range_min=range_min, range_max=range_max, margin=margin, batch_size=4)
+
+
+def test_random_sampling_is_seeded_and_follows_the_rule():
+    enc, rows = LookupEncoder(), italian_rows()
+    common = dict(num_negatives=2, range_min=1, range_max=25, margin=0.0)
+    a = mine(enc, rows, sampling="random", seed=1, **common)
+    assert a == mine(enc, rows, sampling="random", seed=1, chunk_size=3, **common)  # same draw, any chunking
+    assert a != mine(enc, rows, sampling="random", seed=2, **common)
+    assert a != mine(enc, rows, **common)  # not just the top survivors
+    survivors = brute_force_survivors(enc, rows, range_min=1, range_max=25, margin=0.0)
+    kept = iter(a)
+    for r, s in zip(rows, survivors):  # the rows with >= 2 survivors, each with 2 of them, in rank order
+        if len(s) >= 2:
+            got = next(kept)
+            assert (got["query"], got["positive"]) == (r["query"], r["positive"])
+            assert [got["negative_1"], got["negative_2"]] == [t for t in s if t in got.values()]
+    assert next(kept, None) is None
+
+
+def test_settings_are_checked():
+    enc, rows = LookupEncoder(), italian_rows(6)
+    with pytest.raises(ConfigError, match="range_min < range_max"):
+        mine(enc, rows, range_min=5, range_max=5)
+    with pytest.raises(ConfigError, match="num_negatives"):
+        mine(enc, rows, num_negatives=0)
+    with pytest.raises(ConfigError, match="holds 2 candidates, fewer than num_negatives=3"):
+        mine(enc, rows, num_negatives=3, range_min=1, range_max=3)
+    with pytest.raises(ConfigError, match="margin"):
+        mine(enc, rows, margin=-0.1)
+    with pytest.raises(DataError, match=r"the corpus has 8 texts, so ranks \[7, 50\) hold 1 candidates"):
+        mine(enc, rows, num_negatives=2, range_min=7, range_max=50)
+    with pytest.raises(DataError, match=r"rows\[1\]: missing key 'positive'"):
+        mine(enc, [rows[0], {"query": "x"}])
+    with pytest.raises(DataError, match=r"rows\[0\]: key 'query' must be a string"):
+        mine(enc, [{"query": 3, "positive": "x"}])
+
+
+def test_select_negatives_pads_rows_with_too_few_survivors():
+    q = torch.tensor([[1.0, 0.0]])  # (1, 2)
+    corpus = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]])  # (4, 2): ranks 0, 1, 2, 3
+    sel = select_negatives(q, corpus, torch.tensor([0]), torch.tensor([1]), [{1}], num_negatives=3,
+                           range_min=0, range_max=4, margin=0.0)
+    # text 0 outscores the positive (text 1), so only texts 2 and 3 survive: two slots filled, one padded
+    assert sel.negative_ids.tolist() == [[2, 3, -1]]
+    assert torch.isnan(sel.negative_scores[0, 2]) and sel.negative_scores[0, 0] < sel.positive_scores[0]
+
+
+def test_write_jsonl_is_atomic_and_reproducible(tmp_path):
+    rows = [{"query": "perché è così", "positive": "città"}]
+    for name in ("out.jsonl", "out.jsonl.gz"):
+        write_jsonl(tmp_path / name, rows)
+        first = (tmp_path / name).read_bytes()
+        write_jsonl(tmp_path / name, rows)
+        assert (tmp_path / name).read_bytes() == first
+    assert gzip.decompress((tmp_path / "out.jsonl.gz").read_bytes()) == (tmp_path / "out.jsonl").read_bytes()
+    assert "città" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")  # ensure_ascii=False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.gz"]  # no temp files left
+
+
+# ================================================================================================ command line
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "bertino.mine", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def input_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mine") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in italian_rows()), encoding="utf-8")
+    return path
+
+
+def test_cli_reruns_are_byte_identical_and_chunk_independent(tiny_model_dir, input_file, tmp_path):
+    extra = tmp_path / "extra.jsonl.gz"
+    with gzip.open(extra, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "il sole sul mare di roma"}) + "\n" + json.dumps({"positive": "una cella"}) + "\n")
+    common = ["--model", str(tiny_model_dir), "--input", str(input_file), "--corpus", str(extra),
+              "--range-min", "3", "--range-max", "20", "--margin", "0.002", "--batch-size", "4"]
+    outputs = {}
+    for name, chunk in [("a.jsonl", "50000"), ("b.jsonl", "5"), ("a.jsonl.gz", "50000"), ("b.jsonl.gz", "3")]:
+        proc = run_cli(*common, "--output", str(tmp_path / name), "--chunk-size", chunk)
+        assert proc.returncode == 0, proc.stderr
+        assert "Encoding" in proc.stderr and "Scoring" in proc.stderr  # the progress bars
+        assert f"mined {len(italian_rows())} rows" in proc.stdout and "dropped" in proc.stdout
+        outputs[name] = (tmp_path / name).read_bytes()
+    assert outputs["a.jsonl"] == outputs["b.jsonl"]
+    assert outputs["a.jsonl.gz"] == outputs["b.jsonl.gz"]
+    assert gzip.decompress(outputs["a.jsonl.gz"]) == outputs["a.jsonl"]
+    rows = [json.loads(line) for line in outputs["a.jsonl"].decode("utf-8").splitlines()]
+    assert rows and all(list(r) == ["query", "positive", "negative_1", "negative_2"] for r in rows)
+    assert load_corpus(extra) == ["il sole sul mare di roma", "una cella"]
+
+
+def test_cli_custom_columns(tiny_model_dir, tmp_path):
+    src = tmp_path / "anchors.jsonl"
+    src.write_text("".join(json.dumps({"anchor": r["query"], "text": r["positive"]}) + "\n" for r in italian_rows()))
+    code = run(["--model", str(tiny_model_dir), "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                "--query-column", "anchor", "--positive-column", "text", "--range-min", "1", "--range-max", "30",
+                "--max-score", "1.0", "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == len(italian_rows()) and set(rows[0]) == {"query", "positive", "negative_1", "negative_2"}
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name → (extra CLI args, a fragment of the expected message)."""
+    good = json.dumps({"query": "q", "positive": "p"})
+    files = {
+        "empty.jsonl": "\n",
+        "malformed.jsonl": good + "\n{not json\n",
+        "missing.jsonl": good + "\n" + json.dumps({"query": "q2"}) + "\n",
+        "number.jsonl": good + "\n" + good + "\n" + json.dumps({"query": "q3", "positive": 7}) + "\n",
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    return {
+        "no file": (["--input", str(tmp / "nope.jsonl")], "nope.jsonl: no such file"),
+        "empty": (["--input", str(tmp / "empty.jsonl")], "has no rows"),
+        "malformed": (["--input", str(tmp / "malformed.jsonl")], "malformed.jsonl:2: malformed JSON"),
+        "missing column": (["--input", str(tmp / "missing.jsonl")], "missing.jsonl:2: missing key 'positive'"),
+        "not a string": (["--input", str(tmp / "number.jsonl")], "number.jsonl:3: key 'positive' must be a string"),
+        "csv": (["--input", str(tmp / "x.csv")], "expected a .jsonl or .jsonl.gz file"),
+        "window": (["--range-min", "20", "--range-max", "10"], "is empty"),
+        "k": (["--num-negatives", "0"], "num_negatives must be an integer >= 1"),
+        "small window": (["--num-negatives", "5", "--range-min", "10", "--range-max", "12"], "holds 2 candidates"),
+        "both caps": (["--margin", "0.1", "--max-score", "0.9"], "not allowed with argument"),
+        "no model": (["--model", str(tmp / "no_model")], "no_model"),
+        "bad corpus": (["--corpus", str(tmp / "missing.jsonl")], "missing.jsonl:2: expected a 'text'"),
+        "output folder": (["--output", str(tmp / "nowhere" / "o.jsonl")], "does not exist"),
+    }
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, input_file, tmp_path, capsys):
+    for name, (args, fragment) in bad_inputs(tmp_path).items():
+        argv = ["--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
+                *args]
+        assert run(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, (name, err)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["malformed", "small window", "no model"])
+def test_cli_errors_in_a_subprocess(tiny_model_dir, input_file, tmp_path, case):
+    args, fragment = bad_inputs(tmp_path)[case]
+    proc = run_cli("--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
+                   *args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and fragment in proc.stderr

@@ -1,0 +1,106 @@
+"""bertino.model_card: front matter, usage snippets and the evaluation tables of the generated README.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bertino.errors import ConfigError
+from bertino.model_card import render_model_card
+
+V5_RESULTS = {  # the seed card's numbers, in the shape evaluate() returns
+    768: {"dev_ir": {"map@100": 0.83981, "ndcg@10": 0.86801, "mrr@10": 0.8, "accuracy@1": 0.76172,
+                     "accuracy@3": 0.9, "accuracy@5": 0.92, "accuracy@10": 0.95838, "recall@10": 0.95838,
+                     "precision@10": 0.0958},
+          "sts_dev": {"spearman_cosine": 0.85493, "pearson_cosine": 0.85741}},
+    128: {"dev_ir": {"map@100": 0.80649, "ndcg@10": 0.83721, "mrr@10": 0.78, "accuracy@1": 0.72333,
+                     "accuracy@3": 0.88, "accuracy@5": 0.9, "accuracy@10": 0.93841, "recall@10": 0.93841,
+                     "precision@10": 0.0938},
+          "sts_dev": {"spearman_cosine": 0.851, "pearson_cosine": 0.8533}},
+}
+
+
+def card(**overrides) -> str:
+    kwargs = dict(
+        base_model="indigo-ai/BERTino", dim=768, max_seq_length=256,
+        matryoshka_dims=[768, 512, 256, 128], matryoshka_weights=[1.0, 0.4, 0.2, 0.2],
+        losses={"task_retrieval": "CachedMultipleNegativesRankingLoss (mini_batch_size=16, batch_size=128)",
+                "task_sts": "CoSENTLoss"},
+        hyperparameters={"per_device_train_batch_size": 128, "learning_rate": 1e-05, "lr_scheduler_type": "cosine",
+                         "fp16": True, "batch_sampler": "no_duplicates"},
+        results=V5_RESULTS, model_name="multi-sentence-BERTino (V5)", model_id="out/final", language="it")
+    kwargs.update(overrides)
+    return render_model_card(**kwargs)
+
+
+def test_front_matter_and_title():
+    text = card()
+    front, body = text.split("---\n")[1], text.split("---\n", 2)[2]
+    assert "library_name: sentence-transformers\n" in front
+    assert "pipeline_tag: sentence-similarity\n" in front
+    assert 'base_model: "indigo-ai/BERTino"\n' in front and 'language: "it"\n' in front
+    for tag in ("sentence-transformers", "matryoshka", "CachedMultipleNegativesRankingLoss", "CoSENTLoss"):
+        assert f'- "{tag}"\n' in front
+    assert body.lstrip().startswith("# multi-sentence-BERTino (V5)\n")
+    assert "768-dimensional" in body and "saves 83% of vector storage" in body
+
+
+def test_usage_with_bertino_and_sentence_transformers():
+    text = card()
+    assert 'model = SentenceEncoder.from_pretrained("out/final")' in text
+    assert "model.encode(sentences, truncate_dim=128)" in text
+    assert 'SentenceTransformer("out/final")' in text
+    assert 'SentenceTransformer("out/final", truncate_dim=128)' in text
+    assert "# (2, 768)" in text and "# (2, 128)" in text
+
+
+def test_evaluation_tables_render_the_numbers():
+    text = card()
+    ir = text.split("### Information Retrieval: dev_ir\n\n")[1].split("\n\n")[0]
+    assert ir.splitlines() == [
+        "| Metric | 768d (Full) | 128d (Truncated) |",
+        "|---|---:|---:|",
+        "| MAP@100 | 0.8398 | 0.8065 |",
+        "| NDCG@10 | 0.8680 | 0.8372 |",
+        "| Accuracy@1 | 0.7617 | 0.7233 |",
+        "| Accuracy@10 | 0.9584 | 0.9384 |",
+    ]
+    sts = text.split("### Semantic Textual Similarity: sts_dev\n\n")[1].split("\n\n")[0]
+    assert sts.splitlines()[2:] == ["| Spearman Cosine | 0.8549 | 0.8510 |", "| Pearson Cosine | 0.8574 | 0.8533 |"]
+
+
+def test_results_from_a_json_file_with_string_dims():
+    from_json = json.loads(json.dumps(V5_RESULTS))  # keys "768", "128" as evaluate.py --json writes them
+    assert card(results=from_json) == card()
+
+
+def test_training_details_and_citations():
+    text = card()
+    assert "1. **task_retrieval**: CachedMultipleNegativesRankingLoss (mini_batch_size=16" in text
+    assert "2. **task_sts**: CoSENTLoss" in text
+    assert "dimensions [768, 512, 256, 128] with weights [1.0, 0.4, 0.2, 0.2]" in text
+    assert "| learning_rate | 1e-05 |" in text and "| fp16 | True |" in text
+    for key in ("kusupati2024matryoshka", "gao2021scaling", "su2022cosent", "reimers-2019-sentence-bert"):
+        assert key in text
+
+
+def test_without_results_or_matryoshka():
+    text = card(results=None, matryoshka_dims=None, matryoshka_weights=None,
+                losses={"retrieval": "MultipleNegativesRankingLoss"})
+    assert "## Evaluation" not in text
+    assert "truncate_dim" not in text and '- "matryoshka"' not in text and "MatryoshkaLoss" not in text
+    assert "Trained without Matryoshka loss" in text
+    assert "henderson2017efficient" in text and "gao2021scaling" not in text and "kusupati" not in text
+
+
+def test_missing_metric_shows_a_dash():
+    results = {768: {"dev": {"map@100": 0.5}}, 128: {"dev": {"map@100": float("nan")}}}
+    assert "| MAP@100 | 0.5000 | – |" in card(results=results)
+    assert "| NDCG@10 | – | – |" in card(results=results)
+
+
+@pytest.mark.parametrize("dims, weights", [([768, 128], [1.0]), ([1024], [1.0])])
+def test_bad_matryoshka_settings(dims, weights):
+    with pytest.raises(ConfigError, match="must pair up"):
+        card(matryoshka_dims=dims, matryoshka_weights=weights)

@@ -1,0 +1,153 @@
+"""train.py end to end on a tiny random DistilBERT: GradCache ≡ no caching, 2 processes ≡ 1, schedule, run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_distilbert
+from helpers import (ROOT, read_metrics, rel_update_diff, retrieval_rows, run_train, sts_rows, train_config,
+                     weights, write_config, write_jsonl)
+
+from bertino import SentenceEncoder
+from bertino.optim import decays, lr_multiplier, make_optimizer, make_scheduler, warmup_steps
+
+
+@pytest.fixture(scope="module")
+def nodrop_dir(tmp_path_factory):
+    return make_distilbert(tmp_path_factory.mktemp("train_nodrop"), dropout=0.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def drop_dir(tmp_path_factory):
+    return make_distilbert(tmp_path_factory.mktemp("train_drop"), dropout=0.1, seed=4)
+
+
+def test_grad_cache_training_equals_no_caching(nodrop_dir, tmp_path):
+    w0 = weights(nodrop_dir)
+    cached = write_config(tmp_path, train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "cached")), "a.json")
+    run_train(cached)
+    plain_cfg = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "plain"), mini_batch_size=6)
+    plain_cfg["tasks"]["retrieval"]["loss"] = "mnrl"  # one plain forward/backward of the whole batch
+    run_train(write_config(tmp_path, plain_cfg, "b.json"))
+    w_cached, w_plain = weights(tmp_path / "cached" / "final"), weights(tmp_path / "plain" / "final")
+    diff = rel_update_diff(w0, w_cached, w_plain)
+    print(f"3 steps, GradCache (mini-batch 3) vs no caching: ‖Δw₁ − Δw₂‖/‖Δw₂‖ = {diff:.2e}")
+    assert diff <= 1e-3
+    assert rel_update_diff(w0, w_plain, {k: v * 0 + w0[k] for k, v in w0.items()}) > 0  # the weights did move
+
+
+def test_same_seed_with_dropout_is_bitwise_reproducible(drop_dir, tmp_path):
+    cfg = write_config(tmp_path, train_config(tmp_path, drop_dir))
+    run_train(cfg, f"train.output_dir={tmp_path / 'r1'}")
+    run_train(cfg, f"train.output_dir={tmp_path / 'r2'}")
+    w1, w2 = weights(tmp_path / "r1" / "final"), weights(tmp_path / "r2" / "final")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    run_train(cfg, f"train.output_dir={tmp_path / 'r3'}", "train.seed=8")
+    w3 = weights(tmp_path / "r3" / "final")
+    assert not all(torch.equal(w1[k], w3[k]) for k in w1)
+
+
+@pytest.mark.parametrize("loss,mini", [("cached_mnrl", 2), ("mnrl", 6)])
+def test_two_processes_equal_one(nodrop_dir, tmp_path, loss, mini):
+    """torchrun 2×(B/2) with gathered candidates ≡ 1 process with batch B (dropout 0: ranks' RNG streams differ)."""
+    w0 = weights(nodrop_dir)
+    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini)
+    base["tasks"]["retrieval"]["loss"] = loss
+    one = dict(base, train={**base["train"], "per_device_train_batch_size": 6, "output_dir": str(tmp_path / "one")})
+    two = dict(base, train={**base["train"], "per_device_train_batch_size": 3, "mini_batch_size": min(mini, 3),
+                            "output_dir": str(tmp_path / "two")})
+    run_train(write_config(tmp_path, one, "one.json"))
+    run_train(write_config(tmp_path, two, "two.json"), nproc=2)
+    diff = rel_update_diff(w0, weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final"))
+    print(f"{loss}: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
+    assert diff <= 1e-3
+
+
+def test_schedule_formulas_and_weight_decay_groups(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir)
+    total, ratio, peak = 50, 0.1, 2e-5
+    warm = warmup_steps(total, ratio)
+    assert warm == 5
+    for kind in ("cosine", "linear", "constant"):
+        opt = make_optimizer(enc, peak, 0.01)
+        sched = make_scheduler(opt, total, ratio, kind)
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs[0] == 0.0  # step 0: warm-up starts at zero
+        assert lrs[warm] == pytest.approx(peak)  # end of warm-up: the peak
+        assert lrs[2] == pytest.approx(peak * 2 / warm)
+        last = {"cosine": 0.5 * (1 + math.cos(math.pi * (total - 1 - warm) / (total - warm))),
+                "linear": 1 / (total - warm), "constant": 1.0}[kind]
+        assert lrs[-1] == pytest.approx(peak * last)
+    assert lr_multiplier(warm + (total - warm) // 2, total, warm, "cosine") == pytest.approx(0.5, abs=0.04)
+
+    opt = make_optimizer(enc, peak, 0.01)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = dict(enc.named_parameters())
+    for name, p in names.items():
+        want = not (name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name)
+        assert (id(p) in decayed) == want, name
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert not decays("model.embeddings.LayerNorm.weight") and decays("model.embeddings.word_embeddings.weight")
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+
+
+def test_multi_task_steps_come_from_one_task_in_proportion(tiny_model_dir, tmp_path):
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4)
+    cfg["tasks"]["sts"] = {"dataset": str(write_jsonl(tmp_path / "sts.jsonl", sts_rows(8))),
+                           "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
+    run_train(write_config(tmp_path, cfg))
+    steps = [r for r in read_metrics(tmp_path / "run") if "lr" in r]
+    tasks = [[k for k in r if k.startswith("loss/")] for r in steps]
+    assert all(len(t) == 1 for t in tasks)  # logging_steps=1: each step's batch is from one task
+    counts = {name: sum(t == [f"loss/{name}"] for t in tasks) for name in ("retrieval", "sts")}
+    assert counts == {"retrieval": 24 // 4, "sts": 8 // 4}
+
+
+def test_v5_config_with_overrides_runs_and_writes_the_run_folder(tiny_model_dir, tmp_path):
+    ret = write_jsonl(tmp_path / "retrieval.jsonl", retrieval_rows(32))
+    sts = write_jsonl(tmp_path / "sts_train.jsonl", sts_rows(40, score_key="similarity_score"))
+    dev_ir = write_jsonl(tmp_path / "dev_ir.jsonl", [{"query": r["query"], "positive": r["positive"]}
+                                                      for r in retrieval_rows(10, seed=1)])
+    dev_sts = write_jsonl(tmp_path / "dev_sts.jsonl", sts_rows(12, seed=2))
+    run = tmp_path / "run"
+    proc = run_train(ROOT / "configs" / "v5.json", f"model.name_or_path={tiny_model_dir}",
+                     f"tasks.retrieval.dataset={ret}", f"tasks.sts.dataset={sts}", "train.max_steps=4",
+                     "train.per_device_train_batch_size=8", "train.mini_batch_size=4", "matryoshka.dims=[32,16,8,4]",
+                     "eval.dims=[32,8]", f"eval.ir=[\"{dev_ir}\"]", f"eval.sts=[\"{dev_sts}\"]",
+                     "train.save_steps=2", "train.eval_steps=2", "model.max_seq_length=64", "train.logging_steps=1",
+                     f"train.output_dir={run}")
+    assert "fp16 needs CUDA" in proc.stderr  # v5.json asks for fp16; this machine has no CUDA
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 4 and saved["matryoshka"]["dims"] == [32, 16, 8, 4]
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics if "lr" in r] == [1, 2, 3, 4]
+    assert any("eval" in r for r in metrics)
+    for key in ("loss_scale", "grad_norm", "examples_per_sec", "lr"):
+        assert key in metrics[0]
+    assert (run / "checkpoint-2" / "trainer_state.json").exists()
+    assert not list(run.glob(".tmp-*"))
+    for folder in ("final", "best"):
+        enc = SentenceEncoder.from_pretrained(run / folder)
+        emb = enc.encode(["il gatto", "il cane"], truncate_dim=8)
+        assert emb.shape == (2, 8) and np.isfinite(emb).all()
+    card = (run / "final" / "README.md").read_text()
+    assert "cached_mnrl" in card or "CachedMultipleNegativesRankingLoss" in card
+    assert "| metric" in proc.stdout or "|" in proc.stdout  # the final table
+
+
+def test_loss_goes_down_on_a_learnable_task(tiny_model_dir, tmp_path):
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=40, learning_rate=3e-3, per_device_train_batch_size=8,
+                       mini_batch_size=8, logging_steps=1, lr_scheduler_type="linear", warmup_ratio=0.1)
+    run_train(write_config(tmp_path, cfg))
+    losses = [r["loss/retrieval"] for r in read_metrics(tmp_path / "run") if "loss/retrieval" in r]
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    print(f"loss: first 6 steps {first:.3f}, last 6 steps {last:.3f}")
+    assert last < 0.7 * first
