@@ -135,6 +135,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as e:

@@ -99,10 +99,11 @@ class SentenceEncoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
         except Exception as e:  # transformers raises many types here; all mean "no usable tokenizer"
             raise CheckpointError(f"{folder}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
-        if len(tokenizer) > cfg.vocab_size:
+        largest_id = max(tokenizer.get_vocab().values(), default=-1)
+        if len(tokenizer) > cfg.vocab_size or largest_id >= cfg.vocab_size:
             raise CheckpointError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the embedding matrix has "
-                f"{cfg.vocab_size} rows: tokenizer and weights do not belong together"
+                f"{folder}: the tokenizer has {len(tokenizer)} tokens (largest id {largest_id}) but the embedding "
+                f"matrix has {cfg.vocab_size} rows: tokenizer and weights do not belong together"
             )
         if tokenizer.pad_token_id is None:
             raise CheckpointError(f"{folder}: the tokenizer defines no pad token")

@@ -331,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of --sampling random (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch (default 64)")
     p.add_argument("--chunk-size", type=int, default=50_000, help="corpus rows scored at a time (default 50000)")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="cut texts at this many tokens (default: the model's own max_seq_length)")
     p.add_argument("--device", default=None, help="torch device for encoding (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = p.parse_args(argv)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> MineStats:
     rows = load_rows(args.input, args.query_column, args.positive_column)
     corpus = [text for path in args.corpus for text in load_corpus(path)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = SentenceEncoder.from_pretrained(args.model, device=device)
+    encoder = SentenceEncoder.from_pretrained(args.model, device=device, max_seq_length=args.max_seq_length)
 
     start = time.perf_counter()
     out, stats = mine_with_stats(

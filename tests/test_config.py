@@ -288,7 +288,7 @@ def test_v5_matches_the_card():
     r, s = cfg.tasks["retrieval"], cfg.tasks["sts"]
     assert r.columns == ("query", "positive", "negative_1", "negative_2")  # 1 positive + 2 dense hard negatives
     assert r.loss == "cached_mnrl" and effective_scale(r) == 20.0
-    assert s.dataset == "stsb_multi_mt" and s.config == "it" and s.split == "train"
+    assert s.dataset == "PhilipMay/stsb_multi_mt" and s.config == "it" and s.split == "train"
     assert s.columns == ("sentence1", "sentence2", "similarity_score")
     assert s.loss == "cosent" and s.score_scale == 5.0 and s.balance_to == "retrieval"
     assert cfg.matryoshka.dims == (768, 512, 256, 128)
