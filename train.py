@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,9 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\nbertino: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  f"(send it again to stop at once)", file=sys.stderr)
         for sig, handler in self._previous.items():  # the next one interrupts at once
             signal.signal(sig, handler)
         self._previous = {}
@@ -150,6 +154,9 @@ class StopSignal:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # A skipped step still advances the schedule (the LR is a function of the step counter), so torch's warning
+    # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     # ---------------------------------------------------------------------------------------- config, processes
     cfg = load_config(args.config, args.overrides)
     tc = cfg.train

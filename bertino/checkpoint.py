@@ -9,8 +9,11 @@ Layouts that load (all end as `DistilBertModel` keys, no prefix):
 - Old files: `LayerNorm.gamma/beta` become `weight/bias`; `embeddings.position_ids` is a buffer, ignored.
 - sentence-transformers folders: `modules.json` says where the transformer lives and which pooling follows.
 
-Weights are read from safetensors. A folder with only `pytorch_model.bin` is read with
-`torch.load(weights_only=True)`, which refuses to unpickle code. Nothing is ever loaded with `trust_remote_code`.
+Safe loading: weights are read ONLY from safetensors (a flat table of tensors: nothing in it can run). A folder
+with only a pickled `pytorch_model.bin` is refused with a CheckpointError that gives the one command to convert it,
+`python -m bertino.convert FOLDER` (it reads the .bin once with `torch.load(weights_only=True)`, which refuses
+pickled code, and writes `model.safetensors` next to it). Converting is an explicit step, so no training or
+evaluation run ever unpickles a file it was handed. Nothing is ever loaded with `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -53,23 +56,30 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model folder: `model.safetensors`, sharded safetensors, or (last) `pytorch_model.bin`."""
+    """All tensors of a model folder: `model.safetensors` or sharded safetensors (never a pickle, see above)."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return _load_safetensors(single)
     if index.exists():
         shards = sorted(set(read_json(index)["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(_load_safetensors(folder / shard))
         return state
-    legacy = folder / "pytorch_model.bin"
-    if legacy.exists():
-        # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+    pickles = [p.name for p in (folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json") if p.exists()]
+    if pickles:
+        raise CheckpointError(f"{folder}: weights only in {pickles[0]} (a pickle); bertino reads weights only from "
+                              f"safetensors. Convert once with: python -m bertino.convert {folder}")
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(f"{folder}: no model.safetensors (or pytorch_model.bin) in the folder; found {found}")
+    raise CheckpointError(f"{folder}: no model.safetensors in the folder; found {found}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (truncated / not safetensors), OSError: the file is unusable
+        raise CheckpointError(f"{path}: cannot read as safetensors: {type(e).__name__}: {e}") from None
 
 
 def to_distilbert_keys(state: dict[str, torch.Tensor], model_type: str, source: str) -> dict[str, torch.Tensor]:

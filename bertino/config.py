@@ -97,7 +97,8 @@ class TrainConfig:
     load_best_model_at_end: bool = False  # keep best/ (by metric_for_best_model) and report it at the end
     metric_for_best_model: str = "ndcg@10"  # one of IR_METRICS / STS_METRICS, averaged over eval sets, at max dim
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, true = latest in output_dir, null = no
-    max_consecutive_nonfinite: int = 10  # abort after this many steps in a row with a NaN/inf loss (fp16 skips)
+    max_consecutive_nonfinite: int = 10  # stop after this many skipped steps in a row with a NaN/inf loss or
+    #                                     gradient (fp16 gradient overflows, which the GradScaler handles, do not count)
     grad_cache_memory_budget: int = 0  # mini-batches whose autograd graph is kept instead of recomputed;
     #                                    0 = classic GradCache (every chunk is re-encoded in the third pass)
 

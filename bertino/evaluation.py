@@ -11,7 +11,7 @@ and no result depends on how the corpus is chunked. With hit_i = [r_i ∈ rel(q)
     Precision@k = Σ_{i≤k} hit_i / k
     Recall@k    = Σ_{i≤k} hit_i / |rel|
     MRR@k       = 1 / min{i ≤ k : hit_i}                     (0 when no hit in the top k)
-    NDCG@k      = DCG@k / IDCG@k,   DCG@k = Σ_{i≤k} hit_i / log2(i + 1),   IDCG@k = Σ_{i≤min(|rel|,k)} 1 / log2(i + 1)
+    NDCG@k      = DCG@k / IDCG@k,  DCG@k = Σ_{i≤k} hit_i / log2(i + 1),  IDCG@k = Σ_{i≤min(|rel|,k)} 1 / log2(i + 1)
     MAP@k       = Σ_{i≤k} hit_i · Precision@i / min(k, |rel|)
 
 each averaged over queries (Manning, Raghavan & Schütze, "Introduction to Information Retrieval", ch. 8; the same
@@ -150,7 +150,9 @@ def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     above = scores > kth  # (R, C) always kept
     tied = scores == kth  # (R, C) kept while places are left, smallest column first
     places = k - above.sum(dim=1, keepdim=True)  # (R, 1) ≥ 1
-    keep = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= places))  # (R, C), exactly k per row
+    if (tied.sum(dim=1, keepdim=True) > places).any():  # more ties than places (rare): first ones by column id
+        tied &= tied.cumsum(dim=1, dtype=torch.int32) <= places  # (R, C)
+    keep = above | tied  # (R, C), exactly k per row
     cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k) ascending column ids (nonzero is row-major)
     return _sort_by_score_then_id(scores.gather(1, cols), cols)
 
@@ -226,7 +228,7 @@ def sts_metrics(e1, e2, gold) -> dict[str, float]:
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x (P,), tied values sharing the mean of the ranks they span: [10, 20, 20, 30] → [1, 2.5, 2.5, 4]."""
+    """1-based ranks of x (P,); tied values share the mean of their ranks: [10, 20, 20, 30] → [1, 2.5, 2.5, 4]."""
     _, group, counts = np.unique(x, return_inverse=True, return_counts=True)  # group of each value, group sizes
     last = np.cumsum(counts)  # rank of each group's last member
     return (last - (counts - 1) / 2.0)[group]  # mean of ranks last-count+1 .. last
@@ -272,7 +274,8 @@ def load_ir_file(path: str | os.PathLike) -> IRSet:
     for where, row in _read_jsonl(path):
         query = _text(row, "query", where)
         positives = _texts(row, "positive", where)
-        negatives = [t for key in row if key == "negative" or key.startswith("negative_") for t in _texts(row, key, where)]
+        negative_keys = [key for key in row if key == "negative" or key.startswith("negative_")]
+        negatives = [text for key in negative_keys for text in _texts(row, key, where)]
         for text in positives + negatives:
             corpus_ids.setdefault(text, len(corpus_ids))
         if query not in query_ids:

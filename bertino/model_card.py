@@ -20,6 +20,12 @@ from .evaluation import metric_label
 
 IR_CARD_METRICS = ("map@100", "ndcg@10", "accuracy@1", "accuracy@10")  # the card's retrieval rows
 STS_CARD_METRICS = ("spearman_cosine", "pearson_cosine")
+LOSS_NAMES = {  # the config's loss keys (CONTRACT.md) → the sentence-transformers class they reimplement
+    "mnrl": "MultipleNegativesRankingLoss",
+    "cached_mnrl": "CachedMultipleNegativesRankingLoss (GradCache)",
+    "cosent": "CoSENTLoss",
+    "cosine": "CosineSimilarityLoss",
+}
 EXAMPLE_SENTENCES = ["Chi ha dipinto la Gioconda?",
                      "Leonardo da Vinci è l'autore della Gioconda, opera conservata al Louvre."]
 
@@ -80,7 +86,9 @@ def render_model_card(
     language: str | None = None,
     datasets: Mapping[str, str] | None = None,
 ) -> str:
-    """The model card as markdown. `losses`: task name → loss description; `model_id`: what usage examples load."""
+    """The model card as markdown. `losses`: task name → loss description or config key ("cached_mnrl", ...);
+    `model_id`: the path or hub id the usage examples load."""
+    losses = {task: LOSS_NAMES.get(loss, loss) for task, loss in losses.items()}
     dims = [int(d) for d in matryoshka_dims or []]
     weights = [float(w) for w in matryoshka_weights or []]
     if len(dims) != len(weights) or any(not 0 < d <= dim for d in dims):
@@ -129,7 +137,8 @@ def _details(base_model: str, dim: int, max_seq_length: int) -> str:
 
 
 def _usage(model_id: str, dim: int, small: int | None) -> str:
-    sentences = "sentences = [\n" + "".join(f"    {json.dumps(s, ensure_ascii=False)},\n" for s in EXAMPLE_SENTENCES) + "]"
+    sentences = "sentences = [\n" + "".join(f"    {json.dumps(s, ensure_ascii=False)},\n" for s in EXAMPLE_SENTENCES)
+    sentences += "]"
     bertino = [
         "from bertino import SentenceEncoder", "",
         f"model = SentenceEncoder.from_pretrained({json.dumps(model_id)})", sentences,

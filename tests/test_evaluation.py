@@ -71,7 +71,7 @@ def assert_metrics_close(got: dict, want: dict, tol: float = 1e-12) -> None:
 
 # ================================================================================================ IR: hand-computed
 def test_several_relevant_docs_and_k_larger_than_corpus():
-    # cosines by id: 0:.1 1:.9 2:.5 3:.7 4:.3 5:.8 → ranking 1, 5, 3, 2, 4, 0; relevant {5, 2, 0} sit at ranks 2, 4, 6.
+    # cosines by id: 0:.1 1:.9 2:.5 3:.7 4:.3 5:.8 → ranking 1, 5, 3, 2, 4, 0; relevant {5, 2, 0} at ranks 2, 4, 6.
     corpus = unit_2d([0.1, 0.9, 0.5, 0.7, 0.3, 0.8])
     got = ir_metrics(QUERY, corpus, [{5, 2, 0}])
     dcg = 1 / math.log2(3) + 1 / math.log2(5) + 1 / math.log2(7)

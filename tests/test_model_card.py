@@ -104,3 +104,10 @@ def test_missing_metric_shows_a_dash():
 def test_bad_matryoshka_settings(dims, weights):
     with pytest.raises(ConfigError, match="must pair up"):
         card(matryoshka_dims=dims, matryoshka_weights=weights)
+
+
+def test_config_loss_keys_become_class_names():
+    text = card(losses={"retrieval": "cached_mnrl", "sts": "cosent"})
+    assert "1. **retrieval**: CachedMultipleNegativesRankingLoss (GradCache)" in text
+    assert "2. **sts**: CoSENTLoss" in text
+    assert "gao2021scaling" in text and "su2022cosent" in text

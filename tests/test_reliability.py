@@ -1,0 +1,676 @@
+"""Reliability: interrupted runs resume exactly, bad input is one clear line and touches nothing, nothing unsafe loads.
+
+Most runs here call `train.main` / `train.cli` in-process (a tiny model trains ~15 steps/s; no interpreter start-up),
+comparing runs of the same process. The kill -9 / SIGTERM tests and the torchrun tests use real subprocesses, all
+with OMP_NUM_THREADS=1, and compare only subprocess runs with each other (bitwise equality needs equal threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_distilbert
+from helpers import ROOT, read_metrics, retrieval_rows, run_train, sts_rows, train_config, weights, write_config, \
+    write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+from bertino import SentenceEncoder, trainer_state as ts  # noqa: E402
+from bertino.config import config_from_dict  # noqa: E402
+from bertino.convert import convert  # noqa: E402
+from bertino.data import load_tasks  # noqa: E402
+from bertino.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from bertino.objectives import Objective  # noqa: E402
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── helpers
+@pytest.fixture(scope="module")
+def drop_dir(tmp_path_factory):
+    """dropout 0.1: exact resume must restore the RNG streams that draw the masks."""
+    return make_distilbert(tmp_path_factory.mktemp("rel_drop"), dropout=0.1, seed=5)
+
+
+def two_task_config(tmp: Path, model: Path, **train_keys) -> dict:
+    """retrieval (24 rows, GradCache + Matryoshka) + sts (12 rows, plain CoSENT): 4 + 2 = 6 steps per epoch."""
+    cfg = train_config(tmp, model, **{"max_steps": 10, "lr_scheduler_type": "cosine", "warmup_ratio": 0.2,
+                                      **train_keys})
+    cfg["tasks"]["sts"] = {"dataset": str(write_jsonl(tmp / "sts.jsonl", sts_rows(12))),
+                           "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
+    return cfg
+
+
+def run_inprocess(tmp: Path, cfg: dict, *overrides: str) -> None:
+    path = write_config(tmp, cfg, f"cfg-{time.monotonic_ns()}.json")
+    train.main(["--config", str(path), *overrides])
+
+
+def cli_error(capsys, tmp: Path, cfg: dict | None, *args: str) -> str:
+    """Run train.cli, expect exit code 2 and exactly one `error:` line and no traceback; return that line."""
+    argv = ["--config", str(write_config(tmp, cfg, f"cfg-{time.monotonic_ns()}.json"))] if cfg else []
+    with pytest.raises(SystemExit) as info:
+        train.cli([*argv, *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def step_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "lr" in r]
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── exact resume
+@pytest.fixture(scope="module")
+def reference(drop_dir, tmp_path_factory):
+    """An uninterrupted 10-step run with checkpoints at 3 (mid epoch 0), 6 (end of epoch 0), 9 (mid epoch 1)."""
+    tmp = tmp_path_factory.mktemp("rel_reference")
+    cfg = two_task_config(tmp, drop_dir, save_steps=3, output_dir=str(tmp / "run"))
+    run_inprocess(tmp, cfg)
+    return tmp / "run", cfg
+
+
+def as_if_killed_after(reference_run: Path, k: int, dst: Path) -> Path:
+    """The run folder a run killed a little after writing checkpoint-k would leave: later steps' metrics, a line
+    cut in half, a half-written temp checkpoint."""
+    shutil.copytree(reference_run, dst)
+    shutil.rmtree(dst / "final")
+    for step, folder in ts.list_checkpoints(dst):
+        if step > k:
+            shutil.rmtree(folder)
+    lines = (dst / "metrics.jsonl").read_text().splitlines()  # one line per step
+    cut = lines[k + 2][:25] if len(lines) > k + 2 else ""
+    (dst / "metrics.jsonl").write_text("\n".join(lines[:k + 2]) + "\n" + cut)
+    partial = dst / f".tmp-checkpoint-{k + 3}"
+    shutil.copytree(dst / f"checkpoint-{k}", partial)
+    (partial / "trainer_state.json").unlink()
+    (partial / "optimizer.pt").write_bytes(b"half")
+    return dst
+
+
+@pytest.mark.parametrize("k", [3, 6, 9], ids=["mid-epoch", "epoch-boundary", "second-epoch"])
+def test_resume_is_bitwise_identical(reference, tmp_path, k):
+    ref_run, cfg = reference
+    state = json.loads((ref_run / f"checkpoint-{k}" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (k, 0 if k <= 6 else 1, k if k <= 6 else 3)
+    run = as_if_killed_after(ref_run, k, tmp_path / "run")
+    run_inprocess(tmp_path, cfg, f"train.output_dir={run}", "train.resume_from_checkpoint=true")
+
+    assert same_weights(weights(run / "final"), weights(ref_run / "final"))
+    # metrics.jsonl reads as one run: the steps after k were dropped and logged again, identically
+    records = step_records(run)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    ref = step_records(ref_run)
+    for mine, theirs in zip(records, ref):
+        for key in ("lr", "grad_norm", "epoch", *[key for key in theirs if key.startswith("loss/")]):
+            assert mine[key] == theirs[key], (mine["step"], key)
+    resumed = [r for r in read_metrics(run) if r.get("event") == "resumed"]
+    assert resumed == [{"step": k, "event": "resumed", "checkpoint": str(run / f"checkpoint-{k}")}]
+    assert not list(run.glob(".tmp-*"))  # the killed run's temp folder was cleaned up
+
+
+def test_resume_from_a_path_into_a_new_folder_and_the_rng_matters(reference, tmp_path, monkeypatch):
+    ref_run, cfg = reference
+    ckpt = ref_run / "checkpoint-3"
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'a'}", f"train.resume_from_checkpoint={ckpt}")
+    assert same_weights(weights(tmp_path / "a" / "final"), weights(ref_run / "final"))
+    # Control: without restoring the RNG streams, dropout draws other masks and the weights differ.
+    monkeypatch.setattr(ts, "set_rng_state", lambda state: None)
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'b'}", f"train.resume_from_checkpoint={ckpt}")
+    assert not same_weights(weights(tmp_path / "b" / "final"), weights(ref_run / "final"))
+
+
+def test_checkpoint_contents_load_safely(reference):
+    ckpt = reference[0] / "checkpoint-6"
+    assert not ts.missing_files(ckpt, world_size=1)
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state_0.pt"):
+        torch.load(ckpt / name, weights_only=True)  # plain data only
+    assert SentenceEncoder.from_pretrained(ckpt).encode(["il gatto"]).shape == (1, 32)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── kill -9, SIGTERM
+def popen_train(config: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "train.py", "--config", str(config), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in lines[:-1] if line.strip()]  # the last may be partial
+    return max(steps, default=0)
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited ({proc.returncode}) before {what}:\n{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def subprocess_reference(drop_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rel_subprocess")
+    cfg = two_task_config(tmp, drop_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
+    config = write_config(tmp, cfg)
+    run_train(config)
+    return config, weights(tmp / "reference" / "final")
+
+
+def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(subprocess_reference, tmp_path):
+    config, reference_weights = subprocess_reference
+    run = tmp_path / "run"
+    extra = random.randint(1, 3)  # steps past the first checkpoint
+    print(f"killing {extra} step(s) after checkpoint-4")
+    proc = popen_train(config, f"train.output_dir={run}")
+    wait_for(proc, lambda: ts.list_checkpoints(run) and logged_steps(run) >= 4 + extra, "the kill point")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "final").exists()
+
+    resumed = run_train(config, f"train.output_dir={run}", "train.resume_from_checkpoint=true")
+    assert "resuming from" in resumed.stderr
+    assert same_weights(weights(run / "final"), reference_weights)
+    assert [r["step"] for r in step_records(run)] == list(range(1, 41))
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits(subprocess_reference, tmp_path):
+    config, reference_weights = subprocess_reference
+    run = tmp_path / "run"
+    proc = popen_train(config, f"train.output_dir={run}")
+    wait_for(proc, lambda: logged_steps(run) >= 2, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    step = ts.list_checkpoints(run)[-1][0]
+    assert f"stopped by SIGTERM after step {step}; saved {run / f'checkpoint-{step}'}" in err
+    assert step == max(r["step"] for r in step_records(run))  # the checkpoint is of the step it stopped after
+    run_train(config, f"train.output_dir={run}", "train.resume_from_checkpoint=true")
+    assert same_weights(weights(run / "final"), reference_weights)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── atomic checkpoints
+def test_a_failed_checkpoint_write_leaves_the_earlier_ones(drop_dir, tmp_path, capsys, monkeypatch):
+    cfg = train_config(tmp_path, drop_dir, max_steps=6, save_steps=2)
+    real = ts.save_training_state
+
+    def disk_full_at_step_4(tmp, state, *args):
+        if state.step == 4:
+            (tmp / "optimizer.pt").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        real(tmp, state, *args)
+
+    monkeypatch.setattr(ts, "save_training_state", disk_full_at_step_4)
+    line = cli_error(capsys, tmp_path, cfg)
+    run = tmp_path / "run"
+    assert f"cannot write {run / 'checkpoint-4'}: No space left on device" in line
+    assert [s for s, _ in ts.list_checkpoints(run)] == [2]
+    assert not (run / "checkpoint-4").exists() and not list(run.glob(".tmp-*"))
+    monkeypatch.setattr(ts, "save_training_state", real)
+    run_inprocess(tmp_path, cfg, "train.resume_from_checkpoint=true")
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_incomplete_checkpoints_are_never_taken(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    (run / "checkpoint-9" / "trainer_state.json").unlink()  # cut off before its last file
+    shutil.copytree(run / "checkpoint-6", run / ".tmp-checkpoint-12")  # a temp folder is never a checkpoint
+    (run / "checkpoint-6" / "rng_state_0.pt").unlink()
+    assert ts.resolve_resume(True, run) == run / "checkpoint-3"
+    with pytest.raises(ConfigError, match=r"checkpoint-9 is not a complete checkpoint \(missing trainer_state"):
+        ts.resolve_resume(str(run / "checkpoint-9"), run)
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        ts.resolve_resume("true", tmp_path / "empty")
+
+
+def test_clean_stale_removes_temp_folders_and_restores_a_half_replaced_one(tmp_path):
+    for name in (".tmp-checkpoint-5", ".old-final", ".old-best", "best"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".old-final" / "model.safetensors").write_text("x")
+    ts.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("keep, best, kept", [(None, None, [2, 4, 6, 8]), (2, None, [6, 8]), (1, None, [8]),
+                                              (2, 2, [2, 6, 8]), (1, 2, [2, 8]), (2, 8, [6, 8])])
+def test_save_total_limit_keeps_the_newest_and_the_best(reference, tmp_path, keep, best, kept):
+    for step in (2, 4, 6, 8):
+        shutil.copytree(reference[0] / "checkpoint-3", tmp_path / f"checkpoint-{step}")
+    ts.rotate_checkpoints(tmp_path, keep, best)
+    assert [s for s, _ in ts.list_checkpoints(tmp_path)] == kept
+
+
+def test_save_total_limit_in_a_run(drop_dir, tmp_path):
+    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=7, save_steps=2, save_total_limit=2))
+    assert [s for s, _ in ts.list_checkpoints(tmp_path / "run")] == [4, 6]
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── bad data
+BAD_DATA = [  # (rows or raw text appended as line 3, task loss, fragments of the message)
+    ("retrieval", '{"query": "q", "positive": ', ["line 3: invalid JSON"]),
+    ("retrieval", {"query": "q", "positive": "p", "negative_1": "n"}, ["line 3: missing column 'negative_2'"]),
+    ("retrieval", {"query": "", "positive": "p", "negative_1": "n", "negative_2": "m"},
+     ["line 3: column 'query': expected a non-empty string"]),
+    ("retrieval", {"query": "q", "positive": 7, "negative_1": "n", "negative_2": "m"},
+     ["line 3: column 'positive'", "found 7"]),
+    ("retrieval", {"query": "q", "positive": "p", "negative_1": "n", "negative_2": "p"},
+     ["line 3: column 'negative_2' equals column 'positive'"]),
+    ("sts", {"sentence1": "a", "sentence2": "b", "score": "high"}, ["line 3: column 'score': expected a number"]),
+    ("sts", '{"sentence1": "a", "sentence2": "b", "score": NaN}', ["line 3: column 'score'", "finite", "nan"]),
+    ("sts", '{"sentence1": "a", "sentence2": "b", "score": -Infinity}', ["line 3: column 'score'", "finite"]),
+    ("sts", {"sentence1": "a", "sentence2": None, "score": 1}, ["line 3: column 'sentence2'", "found None"]),
+]
+
+
+@pytest.mark.parametrize("task, bad, fragments", BAD_DATA)
+def test_bad_rows_are_one_line_exit_2_and_no_run_folder(tiny_model_dir, tmp_path, capsys, task, bad, fragments):
+    cfg = two_task_config(tmp_path, tiny_model_dir)
+    path = Path(cfg["tasks"][task]["dataset"])
+    lines = path.read_text().splitlines()
+    lines.insert(2, bad if isinstance(bad, str) else json.dumps(bad))
+    path.write_text("\n".join(lines) + "\n")
+    line = cli_error(capsys, tmp_path, cfg)
+    assert f"{path} line 3" in line, line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_dataset_and_too_few_rows_for_a_batch(tiny_model_dir, tmp_path, capsys):
+    cfg = two_task_config(tmp_path, tiny_model_dir)
+    sts = Path(cfg["tasks"]["sts"]["dataset"])
+    sts.write_text("\n")
+    assert f"task 'sts': {sts} has no rows" in cli_error(capsys, tmp_path, cfg)
+    write_jsonl(sts, sts_rows(4))
+    line = cli_error(capsys, tmp_path, cfg)
+    assert "task 'sts'" in line and "a step needs 6 rows" in line and "only 4 rows" in line
+    # 30 rows, but every row shares its positive with 9 others: a batch without repeats holds at most 3 rows
+    rows = [{**r, "positive": f"il testo {i % 3}"} for i, r in enumerate(retrieval_rows(30))]
+    write_jsonl(Path(cfg["tasks"]["retrieval"]["dataset"]), rows)
+    write_jsonl(sts, sts_rows(12))
+    line = cli_error(capsys, tmp_path, cfg)
+    assert "task 'retrieval'" in line and "30 rows fill at most 3 without repeating a text" in line
+    assert "lower train.per_device_train_batch_size" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_eval_file_and_pre_existing_output_dir_is_untouched(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    bad_eval = tmp_path / "dev.jsonl"
+    bad_eval.write_text('{"query": "q"}\n')
+    cfg = two_task_config(tmp_path, tiny_model_dir, output_dir=str(out))
+    cfg["eval"] = {"ir": [str(bad_eval)]}
+    line = cli_error(capsys, tmp_path, cfg)
+    assert str(bad_eval) in line
+    assert snapshot(out) == before
+
+
+def test_a_real_subprocess_prints_one_line_and_no_traceback(tiny_model_dir, tmp_path):
+    cfg = two_task_config(tmp_path, tiny_model_dir)
+    path = Path(cfg["tasks"]["retrieval"]["dataset"])
+    path.write_text(path.read_text() + "{not json\n")
+    proc = run_train(write_config(tmp_path, cfg), check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path} line 25: invalid JSON")
+    assert not (tmp_path / "run").exists()
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── bad config
+BAD_CONFIG = [
+    (["train.learning_rat=1e-4"], ["train.learning_rat", "unknown key", "learning_rate"]),
+    (["train.max_steps=\"ten\""], ["train.max_steps", "expected integer", "\"ten\""]),
+    (["train.mini_batch_size=12"], ["train.mini_batch_size", "≤ per_device_train_batch_size (6)", "12"]),
+    (["matryoshka.dims=[16,32]", "matryoshka.weights=[1,1]"], ["matryoshka.dims", "strictly descending"]),
+    (["matryoshka.dims=[64,16]"], ["matryoshka.dims", "[64] larger than the model's embedding dim 32"]),
+    (["matryoshka.weights=[1.0]"], ["matryoshka.weights", "2 dims", "1 weights"]),
+    (["tasks.sts.balance_to=\"retrival\""], ["tasks.sts.balance_to", "no task named 'retrival'", "retrieval, sts"]),
+    (["train.fp16=true", "train.bf16=true"], ["train.fp16 and train.bf16"]),
+    (["train.max_steps"], ["override 'train.max_steps'", "expected KEY.SUB=VALUE"]),
+    (["model.max_seq_length=100"], ["model.max_seq_length", "64 position embeddings"]),
+]
+
+
+@pytest.mark.parametrize("overrides, fragments", BAD_CONFIG)
+def test_bad_config_is_one_line_exit_2_and_no_run_folder(tiny_model_dir, tmp_path, capsys, overrides, fragments):
+    line = cli_error(capsys, tmp_path, two_task_config(tmp_path, tiny_model_dir), *overrides)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    assert "cannot read config file" in cli_error(capsys, tmp_path, None, "--config", str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text('{"model": {"name_or_path": "x"},\n "tasks": }')
+    assert "bad.json:2:" in cli_error(capsys, tmp_path, None, "--config", str(tmp_path / "bad.json"))
+    (tmp_path / "latin1.json").write_bytes(b'{"model": "caf\xe9"}')
+    assert "not UTF-8" in cli_error(capsys, tmp_path, None, "--config", str(tmp_path / "latin1.json"))
+    with pytest.raises(SystemExit) as info:  # argparse's own usage error, also exit 2
+        train.cli([])
+    assert info.value.code == 2 and "required: --config" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_fp16_without_cuda_warns_once_and_says_what_it_does(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)  # never emulate bf16 here: ~100× slower
+    run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=1, fp16=True))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: train.fp16 needs CUDA and this machine has none: training with fp32 instead "
+                        "(this CPU has no native bfloat16)."]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["fp16"] is True
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(reference, tmp_path, capsys):
+    run, cfg = reference
+    before = snapshot(run)
+    line = cli_error(capsys, tmp_path, cfg)
+    assert f"train.output_dir: {run} already holds an earlier run" in line and "resume_from_checkpoint=true" in line
+    line = cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'empty'}",
+                     "train.resume_from_checkpoint=true")
+    assert "holds no complete checkpoint" in line
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(reference, tmp_path, capsys):
+    ref_run, cfg = reference
+    ckpt = ref_run / "checkpoint-6"
+    before = snapshot(ref_run)
+    args = [f"train.output_dir={tmp_path / 'out'}", f"train.resume_from_checkpoint={ckpt}"]
+    line = cli_error(capsys, tmp_path, cfg, *args, "train.learning_rate=0.002", "train.seed=8")
+    assert "train.learning_rate: 0.001 → 0.002" in line and "train.seed: 7 → 8" in line
+    assert f"model.name_or_path={ckpt}" in line
+    moved = write_jsonl(tmp_path / "moved" / "sts.jsonl", sts_rows(12))  # a new path, same rows: fine
+    changed = write_jsonl(tmp_path / "changed.jsonl", sts_rows(12, seed=1))
+    line = cli_error(capsys, tmp_path, cfg, *args, f"tasks.sts.dataset={changed}")
+    assert "the rows of task 'sts' changed (same row count, other content)" in line
+    assert not (tmp_path / "out").exists()
+    run_inprocess(tmp_path, cfg, *args, f"tasks.sts.dataset={moved}", "train.mini_batch_size=2",
+                  "train.logging_steps=5")
+    err = capsys.readouterr().err
+    assert "warning: resuming with train.mini_batch_size 3 → 2" in err
+    assert snapshot(ref_run) == before
+    with pytest.raises(ConfigError, match=r"world size: 1 → 2 process\(es\)"):
+        state, saved = ts.read_checkpoint(ckpt)
+        ts.check_resume(ckpt, state, saved, saved, 2, state.data_fingerprint)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── numerical faults
+def inject(monkeypatch, bad_calls, factor=float("nan")):
+    """Objective(...) is called once per step: multiply the loss of the listed (0-based) calls by `factor`."""
+    original, calls = Objective.__call__, {"n": 0}
+
+    def patched(self, reps, n_columns, scores=None):
+        loss = original(self, reps, n_columns, scores)
+        i, calls["n"] = calls["n"], calls["n"] + 1
+        return loss * factor if i in bad_calls else loss
+
+    monkeypatch.setattr(Objective, "__call__", patched)
+
+
+def optimizer_moments(ckpt: Path) -> list[torch.Tensor]:
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    return [t for s in state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_change_nothing(drop_dir, tmp_path, monkeypatch):
+    inject(monkeypatch, {2, 4})  # steps 3 and 5
+    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=6, save_steps=1))
+    run = tmp_path / "run"
+    skipped = [r for r in read_metrics(run) if "skipped" in r]
+    assert [(r["step"], r["skipped"]) for r in skipped] == [(3, "non-finite loss"), (5, "non-finite loss")]
+    assert step_records(run)[-1]["skipped_steps"] == 2
+    assert all(r.get("loss/retrieval") is None or np.isfinite(r["loss/retrieval"]) for r in step_records(run))
+    w = {s: weights(run / f"checkpoint-{s}") for s in range(1, 6)}
+    assert same_weights(w[2], w[3]) and same_weights(w[4], w[5])
+    assert not same_weights(w[3], w[4]) and not same_weights(w[1], w[2])
+    assert all(torch.equal(a, b) for a, b in zip(optimizer_moments(run / "checkpoint-2"),
+                                                   optimizer_moments(run / "checkpoint-3")))
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))  # strict JSON
+
+
+def test_n_nonfinite_steps_in_a_row_stop_the_run(drop_dir, tmp_path, capsys, monkeypatch):
+    inject(monkeypatch, set(range(3, 100)))  # from step 4 on
+    cfg = train_config(tmp_path, drop_dir, max_steps=20, save_steps=2, max_consecutive_nonfinite=3)
+    line = cli_error(capsys, tmp_path, cfg)
+    run = tmp_path / "run"
+    assert line.startswith("error: 3 steps in a row had a non-finite loss (last at step 6, task 'retrieval')")
+    assert f"the last checkpoint is {run / 'checkpoint-4'}" in line
+
+
+def test_fp16_gradscaler_skips_and_lowers_the_scale(drop_dir, tmp_path, monkeypatch):
+    """The fp16 branch on CPU (torch.amp.GradScaler("cpu") and fp16 autocast work there; on CUDA it is the same
+    code). The scaler starts at 2**16, too high for this model: its first steps overflow, as on a GPU."""
+    monkeypatch.setattr(train, "precision", lambda cfg, device, is_main: torch.float16)
+    inject(monkeypatch, {4})  # step 5: a NaN loss
+    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=10, save_steps=1))
+    run = tmp_path / "run"
+    skipped = [r for r in read_metrics(run) if "skipped" in r]
+    assert [r["loss_scale"] for r in skipped] == [2.0 ** (15 - i) for i in range(len(skipped))]  # halved each time
+    assert [(r["skipped"], r["nonfinite_in_a_row"]) for r in skipped if r["step"] == 5] == [("non-finite loss", 1)]
+    assert all(r["skipped"] == "fp16 gradient overflow" for r in skipped if r["step"] != 5)
+    w = {0: weights(drop_dir), **{s: weights(run / f"checkpoint-{s}") for s in range(1, 10)},
+         10: weights(run / "final")}
+    skipped_steps = {r["step"] for r in skipped}
+    for s in range(1, 11):
+        assert same_weights(w[s - 1], w[s]) == (s in skipped_steps), s  # a skipped step changes nothing
+    assert torch.load(run / "checkpoint-9" / "scaler.pt", weights_only=True)["scale"] == skipped[-1]["loss_scale"]
+
+
+def test_fp16_gradient_overflows_do_not_stop_the_run(drop_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "precision", lambda cfg, device, is_main: torch.float16)
+    inject(monkeypatch, {0, 1, 2}, factor=1e30)  # a finite loss whose scaled gradient overflows fp16
+    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=4, max_consecutive_nonfinite=1))
+    skipped = [r for r in read_metrics(tmp_path / "run") if "skipped" in r]
+    assert len(skipped) >= 3 and {r["skipped"] for r in skipped} == {"fp16 gradient overflow"}
+    assert (tmp_path / "run" / "final").exists()  # overflows do not count toward max_consecutive_nonfinite
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── safe loading
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+PWNED = Path(tempfile.gettempdir()) / f"bertino-pwned-{os.getpid()}"
+
+
+def test_weights_only_from_safetensors_and_the_converter(tiny_mlm_dir, tmp_path, capsys):
+    from transformers import DistilBertForMaskedLM
+
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_mlm_dir, folder)
+    (folder / "model.safetensors").unlink()
+    # the state_dict of an MLM model ties vocab_projector.weight to the word embeddings (one shared storage)
+    torch.save(DistilBertForMaskedLM.from_pretrained(str(tiny_mlm_dir)).state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"a pickle\); bertino reads weights only from safetensors. Convert once "
+                                              r"with: python -m bertino.convert"):
+        SentenceEncoder.from_pretrained(folder)
+    from bertino import convert as convert_module
+
+    convert_module.main([str(folder)])  # tied MLM weights share storage: the converter copies them apart
+    assert "wrote" in capsys.readouterr().out
+    ours, original = SentenceEncoder.from_pretrained(folder), SentenceEncoder.from_pretrained(tiny_mlm_dir)
+    np.testing.assert_array_equal(ours.encode(["il gatto"]), original.encode(["il gatto"]))
+
+
+def test_pickled_code_is_refused_everywhere(reference, tmp_path, capsys):
+    PWNED.unlink(missing_ok=True)
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(1), "x": RunsCode()}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused by torch.load"):
+        convert(folder)
+    ref_run, cfg = reference
+    ckpt = tmp_path / "checkpoint-3"
+    shutil.copytree(ref_run / "checkpoint-3", ckpt)
+    torch.save({"state": {}, "param_groups": RunsCode()}, ckpt / "optimizer.pt")
+    line = cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}",
+                     f"train.resume_from_checkpoint={ckpt}")
+    assert f"{ckpt / 'optimizer.pt'}: cannot read with torch.load(weights_only=True)" in line
+    (ckpt / "optimizer.pt").write_bytes((ref_run / "checkpoint-3" / "optimizer.pt").read_bytes()[:100])
+    assert "optimizer.pt: cannot read" in cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}",
+                                                    f"train.resume_from_checkpoint={ckpt}")
+    assert not PWNED.exists() and not (tmp_path / "out").exists()
+
+
+def test_truncated_weights_and_mismatched_config_or_tokenizer_are_errors(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read as safetensors"):
+        SentenceEncoder.from_pretrained(bad)
+    (bad / "model.safetensors").write_bytes(data)
+    hf = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**hf, "dim": 64, "hidden_dim": 256}))
+    cfg = two_task_config(tmp_path, bad)
+    assert "shape mismatch for 'embeddings.word_embeddings.weight'" in cli_error(capsys, tmp_path, cfg)
+    (bad / "config.json").write_text(json.dumps({**hf, "vocab_size": hf["vocab_size"] - 10}))
+    line = cli_error(capsys, tmp_path, cfg)
+    assert "shape mismatch" in line  # the weights have more rows than config.json says
+    (bad / "config.json").write_text(json.dumps(hf))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_asking_for_remote_code_does_not_run_it(tiny_model_dir, tmp_path):
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, folder)
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "auto_map": {
+        "AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}}))
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        SentenceEncoder.from_pretrained(folder)
+    except CheckpointError:
+        pass  # refusing is fine too; running the code is not
+    assert not marker.exists()
+
+
+def test_no_unsafe_loading_in_the_source():
+    sources = [ROOT / "train.py", ROOT / "evaluate.py", *sorted((ROOT / "bertino").glob("*.py"))]
+    for path in sources:
+        text = path.read_text()
+        assert "trust_remote_code=True" not in text, path
+        for chunk in text.split("torch.load(")[1:]:
+            assert "weights_only=True" in chunk.split("\n")[0], f"{path}: torch.load without weights_only=True"
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── property test
+TEXTS = st.sampled_from(["a", "b", "c", "d", "e", "f", " ", "", "a "])  # few values: duplicates are common
+VALUE = st.one_of(TEXTS, TEXTS, TEXTS, st.none(), st.integers(-2, 9), st.floats(allow_nan=True),
+                  st.lists(st.integers(), max_size=1))
+ROW = st.one_of(
+    st.fixed_dictionaries({}, optional={k: VALUE for k in ("q", "p", "n", "s1", "s2", "score")}),
+    st.fixed_dictionaries({"q": TEXTS, "p": TEXTS, "n": TEXTS, "s1": TEXTS, "s2": TEXTS,
+                           "score": st.one_of(st.floats(0, 5), st.integers(0, 5))}),
+    st.just("RAW{"),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(ROW, max_size=12), columns=st.sampled_from([("q", "p"), ("q", "p", "n"), ("s1", "s2", "score")]),
+       batch_size=st.integers(1, 5), sampler=st.sampled_from(["no_duplicates", "batch_sampler"]),
+       drop_last=st.booleans(), world=st.integers(1, 2), mode=st.sampled_from(["proportional", "round_robin"]))
+def test_random_rows_give_clean_batches_or_a_data_error(rows, columns, batch_size, sampler, drop_last, world, mode):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.jsonl"
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        loss = "cosent" if "score" in columns else "mnrl"
+        cfg = config_from_dict({
+            "model": {"name_or_path": "unused"},
+            "tasks": {"t": {"dataset": str(path), "columns": list(columns), "loss": loss}},
+            "train": {"per_device_train_batch_size": batch_size, "mini_batch_size": 1, "batch_sampler": sampler,
+                      "dataloader_drop_last": drop_last, "multi_dataset_batch_sampler": mode}})
+        try:
+            tasks = load_tasks(cfg)
+            per_rank = [train.build_batches(cfg, tasks, world, rank) for rank in range(world)]
+        except DataError as e:
+            assert str(path) in str(e), e
+            return
+    data = tasks["t"]
+    for epoch in (0, 1):  # (greedy de-duplication may fill fewer batches in another epoch's order)
+        for b in per_rank:
+            b.set_epoch(epoch)
+        steps = list(zip(*per_rank))
+        assert len(steps) == len(per_rank[0]) >= (1 if epoch == 0 else 0)
+        for step in steps:
+            assert all(name == "t" for name, _ in step)
+            shards = [rows for _, rows in step]
+            assert len({len(s) for s in shards}) == 1 and 1 <= len(shards[0]) <= batch_size
+            batch = [i for s in shards for i in s]
+            assert all(0 <= i < len(data) for i in batch) and len(set(batch)) == len(batch)
+            if sampler == "no_duplicates":
+                texts = [t for i in batch for t in set(data.texts[i])]
+                assert len(texts) == len(set(texts))
+        assert epoch > 0 or len(steps[0][0][1]) == batch_size  # build_batches checked: epoch 0 fills a batch
+        if drop_last:
+            assert all(len(s[0][1]) == batch_size for s in steps)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── torchrun
+@pytest.mark.slow
+def test_two_process_resume_is_bitwise_identical(drop_dir, tmp_path):
+    cfg = train_config(tmp_path, drop_dir, per_device_train_batch_size=3, max_steps=6, save_steps=3,
+                       gather_across_devices=True)
+    config = write_config(tmp_path, cfg)
+    run_train(config, f"train.output_dir={tmp_path / 'ref'}", nproc=2)
+    assert (tmp_path / "ref" / "checkpoint-3" / "rng_state_1.pt").exists()
+    run_train(config, f"train.output_dir={tmp_path / 'resumed'}",
+              f"train.resume_from_checkpoint={tmp_path / 'ref' / 'checkpoint-3'}", nproc=2)
+    assert same_weights(weights(tmp_path / "resumed" / "final"), weights(tmp_path / "ref" / "final"))
+    proc = run_train(config, f"train.output_dir={tmp_path / 'one'}",
+                     f"train.resume_from_checkpoint={tmp_path / 'ref' / 'checkpoint-3'}", check=False)
+    assert proc.returncode == 2 and "world size: 2 → 1 process(es)" in proc.stderr
+
+
+def test_two_process_bad_data_fails_fast_on_every_rank(tiny_model_dir, tmp_path):
+    cfg = two_task_config(tmp_path, tiny_model_dir)
+    path = Path(cfg["tasks"]["sts"]["dataset"])
+    path.write_text(path.read_text() + '{"sentence1": "a", "sentence2": "b", "score": NaN}\n')
+    start = time.monotonic()
+    proc = run_train(write_config(tmp_path, cfg), nproc=2, check=False, timeout=180)
+    assert proc.returncode != 0 and time.monotonic() - start < 120
+    assert f"error: task 'sts': {path} line 13: column 'score'" in proc.stderr
+    assert not (tmp_path / "run").exists()
