@@ -194,7 +194,13 @@ def _resolve_hub(repo_id: str) -> Path:
     import huggingface_hub  # imported here: local folders and wheels do not need it
 
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        if not any(folder.rglob("*.safetensors")):
+            # An older repo with pickled weights only: fetch them so that the loader can say, with the folder in
+            # hand, "convert once with python -m bertino.convert FOLDER" (bertino never unpickles weights itself).
+            folder = Path(huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=HUB_ALLOW_PATTERNS + ["pytorch_model.bin", "pytorch_model*.bin*"]))
+        return folder
     except Exception as err:  # the client raises many types (offline, HTTP, validation): one message, cause chained
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"model {repo_id!r}: not a local folder, and the Hugging Face hub could not provide it "
