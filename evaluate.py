@@ -18,16 +18,10 @@ import math
 import sys
 from pathlib import Path
 
-from bertino.errors import BertinoError, ConfigError
+from bertino.cli import ArgumentParser, UsageError, run_cli
+from bertino.errors import ConfigError
 
 
-class UsageError(Exception):
-    """A command-line mistake argparse found; main() prints it like any other user error."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage + message and exits; we want one line, exit 2
-        raise UsageError(message)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,12 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """main() with a user's mistakes turned into one `error: ...` line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except (BertinoError, UsageError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import torch
 
 from bertino import SentenceEncoder, distributed
 from bertino.checkpoint import load_into, read_weights
+from bertino.cli import ArgumentParser, run_cli
 from bertino.config import Config, check_against_model, config_to_dict, effective_scale, load_config, save_config
 from bertino.data import TaskData, load_tasks
 from bertino.errors import BertinoError, DataError
@@ -55,7 +56,7 @@ from bertino import trainer_state as ts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a JSON config, e.g. configs/v5.json")
     p.add_argument("overrides", nargs="*", help="dotted overrides with JSON values: train.max_steps=10")
     return p.parse_args(argv)
@@ -468,12 +469,7 @@ def _finite_or_null(value):
 
 def cli(argv=None) -> None:
     """Entry point: a user's mistake (BertinoError) is one line on stderr and exit code 2, no traceback."""
-    try:
-        main(argv)
-    except BertinoError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        distributed.cleanup()
-        sys.exit(2)
+    sys.exit(run_cli(main, argv, cleanup=distributed.cleanup))
 
 
 if __name__ == "__main__":

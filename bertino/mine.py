@@ -47,7 +47,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import BertinoError, ConfigError, DataError
+from .cli import ArgumentParser, UsageError, run_cli
+from .errors import ConfigError, DataError
 from .evaluation import SCORE_BLOCK_ELEMENTS, _read_jsonl, _text, top_k_cosine
 
 SAMPLING = ("top", "random")
@@ -300,13 +301,6 @@ def _check_jsonl_name(path, flag: str) -> None:
 
 
 # ================================================================================================ command line
-class UsageError(Exception):
-    """A command-line mistake argparse found; run() prints it like any other user error."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage + message and exits; we want one line, exit 2
-        raise UsageError(message)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,12 +371,7 @@ def main(argv: list[str] | None = None) -> MineStats:
 
 def run(argv: list[str] | None = None) -> int:
     """main() with a user's mistakes turned into one `error: ...` line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except (BertinoError, UsageError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
