@@ -334,8 +334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.margin = 0.05
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.output.parent.is_dir():  # checked now, not after an hour of encoding
-        raise UsageError(f"--output {args.output}: folder {str(args.output.parent)!r} does not exist")
+    try:  # made now, not after an hour of encoding
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output {args.output}: cannot create folder {str(args.output.parent)!r} "
+                         f"({e.strerror or e})") from None
     _check_jsonl_name(args.output, "--output")
     return args
 

@@ -308,11 +308,12 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "both caps": (["--margin", "0.1", "--max-score", "0.9"], "not allowed with argument"),
         "no model": (["--model", str(tmp / "no_model")], "no_model"),
         "bad corpus": (["--corpus", str(tmp / "missing.jsonl")], "missing.jsonl:2: expected a 'text'"),
-        "output folder": (["--output", str(tmp / "nowhere" / "o.jsonl")], "does not exist"),
+        "output folder": (["--output", str(tmp / "a_file" / "o.jsonl")], "cannot create folder"),
     }
 
 
 def test_cli_errors_are_one_line(tiny_model_dir, input_file, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("in the way of an output folder")
     for name, (args, fragment) in bad_inputs(tmp_path).items():
         argv = ["--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
                 *args]
