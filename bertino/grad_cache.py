@@ -19,8 +19,20 @@ so three passes give the exact full-batch gradient:
                           masks, and backpropagate ⟨e_chunk, g_chunk⟩: its gradient is J_chunkᵀ g_chunk.
 
 Cost: pass 1 ≈ one forward, pass 3 ≈ forward + backward (≈ 3 forwards): ≈ 4 forward-equivalents against ≈ 3 for
-a full-batch step, a floor of ≈ 1.33×. `keep_graphs=m` trades memory back for time: the first m mini-batches keep
-their autograd graph from pass 1 and are not recomputed (m = 0 is classic GradCache).
+a full-batch step, a floor of ≈ 1.33×. Pass 1's LAST mini-batch keeps its graph at no cost in peak memory (it is
+backpropagated first in pass 3, where classic GradCache would rebuild the same graph), so n − 1 chunks are
+recomputed. `keep_graphs=m` trades memory back for time: m more mini-batches keep their autograd graph from pass 1
+and are not recomputed (m = 0: classic GradCache's peak memory).
+
+`tape_linears` (off by default) trades a little memory for much of pass 3's forward: pass 1 records the outputs of
+the named linear layers, pass 3 replays them instead of multiplying again (see linear_tape.py for the argument).
+
+A cost the full batch pays once and GradCache once per mini-batch: the dense gradient of an embedding table, a
+zero-filled (V, D) tensor per backward then added into `.grad` (47 MB each for MiniLM's 30522 × 384 word table).
+So every backward but the last produces SPARSE gradients for the tables (the rows of the mini-batch's tokens, when
+they are fewer than the table's rows: `_sparse_for`); the last backward is dense, and autograd's accumulation of
+dense + sparse gives a dense `.grad` again, so the optimizer, clipping and DDP (whose all-reduce happens in that
+last backward) see a plain dense gradient. `sparse_embeddings=()` turns this off.
 
 Dropout: masks depend on how the batch is chunked (each mini-batch draws its own random numbers), so with dropout
 on, GradCache computes exactly the gradient of the loss under the masks its mini-batch forwards drew — the same
@@ -31,11 +43,14 @@ forward would draw. With dropout off it equals one plain full-batch forward/back
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
+
+from .linear_tape import LinearTape
 
 
 # ------------------------------------------------------------------------------------------------ mini-batches
@@ -70,10 +85,10 @@ def pad_batch(token_ids: Sequence[Sequence[int]], rows: Sequence[int], pad_id: i
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def length_order(token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Text indices sorted by token count, longest first (stable) → (T,)."""
+def length_order(token_ids: Sequence[Sequence[int]], descending: bool = True) -> torch.Tensor:
+    """Text indices sorted by token count, longest first unless `descending=False` (stable) → (T,)."""
     lengths = torch.tensor([len(t) for t in token_ids])  # (T,)
-    return torch.argsort(lengths, descending=True, stable=True)
+    return torch.argsort(lengths, descending=descending, stable=True)
 
 
 def make_mini_batches(
@@ -87,11 +102,15 @@ def make_mini_batches(
 
     With `sort_by_length`, texts are grouped by token count (length-aware chunking): a mini-batch of short queries
     pads to a short length instead of to the longest passage of the batch. The loss never sees this order.
+    Shortest first, with the one smaller mini-batch (when C does not divide T) first too, so the LAST mini-batch is
+    a full one of the longest texts: the one whose graph `grad_cache_step` keeps for free (`keep_last`).
     """
-    order = length_order(token_ids) if sort_by_length else torch.arange(len(token_ids))  # (T,)
+    T = len(token_ids)
+    order = length_order(token_ids, descending=False) if sort_by_length else torch.arange(T)  # (T,)
+    first = T - (math.ceil(T / mini_batch_size) - 1) * mini_batch_size  # size of the first mini-batch
     features = []
-    for start in range(0, len(token_ids), mini_batch_size):
-        batch = pad_batch(token_ids, order[start : start + mini_batch_size].tolist(), pad_id)
+    for start, end in zip([0, *range(first, T, mini_batch_size)], [*range(first, T, mini_batch_size), T]):
+        batch = pad_batch(token_ids, order[start:end].tolist(), pad_id)
         features.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
     return MiniBatches(features, order.to(device))
 
@@ -136,7 +155,8 @@ class FirstPass:
 
     reps: torch.Tensor  # (T, D) detached embeddings, text order
     rng_states: list[RandContext | None]  # one per mini-batch; None where the graph was kept
-    kept: list[torch.Tensor | None]  # (C_i, D) outputs WITH autograd graph for the first `keep_graphs` mini-batches
+    kept: list[torch.Tensor | None]  # (C_i, D) outputs WITH autograd graph for the last `keep_graphs` mini-batches
+    tapes: list[LinearTape | None]  # recorded linear outputs per recomputed mini-batch (None: no tape)
 
 
 def forward_no_grad(
@@ -144,30 +164,42 @@ def forward_no_grad(
     batches: MiniBatches,
     keep_graphs: int = 0,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    tape_linears: Sequence[str] = (),
+    sparse_embeddings: Sequence[nn.Embedding] = (),
 ) -> FirstPass:
-    """Pass 1: embed every mini-batch; no autograd except for the first `keep_graphs` mini-batches.
+    """Pass 1: embed every mini-batch; no autograd except for the LAST `keep_graphs` mini-batches.
 
+    The kept ones come last so that their graphs live only from the end of pass 1 to the start of pass 3, which
+    backpropagates them first: one kept graph costs no more peak memory than classic GradCache's recomputation.
     `model` is the bare encoder (not a DDP wrapper). One `autocast()` context spans the whole pass, so autocast
     casts each weight to low precision once per pass rather than once per mini-batch.
+    `tape_linears`: names of the linear layers whose outputs are recorded for pass 3 (linear_tape.py).
+    `sparse_embeddings`: as in `forward_backward`, for the kept graphs (dense for the one pass 3 ends with).
     """
     device = _device_of(model)
-    outputs, rng_states, kept = [], [], []
+    n = len(batches)
+    outputs, rng_states, kept, tapes = [], [], [], []
     with autocast():
         for i, features in enumerate(batches.features):
-            if i < keep_graphs:
-                out = model(features)  # (C, D), graph kept: pass 3 backpropagates it directly
+            if i >= n - keep_graphs:
+                last_backward = keep_graphs >= n and i == n - 1  # see forward_backward's order
+                with _sparse_grads(_sparse_for(sparse_embeddings, features, not last_backward)):
+                    out = model(features)  # (C, D), graph kept: pass 3 backpropagates it directly
                 kept.append(out)
                 rng_states.append(None)
+                tapes.append(None)
                 outputs.append(out.detach())
             else:
                 rng_states.append(RandContext(device))  # snapshot BEFORE the forward that draws dropout masks
-                with torch.no_grad():
+                tape = LinearTape(tuple(tape_linears)) if tape_linears else None
+                with torch.no_grad(), (tape.recording() if tape else contextlib.nullcontext()):
                     outputs.append(model(features))  # (C, D)
                 kept.append(None)
+                tapes.append(tape)
     sorted_reps = torch.cat(outputs)  # (T, D), mini-batch order
     reps = torch.empty_like(sorted_reps)
     reps[batches.order] = sorted_reps  # (T, D), text order
-    return FirstPass(reps, rng_states, kept)
+    return FirstPass(reps, rng_states, kept, tapes)
 
 
 def build_cache(
@@ -193,27 +225,61 @@ def forward_backward(
     cache: torch.Tensor,
     first: FirstPass,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    sparse_embeddings: Sequence[nn.Embedding] = (),
 ) -> None:
     """Pass 3: accumulate Σ_chunks J_chunkᵀ g_chunk into the parameters' `.grad`.
 
-    `model` may be a DDP wrapper: every mini-batch but the last runs under `no_sync()`, so gradients are all-reduced
+    Order: the kept graphs first (freeing them), then the recomputed mini-batches.
+    `model` may be a DDP wrapper: every backward but the last runs under `no_sync()`, so gradients are all-reduced
     once, in the last backward (one all-reduce per step instead of one per mini-batch).
+    `sparse_embeddings`: tables whose gradient is accumulated sparsely until the last backward (module docstring);
+    a table stays dense for a mini-batch with at least as many tokens as it has rows (sparse would not be smaller).
     """
     n = len(batches)
     caches = cache[batches.order].split(batches.sizes)  # (C_i, D) each, mini-batch order
     no_sync = getattr(model, "no_sync", None)
+    order = [i for i in range(n) if first.kept[i] is not None] + [i for i in range(n) if first.kept[i] is None]
     with autocast():  # one context for the pass: weight casts are cached across mini-batches
-        for i in range(n):
-            sync = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
+        for step, i in enumerate(order):
+            last = step == n - 1
+            sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
             with sync:
                 if first.kept[i] is not None:
                     out = first.kept[i]  # graph from pass 1
+                    first.kept[i] = None  # the graph is freed by this backward
                 else:
-                    with first.rng_states[i]:
+                    sparse = _sparse_for(sparse_embeddings, batches.features[i], not last)
+                    tape = first.tapes[i].replaying() if first.tapes[i] else contextlib.nullcontext()
+                    with first.rng_states[i], tape, _sparse_grads(sparse):
                         out = model(batches.features[i])  # (C, D), same dropout masks as pass 1
                 # ∂⟨out, g⟩/∂θ = J_θᵀ g: backward with the cached gradient as the output gradient.
                 out.backward(gradient=caches[i].to(out.dtype))
     first.kept.clear()  # free the kept graphs' references
+    first.tapes.clear()
+
+
+def _sparse_for(embeddings: Sequence[nn.Embedding], features: dict[str, torch.Tensor], allowed: bool):
+    """The tables whose gradient this mini-batch makes sparse: fewer tokens than rows, and not the last backward."""
+    tokens = features["input_ids"].numel()
+    return [e for e in embeddings if tokens < e.num_embeddings] if allowed else []
+
+
+@contextlib.contextmanager
+def _sparse_grads(embeddings: Sequence[nn.Embedding]):
+    """Within the block, these embeddings' forwards record sparse-gradient backwards (`nn.Embedding.sparse`)."""
+    before = [e.sparse for e in embeddings]
+    for e in embeddings:
+        e.sparse = True
+    try:
+        yield
+    finally:
+        for e, flag in zip(embeddings, before):
+            e.sparse = flag
+
+
+def embedding_tables(encoder: nn.Module) -> list[nn.Embedding]:
+    """The encoder's `nn.Embedding` modules (word and position tables)."""
+    return [m for m in encoder.modules() if isinstance(m, nn.Embedding)]
 
 
 def grad_cache_step(
@@ -224,15 +290,28 @@ def grad_cache_step(
     scale_fn: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
     keep_graphs: int = 0,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    sparse_embeddings: Sequence[nn.Embedding] | None = None,
+    tape_linears: Sequence[str] = (),
+    keep_last: bool = True,
 ) -> torch.Tensor:
     """The three passes in order. `encoder` is the bare module (pass 1), `model` the (possibly DDP) one (pass 3).
 
-    Under DDP the last mini-batch must be recomputed through the wrapper so its backward syncs: keep_graphs ≤ n − 1.
+    `keep_graphs`: the memory budget, in mini-batch graphs kept beyond classic GradCache's peak.
+    `keep_last`: also keep the graph of pass 1's last mini-batch (the longest texts), which costs no extra peak
+    memory: it lives from the end of pass 1 to the start of pass 3, where classic GradCache would hold the same
+    graph while recomputing it. So keep_graphs=0 has classic GradCache's peak memory and recomputes n − 1 chunks.
+    Under DDP at least one mini-batch is recomputed through the wrapper, so that the last backward syncs.
+    `sparse_embeddings`: None picks every `nn.Embedding` of the encoder; () turns the sparse accumulation off.
+    `tape_linears`: linear layers whose pass-1 outputs pass 3 replays (e.g. `linear_tape.DEFAULT_TAPED`); () = off.
     Returns the loss (detached, unscaled).
     """
+    n = len(batches)
+    keep = min(keep_graphs + int(keep_last), n)
     if model is not encoder:
-        keep_graphs = min(keep_graphs, len(batches) - 1)
-    first = forward_no_grad(encoder, batches, keep_graphs, autocast)
+        keep = min(keep, n - 1)
+    if sparse_embeddings is None:
+        sparse_embeddings = embedding_tables(encoder)
+    first = forward_no_grad(encoder, batches, keep, autocast, tape_linears, sparse_embeddings)
     loss, cache = build_cache(loss_fn, first.reps, scale_fn)
-    forward_backward(model, batches, cache, first, autocast)
+    forward_backward(model, batches, cache, first, autocast, sparse_embeddings)
     return loss

