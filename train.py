@@ -49,6 +49,7 @@ from bertino.data import TaskData, load_tasks
 from bertino.errors import BertinoError, DataError
 from bertino.evaluation import evaluate_sets, format_table, load_eval_sets
 from bertino.grad_cache import grad_cache_step, make_mini_batches, pad_batch
+from bertino.linear_tape import DEFAULT_TAPED
 from bertino.objectives import PAIR_LOSSES, Objective
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.sampler import MultiTaskBatchSampler, NoDuplicatesBatchSampler, PlainBatchSampler
@@ -300,7 +301,8 @@ def main(argv=None) -> None:
                 if task.loss == "cached_mnrl":
                     mini = make_mini_batches(token_ids, tc.mini_batch_size, pad_id, device)
                     loss = grad_cache_step(encoder, model, mini, loss_fn, scaler.scale,
-                                           keep_graphs=tc.grad_cache_memory_budget, autocast=autocast)
+                                           keep_graphs=tc.grad_cache_memory_budget, autocast=autocast,
+                                           tape_linears=DEFAULT_TAPED if tc.grad_cache_linear_tape else ())
                 else:
                     features = {k: v.to(device) for k, v in pad_batch(token_ids, range(len(texts)), pad_id).items()}
                     with autocast():

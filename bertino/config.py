@@ -101,6 +101,8 @@ class TrainConfig:
     #                                     gradient (fp16 gradient overflows, which the GradScaler handles, do not count)
     grad_cache_memory_budget: int = 0  # mini-batches whose autograd graph is kept instead of recomputed;
     #                                    0 = classic GradCache (every chunk is re-encoded in the third pass)
+    grad_cache_linear_tape: bool = False  # GradCache pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs instead of
+    #                                       recomputing them (bertino/linear_tape.py): faster, ~1/6 of a graph in memory
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_chec
                "train.metric_for_best_model", "train.max_consecutive_nonfinite"}
 RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not.
-RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.fp16", "train.bf16"}
+RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.grad_cache_linear_tape",
+                      "train.fp16", "train.bf16"}
 
 
 @dataclass

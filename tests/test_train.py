@@ -151,3 +151,15 @@ def test_loss_goes_down_on_a_learnable_task(tiny_model_dir, tmp_path):
     first, last = np.mean(losses[:6]), np.mean(losses[-6:])
     print(f"loss: first 6 steps {first:.3f}, last 6 steps {last:.3f}")
     assert last < 0.7 * first
+
+
+def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_dir, tmp_path):
+    """`train.grad_cache_linear_tape` and `train.grad_cache_memory_budget` change cost, not the updates."""
+    w0 = weights(nodrop_dir)
+    run_train(write_config(tmp_path, train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "classic")), "c.json"))
+    fast = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "fast"), grad_cache_linear_tape=True,
+                        grad_cache_memory_budget=2)
+    run_train(write_config(tmp_path, fast, "f.json"))
+    diff = rel_update_diff(w0, weights(tmp_path / "fast" / "final"), weights(tmp_path / "classic" / "final"))
+    print(f"3 steps, linear tape + memory budget 2 vs classic GradCache: {diff:.2e}")
+    assert diff <= 1e-3
