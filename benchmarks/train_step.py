@@ -102,6 +102,7 @@ class Setting:
     mini: int = 0
     keep: int = 0
     tape: str = ""
+    keep_last: bool = True  # GradCache keeps pass 1's last graph (no extra peak memory); False: recompute all
 
     @property
     def name(self) -> str:
@@ -110,7 +111,7 @@ class Setting:
         if self.keep >= ALL:
             return f"full (bucketed C={self.mini})"
         return (f"gradcache C={self.mini}" + (f" keep={self.keep}" if self.keep else "")
-                + (f" tape={self.tape}" if self.tape else ""))
+                + (f" tape={self.tape}" if self.tape else "") + ("" if self.keep_last else " recompute-all"))
 
     @property
     def tape_linears(self) -> tuple[str, ...]:
@@ -148,7 +149,8 @@ class Trainer:
             return loss.detach()
         batches = make_mini_batches(token_ids, setting.mini, self.pad_id, self.device)
         return grad_cache_step(self.encoder, self.encoder, batches, self.loss_fn, self.scaler.scale,
-                               keep_graphs=setting.keep, autocast=self.autocast, tape_linears=setting.tape_linears)
+                               keep_graphs=setting.keep, autocast=self.autocast, tape_linears=setting.tape_linears,
+                               keep_last=setting.keep_last)
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -202,10 +204,10 @@ def measure_memory_child(spec: dict) -> dict:
     Two phases, each with its own peak: the gradient computation (tokenize → backward) and the optimizer step
     (clip + AdamW's foreach temporaries); the step's peak is the larger, both above the RSS before the step.
     """
-    setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"])
+    setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"], spec.get("keep_last", True))
     trainer = Trainer(spec["model"], spec["max_seq_length"], spec["device"], spec["amp"], True, spec["negatives"])
     pairs = load_pairs()
-    warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape)
+    warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape, setting.keep_last)
     trainer.step(warm, batch_texts(pairs, 1, 2, spec["negatives"]))  # AdamW state, kernels, tokenizer caches
     gc.collect()
     texts = batch_texts(pairs, 0, spec["batch_size"], spec["negatives"])
@@ -241,6 +243,7 @@ def measure_memory_child(spec: dict) -> dict:
 
 def measure_memory(args, setting: Setting, batch_size: int, amp: str) -> dict:
     spec = {"kind": setting.kind, "mini": setting.mini, "keep": setting.keep, "tape": setting.tape,
+            "keep_last": setting.keep_last,
             "batch_size": batch_size, "amp": amp,
             "model": args.model, "max_seq_length": args.max_seq_length, "device": args.device,
             "negatives": args.negatives}
@@ -321,7 +324,7 @@ def plot(results_path: Path) -> None:
 
     for amp, timings in res.get("timings", {}).items():
         gcs = sorted((t["mini"], t["median_s"]) for t in timings.values()
-                     if t["kind"] == "gradcache" and not t["keep"] and not t["tape"])
+                     if t["kind"] == "gradcache" and not t["keep"] and not t["tape"] and t.get("keep_last", True))
         if not gcs:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -347,12 +350,12 @@ def plot(results_path: Path) -> None:
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             curve_mini = next((t["mini"] for t in timings.values() if t["keep"] >= ALL), None)
             keep = sorted((min(t["keep"], 10**6), mems[n], t["median_s"]) for n, t in timings.items()
-                          if n in mems and t["mini"] == curve_mini and not t["tape"])
+                          if n in mems and t["mini"] == curve_mini and not t["tape"] and t.get("keep_last", True))
             ax.plot([m for _, m, _ in keep], [s for _, _, s in keep], "o-",
                     label=f"GradCache C={curve_mini}, keep_graphs = 0 … all (memory budget)")
             groups = (("linear tape", lambda t: bool(t["tape"]), "s"),
                       ("GradCache, other C", lambda t: t["kind"] == "gradcache" and not t["tape"]
-                       and not t["keep"] and t["mini"] != curve_mini, "D"),
+                       and not t["keep"] and t["mini"] != curve_mini and t.get("keep_last", True), "D"),
                       ("full batch (one padded tensor)", lambda t: t["kind"] == "full", "x"))
             for label, pick, marker in groups:
                 pts = [(n, mems[n], t["median_s"]) for n, t in timings.items() if n in mems and pick(t)]
@@ -410,6 +413,8 @@ def main() -> None:
     p.add_argument("--keep-graphs", type=int, nargs="*", default=[], help="memory-budget curve at the 2nd mini size")
     p.add_argument("--tape", nargs="*", default=["default", "all"], choices=["default", "all"],
                    help="linear-tape variants to time at the 2nd mini size")
+    p.add_argument("--recompute-all", type=int, nargs="*", default=[],
+                   help="also time classic GradCache without keep_last at these mini-batch sizes")
     p.add_argument("--bucketed", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the full batch through GradCache's code with every graph kept")
     p.add_argument("--amp", nargs="+", default=["fp32", "low"], help="fp32 and/or low (bf16 on CPU, fp16 on CUDA)")
@@ -457,6 +462,7 @@ def main() -> None:
     curve_mini = minis[min(1, len(minis) - 1)]
     settings += [Setting("gradcache", curve_mini, m) for m in args.keep_graphs if 0 < m]
     settings += [Setting("gradcache", curve_mini, 0, t) for t in args.tape]
+    settings += [Setting("gradcache", c, keep_last=False) for c in args.recompute_all]
 
     pairs = load_pairs()
     for amp in amps:
