@@ -8,9 +8,12 @@ the model's own max_seq_length (256 for all-MiniLM-L6-v2), batch size `--batch-s
 medians over `--reps` runs after one warm-up; with `--compare-st` the two implementations alternate run by run and
 the script checks that their embeddings agree.
 
-What `encode` does (bertino/encoder.py): tokenize everything once, sort by token count, pad each batch to its own
-longest text, eval mode, SDPA's fused CPU kernel (no attention mask for a batch without padding), rows put back in
-input order.
+What `encode` does (bertino/encoder.py): tokenize once (in chunks, into one flat int32 array), sort by token count,
+batch with `encode_batches` (batch_size texts, plus any more of exactly the batch's longest length that fit in
+batch_size × the longest text's tokens: short texts run in large batches with little or no padding), pad each
+batch to its own longest text, eval mode, SDPA's fused CPU kernel (no attention mask for a batch without padding),
+rows put back in input order. sentence-transformers sorts by character count and pads fixed batches: on the demo
+texts it pads 14.7% (passages) and 23.2% (queries) of its tokens, bertino 3.2% and 3.2%.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`, a high-water mark for the whole process, so each variant
 runs in its own process and reports the rise of the peak over a baseline taken once its inputs are in memory.
 The rise is the working memory of the evaluation (plus allocator fragmentation, see `main`); a dense (Q, N) float32
-score matrix is shown for comparison. The end-to-end rise is mostly the tokenizer's output for all texts at once.
+score matrix is shown for comparison. End to end, 1,000 queries × 100k passages with a tiny model: 296 MB (it was
+543 MB when `encode` kept every text's token ids as Python lists; they are now one flat int32 array).
 """
 
 from __future__ import annotations

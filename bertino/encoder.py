@@ -4,8 +4,9 @@ Shapes: N texts, B batch, L longest sequence in the batch, D model dim, d a trun
 
     texts ─tokenize→ input_ids, attention_mask (B, L) ─DistilBert→ (B, L, D) ─pool→ (B, D) [─normalize→ (B, D)]
 
-`encode` is the inference path: it tokenizes every text once, sorts by token count so each batch pads only to
-its own longest text, runs in eval mode without autograd, then puts the rows back in input order.
+`encode` is the inference path: it tokenizes every text once (in chunks, into one flat int32 array), sorts by token
+count so each batch pads only to its own longest text (`encode_batches`), runs in eval mode without autograd, then
+puts the rows back in input order.
 `forward` is the training path: features in, embeddings (with autograd) out; GradCache calls it per mini-batch.
 """
 
@@ -25,7 +26,6 @@ from torch import nn
 
 from .checkpoint import load_into, read_json, read_weights, to_distilbert_keys
 from .errors import BertinoError, CheckpointError
-from .grad_cache import length_order, pad_batch
 from .model import DistilBert, EncoderConfig, mean_pool
 
 POOLING_MODES = ("mean", "cls", "max")
@@ -186,24 +186,22 @@ class SentenceEncoder(nn.Module):
             self.train(was_training)
 
     def _encode_sorted(self, texts, batch_size, D, normalize, show_progress_bar, single, convert_to_tensor):
-        # Tokenize everything once (the fast tokenizer batches internally), then sort by token count, longest
-        # first, so each batch pads only to its own longest text and the first batch shows peak memory at once.
-        ids = self.token_ids(texts)
-        order = length_order(ids).tolist()  # (N,)
+        ids = PackedTokenIds.tokenize(self, texts)
+        batches = encode_batches(ids.lengths, batch_size)
         if show_progress_bar is None:
             show_progress_bar = sys.stderr.isatty() and len(texts) > batch_size
         out = torch.empty(len(texts), D, dtype=torch.float32)  # (N, D)
         from tqdm.auto import tqdm
 
-        for start in tqdm(range(0, len(texts), batch_size), desc="Encoding", disable=not show_progress_bar,
-                          unit="batch"):
-            rows = order[start : start + batch_size]
-            features = {k: v.to(self.device) for k, v in pad_batch(ids, rows, self.tokenizer.pad_token_id).items()}
-            emb = self(features)  # (B, D)
-            emb = emb[:, :D].float()
-            if normalize:
-                emb = F.normalize(emb, dim=-1)
-            out[rows] = emb.cpu()
+        with tqdm(total=len(texts), desc="Encoding", disable=not show_progress_bar, unit="text") as bar:
+            for rows in batches:
+                features = {k: v.to(self.device) for k, v in ids.pad(rows, self.tokenizer.pad_token_id).items()}
+                emb = self(features)  # (B, D)
+                emb = emb[:, :D].float()
+                if normalize:
+                    emb = F.normalize(emb, dim=-1)
+                out[rows] = emb.cpu()
+                bar.update(len(rows))
         if single:
             out = out[0]
         return out if convert_to_tensor else out.numpy()
@@ -313,3 +311,62 @@ def _version() -> str:
         return version("bertino")
     except Exception:
         return "0+unknown"
+
+
+# -------------------------------------------------------------------------------------------------- encode helpers
+class PackedTokenIds:
+    """The token ids of N texts in one flat int32 array: text i is `flat[offsets[i] : offsets[i] + lengths[i]]`.
+
+    A Python list of lists costs ~36 bytes per token (an int object and a pointer); this costs 4, so encoding a
+    large corpus does not hold hundreds of MB of token lists. Texts are tokenized `chunk` at a time.
+    """
+
+    def __init__(self, flat: np.ndarray, lengths: np.ndarray):
+        self.flat = flat  # (Σ lengths,) int32
+        self.lengths = lengths  # (N,) int64
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (N,)
+
+    @classmethod
+    def tokenize(cls, encoder: "SentenceEncoder", texts: Sequence[str], chunk: int = 4096) -> "PackedTokenIds":
+        flats, lengths = [], []
+        for start in range(0, len(texts), chunk):
+            ids = encoder.token_ids(texts[start : start + chunk])
+            lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+            flats.append(np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(lengths[-1].sum())))
+        return cls(np.concatenate(flats), np.concatenate(lengths))
+
+    def pad(self, rows: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The texts `rows`, padded to their own longest → input_ids, attention_mask (B, L); as `pad_batch`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = self.lengths[rows]  # (B,)
+        L = int(n.max())
+        which = np.repeat(np.arange(len(rows)), n)  # (Σ n,) the batch row of each token
+        col = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # (Σ n,) its position in the row
+        ids = np.full((len(rows), L), pad_id, dtype=np.int64)  # (B, L)
+        ids[which, col] = self.flat[np.repeat(self.offsets[rows], n) + col]
+        mask = (np.arange(L)[None, :] < n[:, None]).astype(np.int64)  # (B, L)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+def encode_batches(lengths: Sequence[int] | np.ndarray, batch_size: int) -> list[list[int]]:
+    """Group N texts by token count (longest first) into batches → lists of text indices.
+
+    Each batch pads to its own longest text, L₀. A batch takes `batch_size` texts (fewer at the end), and then
+    keeps taking texts of exactly L₀ tokens — they add no padding — while it holds at most
+    `batch_size × (the longest text of all)` tokens: never more memory than `batch_size` texts of the longest
+    length, which is what a fixed batch size would use. Short texts (queries) thus run in large batches, often
+    with no padding at all (then attention needs no mask); long ones as before.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in input order
+    sorted_lengths = lengths[order]
+    budget = batch_size * int(sorted_lengths[0]) if len(order) else 0
+    ascending = -sorted_lengths  # (N,) sorted ascending, for searchsorted
+    batches, i, N = [], 0, len(order)
+    while i < N:
+        L0 = max(int(sorted_lengths[i]), 1)
+        same_end = int(np.searchsorted(ascending, -L0, side="right"))  # end of the texts of exactly L0 tokens
+        end = max(min(i + batch_size, N), min(same_end, i + max(budget // L0, 1)))
+        batches.append(order[i:end].tolist())
+        i = end
+    return batches

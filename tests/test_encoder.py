@@ -11,7 +11,9 @@ from conftest import SENTENCES, make_distilbert
 from transformers import AutoTokenizer, BertModel, DistilBertModel
 
 from bertino import CheckpointError, SentenceEncoder
+from bertino.encoder import PackedTokenIds, encode_batches
 from bertino.errors import BertinoError
+from bertino.grad_cache import pad_batch
 
 
 def reference_mean_pooled(model, folder, texts) -> torch.Tensor:
@@ -64,6 +66,38 @@ def test_encode_restores_input_order_and_batching_does_not_matter(tiny_model_dir
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
     assert batched.dtype == np.float32 and batched.shape == (len(SENTENCES), enc.dim)
     assert enc.encode(SENTENCES[0]).shape == (enc.dim,)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_encode_batches_cover_every_text_once_within_the_memory_of_fixed_batches(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.choice([3, 4, 5, 9, 30, 31], size=int(rng.integers(1, 300)))  # many equal lengths, like queries
+    batch_size = int(rng.integers(1, 20))
+    batches = encode_batches(lengths, batch_size)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    budget = batch_size * lengths.max()
+    done = 0
+    for b in batches:
+        L0 = lengths[b].max()
+        assert len(b) * L0 <= max(budget, L0)  # never more tokens than batch_size texts of the longest length
+        assert len(b) >= min(batch_size, len(lengths) - done)  # at least a full batch unless the texts run out
+        assert (lengths[b[batch_size:]] == L0).all()  # texts past batch_size add no padding
+        assert list(lengths[b]) == sorted(lengths[b], reverse=True)
+        done += len(b)
+    starts = [lengths[b[0]] for b in batches]
+    assert starts == sorted(starts, reverse=True)  # longest first: peak memory shows at once
+
+
+def test_packed_token_ids_pad_like_pad_batch(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir)
+    texts = SENTENCES * 3
+    packed = PackedTokenIds.tokenize(enc, texts, chunk=4)  # several tokenizer chunks
+    lists = enc.token_ids(texts)
+    assert packed.lengths.tolist() == [len(t) for t in lists]
+    for rows in ([0], [5, 1, 2], list(range(len(texts)))[::-1]):
+        ours, ref = packed.pad(rows, 0), pad_batch(lists, rows, 0)
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), k
 
 
 def test_truncate_dim_is_a_prefix_and_normalize(tiny_model_dir):
