@@ -63,14 +63,14 @@ def time_encoders(runners: dict, texts: list[str], reps: int) -> dict:
     return out
 
 
-def compare(model: str, batch_size: int, limit: int, reps: int, compare_st: bool) -> dict:
+def compare(model: str, batch_size: int, limit: int, reps: int, compare_st: bool, device: str = "cpu") -> dict:
     folder = resolve_model_path(model)
-    ours = SentenceEncoder.from_pretrained(folder)
+    ours = SentenceEncoder.from_pretrained(folder).to(device)
     runners = {"bertino": lambda texts: ours.encode(texts, batch_size=batch_size)}
     if compare_st:
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(str(folder), device="cpu")
+        st = SentenceTransformer(str(folder), device=device)
         assert st.max_seq_length == ours.max_seq_length, (st.max_seq_length, ours.max_seq_length)
         runners["sentence-transformers"] = lambda texts: st.encode(texts, batch_size=batch_size,
                                                                    convert_to_numpy=True, show_progress_bar=False)
@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=1000, help="texts of each kind")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--compare-st", action="store_true", help="also time sentence-transformers (must be installed)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "encode.json")
     args = p.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
 
         results["machine"]["sentence_transformers"] = sentence_transformers.__version__
     torch.manual_seed(0)
-    results["encode"] = compare(args.model, args.batch_size, args.limit, args.reps, args.compare_st)
+    results["encode"] = compare(args.model, args.batch_size, args.limit, args.reps, args.compare_st, args.device)
     results["load_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -49,22 +49,33 @@ from bertino.sources import resolve_model_path  # noqa: E402
 class STTrainer:
     """The same step in sentence-transformers: its model, its Matryoshka(CachedMNRL) loss, the same AdamW."""
 
-    def __init__(self, folder: Path, max_seq_length: int, mini_batch_size: int):
+    def __init__(self, folder: Path, max_seq_length: int, mini_batch_size: int, device: str = "cpu",
+                 amp: str = "fp32"):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 
-        self.model = SentenceTransformer(str(folder), device="cpu")
+        self.device = torch.device(device)
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[amp]  # fp16 would need ST's trainer's GradScaler
+        self.model = SentenceTransformer(str(folder), device=device)
         self.model.max_seq_length = max_seq_length
         self.model.train()
         inner = CachedMultipleNegativesRankingLoss(self.model, scale=20.0, mini_batch_size=mini_batch_size)
         self.loss = MatryoshkaLoss(self.model, inner, matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS)
         self.optimizer = make_optimizer(self.model, lr=1e-5, weight_decay=0.01)
 
+    def tokenize(self, texts: list[str]) -> dict:
+        # `preprocess` in sentence-transformers ≥ 6.1, `tokenize` before
+        return getattr(self.model, "preprocess", self.model.tokenize)(texts)
+
     def step(self, texts: list[str], n_columns: int) -> None:
         B = len(texts) // n_columns
-        features = [self.model.preprocess(texts[c * B : (c + 1) * B]) for c in range(n_columns)]
-        loss = self.loss(features, labels=None)
-        loss.backward()  # the cached loss re-embeds every mini-batch inside this backward (a hook)
+        features = [{k: v.to(self.device) if torch.is_tensor(v) else v
+                     for k, v in self.tokenize(texts[c * B : (c + 1) * B]).items()}
+                    for c in range(n_columns)]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):  # as ST's trainer: autocast around loss + backward
+            loss = self.loss(features, labels=None)
+            loss.backward()  # the cached loss re-embeds every mini-batch inside this backward (a hook)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -73,8 +84,8 @@ class STTrainer:
 def compare_steps(args, folder: Path) -> dict:
     pairs = load_pairs()
     n_columns = 2 + args.negatives
-    ours = Trainer(str(folder), args.max_seq_length, "cpu", "fp32", True, args.negatives)
-    theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size)
+    ours = Trainer(str(folder), args.max_seq_length, args.device, args.amp, True, args.negatives)
+    theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
     runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
     for tape in [""] + args.tape:
         setting = Setting("gradcache", args.mini_batch_size, 0, tape)
@@ -86,15 +97,18 @@ def compare_steps(args, folder: Path) -> dict:
         texts = batch_texts(pairs, step, args.batch_size, args.negatives)
         rotation = step % len(names)
         for name in names[rotation:] + names[:rotation]:
+            ours.sync()
             start = time.perf_counter()
             runners[name](texts)
+            ours.sync()
             if step >= args.warmup:
                 seconds[name].append(time.perf_counter() - start)
         print(f"  step {step + 1}/{args.warmup + args.steps}, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
               flush=True)
     med = {name: statistics.median(xs) for name, xs in seconds.items()}
     st = med["sentence-transformers"]
-    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, fp32 | median (s) "
+    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device} "
+          f"| median (s) "
           f"| min (s) | × sentence-transformers |\n|---|---:|---:|---:|")
     for name, xs in seconds.items():
         print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} |")
@@ -111,6 +125,8 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--tape", nargs="*", default=["default", "all"], choices=["default", "all"],
                    help="also time bertino with these linear-tape variants")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="the training step's precision")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--encode-batch-size", type=int, default=32)
@@ -132,7 +148,7 @@ def main() -> None:
         results["step"] = compare_steps(args, folder)
     if args.only in (None, "encode"):
         results["encode"] = compare_encode(args.model, args.encode_batch_size, args.encode_limit, args.encode_reps,
-                                           compare_st=True)
+                                           compare_st=True, device=args.device)
     results["load_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,185 @@
+"""The checks that need a GPU, in one short run: RNG replay of CUDA dropout, GradCache = full batch on CUDA, and the
+fp16 autocast + GradScaler path (including an overflowing step that must be skipped).
+
+    python scripts/cuda_checks.py --model MODEL_FOLDER [--json OUT.json]      # on a machine with CUDA
+    python scripts/cuda_checks.py --model MODEL_FOLDER --device cpu           # the same logic on the CPU (dry run)
+
+The CPU test suite proves these on the CPU; on CUDA two things differ and are checked here:
+  - dropout masks come from the CUDA generator (Philox; inside SDPA's fused kernels for attention dropout), and
+    pass 3 must replay exactly the masks of pass 1 — also when autograd is on in pass 3 and off in pass 1, which can
+    steer SDPA to another kernel;
+  - fp16 needs a GradScaler, whose scale travels inside the GradCache cache (grad_cache.build_cache).
+Every check prints one line and lands in the JSON; the exit status is 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_step import DIMS, WEIGHTS, batch_texts, load_pairs  # noqa: E402
+
+from bertino import SentenceEncoder  # noqa: E402
+from bertino.grad_cache import forward_no_grad, grad_cache_step, make_mini_batches, pad_batch  # noqa: E402
+from bertino.objectives import Objective  # noqa: E402
+
+ROWS, NEGATIVES, MINI = 16, 2, 8  # 16 rows × 4 columns = 64 texts, mini-batches of 8
+N_COLUMNS = 2 + NEGATIVES
+
+
+def grads(enc) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().float().clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    return out
+
+
+def rel_error(a: dict, b: dict) -> tuple[float, float]:
+    """(global ‖a − b‖/‖b‖ over all parameters, max per-parameter relative error except k_lin.bias).
+
+    k_lin.bias has an analytically zero gradient (a constant shift inside each softmax row), so its relative
+    error is rounding noise over rounding noise; see tests/test_grad_cache.py::max_rel_error.
+    """
+    num = torch.sqrt(sum((a[n] - b[n]).double().norm() ** 2 for n in b))
+    den = torch.sqrt(sum(b[n].double().norm() ** 2 for n in b))
+    per = max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b if not n.endswith("k_lin.bias"))
+    return (num / den).item(), per
+
+
+class Checks:
+    def __init__(self):
+        self.results: dict[str, dict] = {}
+
+    def record(self, name: str, ok: bool, **figures) -> None:
+        self.results[name] = {"ok": bool(ok), **figures}
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {shown}", flush=True)
+
+
+def set_dropout(enc: SentenceEncoder, p: float | None) -> None:
+    """p=None restores the configured rates."""
+    for m in enc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            if not hasattr(m, "_configured_p"):
+                m._configured_p = m.p
+            m.p = m._configured_p if p is None else p
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a model folder (or any source SentenceEncoder loads)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the equivalence checks compare fp32 with fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+    checks = Checks()
+    enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).to(device).train()
+    texts = batch_texts(load_pairs(), 0, ROWS, NEGATIVES)
+    objective = Objective("cached_mnrl", dims=[d for d in DIMS if d <= enc.dim], weights=WEIGHTS)
+    loss_fn = lambda reps: objective(reps, N_COLUMNS)  # noqa: E731
+    token_ids = enc.token_ids(texts)
+    pad_id = enc.tokenizer.pad_token_id
+    mbs = make_mini_batches(token_ids, MINI, pad_id, device)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "texts": len(texts), "mini_batches": len(mbs)}
+    print(info, flush=True)
+
+    # 1. RNG replay: pass 1 (no autograd) and pass 3 (autograd) draw the same dropout masks.
+    torch.manual_seed(0)
+    first = forward_no_grad(enc, mbs)  # keep_graphs=0: every mini-batch has an RNG snapshot
+    outs = first.reps[mbs.order].split(mbs.sizes)
+    same = [torch.equal(_replay(enc, first.rng_states[i], f), outs[i]) for i, f in enumerate(mbs.features)]
+    differs = [not torch.equal(enc(f).detach(), outs[i]) for i, f in enumerate(mbs.features)]
+    checks.record("rng_replay_bitwise", all(same) and all(differs), replayed_equal=f"{sum(same)}/{len(same)}",
+                  unreplayed_differ=f"{sum(differs)}/{len(differs)}")
+
+    # 2. GradCache = full batch, fp32, dropout off: one padded forward of all texts, one backward.
+    set_dropout(enc, 0.0)
+    full = _full_batch(enc, token_ids, pad_id, loss_fn, device)
+    grad_cache_step(enc, enc, mbs, loss_fn, scale_fn=lambda x: x * 1024.0)
+    gc = {k: v / 1024.0 for k, v in grads(enc).items()}
+    glob, per = rel_error(gc, full)
+    checks.record("gradcache_equals_full_batch_dropout_off_fp32", glob < 1e-4, global_rel=glob, max_param_rel=per)
+
+    # 3. Dropout on: GradCache = one autograd graph over the same mini-batch forwards (same masks, same order).
+    set_dropout(enc, None)
+    torch.manual_seed(123)
+    outs = torch.cat([enc(f) for f in mbs.features])  # (T, D), mini-batch order, pass 1's RNG order
+    reps = torch.empty_like(outs)
+    reps[mbs.order] = outs
+    loss_fn(reps).backward()
+    same_masks = grads(enc)
+    torch.manual_seed(123)
+    grad_cache_step(enc, enc, mbs, loss_fn)
+    glob, per = rel_error(grads(enc), same_masks)
+    torch.manual_seed(7)
+    grad_cache_step(enc, enc, mbs, loss_fn)
+    other_seed, _ = rel_error(grads(enc), same_masks)
+    checks.record("gradcache_equals_same_mask_full_batch_dropout_on", glob < 1e-4 and other_seed > 1e-3,
+                  global_rel=glob, max_param_rel=per, other_seed_global_rel=other_seed)
+
+    # 4. fp16 autocast + GradScaler: the scale rides in the cache; unscaled gradients match fp32 to fp16 accuracy.
+    if device.type == "cuda":
+        set_dropout(enc, 0.0)
+        fp32 = _full_batch(enc, token_ids, pad_id, loss_fn, device)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+        optimizer = torch.optim.SGD(enc.parameters(), lr=0.0)
+        autocast = lambda: torch.autocast("cuda", dtype=torch.float16)  # noqa: E731
+        loss = grad_cache_step(enc, enc, mbs, loss_fn, scaler.scale, autocast=autocast)
+        scaler.unscale_(optimizer)
+        g16 = grads(enc)
+        glob, per = rel_error(g16, fp32)
+        with autocast():
+            full16 = loss_fn(enc(_features(token_ids, pad_id, device)))
+        full16.backward()
+        ref16, _ = rel_error(grads(enc), fp32)
+        checks.record("fp16_gradcache_gradscaler_matches_fp32", glob < max(3 * ref16, 1e-3) and torch.isfinite(loss),
+                      global_rel=glob, full_batch_fp16_global_rel=ref16, loss=float(loss))
+
+        # an overflowing scale: the step is skipped (weights untouched), the scale backs off
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)
+        optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
+        before = [q.detach().clone() for q in enc.parameters()]
+        grad_cache_step(enc, enc, mbs, loss_fn, scaler.scale, autocast=autocast)
+        scaler.step(optimizer)
+        scaler.update()
+        untouched = all(torch.equal(a, q) for a, q in zip(before, enc.parameters()))
+        checks.record("fp16_overflow_step_skipped", untouched and scaler.get_scale() < 2.0**60,
+                      scale_after=scaler.get_scale())
+        enc.zero_grad(set_to_none=True)
+        set_dropout(enc, None)
+
+    out = {"info": info, "checks": checks.results}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    sys.exit(0 if all(r["ok"] for r in checks.results.values()) else 1)
+
+
+def _replay(enc, rng_state, features) -> torch.Tensor:
+    with rng_state:
+        return enc(features).detach()  # with autograd, as in pass 3
+
+
+def _features(token_ids, pad_id, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in pad_batch(token_ids, range(len(token_ids)), pad_id).items()}
+
+
+def _full_batch(enc, token_ids, pad_id, loss_fn, device) -> dict[str, torch.Tensor]:
+    loss_fn(enc(_features(token_ids, pad_id, device))).backward()
+    return grads(enc)
+
+
+if __name__ == "__main__":
+    main()
