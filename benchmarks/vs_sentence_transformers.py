@@ -52,7 +52,14 @@ class STTrainer:
     def __init__(self, folder: Path, max_seq_length: int, mini_batch_size: int, device: str = "cpu",
                  amp: str = "fp32"):
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+
+        try:  # sentence-transformers ≥ 6 moved the losses; the old path still works there, with a warning
+            from sentence_transformers.sentence_transformer.losses import (
+                CachedMultipleNegativesRankingLoss,
+                MatryoshkaLoss,
+            )
+        except ImportError:
+            from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 
         self.device = torch.device(device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[amp]  # fp16 would need ST's trainer's GradScaler
