@@ -27,33 +27,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import random
-import shutil
 import signal
 import sys
-import threading
-import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
-import numpy as np
 import torch
 
 from bertino import SentenceEncoder, distributed
 from bertino.checkpoint import load_into, read_weights
 from bertino.cli import ArgumentParser, run_cli
 from bertino.config import Config, check_against_model, config_to_dict, effective_scale, load_config, save_config
-from bertino.data import TaskData, load_tasks
-from bertino.errors import BertinoError, DataError
-from bertino.evaluation import evaluate_sets, format_table, load_eval_sets
+from bertino.data import load_tasks
+from bertino.errors import BertinoError
+from bertino.evaluation import format_table, load_eval_sets
 from bertino.grad_cache import grad_cache_step, make_mini_batches, pad_batch
 from bertino.linear_tape import DEFAULT_TAPED
 from bertino.objectives import PAIR_LOSSES, Objective
 from bertino.optim import make_optimizer, make_scheduler
-from bertino.sampler import MultiTaskBatchSampler, NoDuplicatesBatchSampler, PlainBatchSampler
 from bertino import trainer_state as ts
+from bertino.training import (LogWindow, MetricsLog, Run, StopSignal, agree, build_batches, log_progress,
+                              run_evaluation, save_checkpoint, save_model, seed_everything)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,73 +89,9 @@ def precision(cfg: Config, device: torch.device, is_main: bool) -> torch.dtype |
     return torch.bfloat16 if tc.bf16 else None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_batches(cfg: Config, tasks: dict[str, TaskData], world_size: int = 1, rank: int = 0
-                  ) -> MultiTaskBatchSampler:
-    """One batch sampler per task, mixed into one schedule. A task that cannot fill ONE batch is a DataError."""
-    tc, size = cfg.train, cfg.train.per_device_train_batch_size
-    samplers = {}
-    for name, data in tasks.items():
-        def make(batch_size=size, drop_last=tc.dataloader_drop_last, num_replicas=world_size, rank=rank):
-            common = dict(seed=tc.seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
-            if tc.batch_sampler == "no_duplicates":
-                return NoDuplicatesBatchSampler(data.texts, batch_size, **common)
-            return PlainBatchSampler(len(data), batch_size, **common)
-
-        samplers[name] = make()
-        if len(next(iter(samplers[name]), [])) < size:  # the pool could not fill even the first batch
-            need = (f"a step needs {size * world_size} rows (train.per_device_train_batch_size {size} × "
-                    f"{world_size} process(es))")
-            fit = len(next(iter(make(size * world_size, False, 1, 0))))  # the largest step batch the rows make
-            if fit < len(data) and tc.batch_sampler == "no_duplicates":
-                why = (f"but its {len(data)} rows fill at most {fit} without repeating a text (rows that share a "
-                       f"query, positive or negative cannot share a batch)")
-            else:
-                why = f"but it has only {len(data)} rows"
-            raise DataError(f"task {name!r} ({data.source}): {need}, {why}; lower "
-                            f"train.per_device_train_batch_size")
-    return MultiTaskBatchSampler(samplers, mode=tc.multi_dataset_batch_sampler, seed=tc.seed)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT set a flag that the loop reads after each step; a second signal acts as usual."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        if os.environ.get("RANK", "0") == "0":
-            print(f"\nbertino: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  f"(send it again to stop at once)", file=sys.stderr)
-        for sig, handler in self._previous.items():  # the next one interrupts at once
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    # A skipped step still advances the schedule (the LR is a function of the step counter), so torch's warning
-    # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-    # ---------------------------------------------------------------------------------------- config, processes
-    cfg = load_config(args.config, args.overrides)
+# ──────────────────────────────────────────────────────────────────────────────────────────────── set-up
+def setup(cfg: Config) -> Run:
+    """Check everything and build the run (model, data, optimizer, state) without touching the run folder."""
     tc = cfg.train
     out = Path(tc.output_dir)
     resume_from = ts.resolve_resume(tc.resume_from_checkpoint, out)
@@ -174,18 +105,14 @@ def main(argv=None) -> None:
     # nanoGPT's trick: one code path, the scaler is a no-op unless fp16.
     scaler = torch.amp.GradScaler(device.type, enabled=(amp_dtype == torch.float16))
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
-    # ---------------------------------------------------------------------------------------- model
+    # ---- model
     # A resume loads the checkpoint's own folder: its weights, config and tokenizer belong together.
     encoder = SentenceEncoder.from_pretrained(resume_from or cfg.model.name_or_path,
                                               max_seq_length=cfg.model.max_seq_length)
     check_against_model(cfg, encoder.dim, encoder.model.config.max_position_embeddings)
     encoder.to(device).train()
-    pad_id = encoder.tokenizer.pad_token_id
 
-    # ---------------------------------------------------------------------------------------- data
+    # ---- data
     tasks = load_tasks(cfg)
     batches = build_batches(cfg, tasks, dist_info.world_size, dist_info.rank)
     steps_per_epoch = len(batches)
@@ -207,7 +134,7 @@ def main(argv=None) -> None:
         state = saved_state
         state.data_fingerprint = fingerprint
 
-    # ---------------------------------------------------------------------------------------- optimizer, DDP
+    # ---- optimizer, DDP
     optimizer = make_optimizer(encoder, tc.learning_rate, tc.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, tc.warmup_ratio, tc.lr_scheduler_type)
     model = encoder
@@ -216,168 +143,168 @@ def main(argv=None) -> None:
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
         ts.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
+    return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device, amp_dtype=amp_dtype,
+               scaler=scaler, encoder=encoder, model=model, tasks=tasks, batches=batches, objectives=objectives,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_ir=eval_ir, eval_sts=eval_sts,
+               eval_dims=eval_dims, run_config=run_config, state=state, optimizer=optimizer, scheduler=scheduler,
+               log=MetricsLog(out / "metrics.jsonl", enabled=is_main))
 
-    # ---------------------------------------------------------------------------------------- run folder
+
+def open_run_folder(run: Run) -> None:
+    """Rank 0 creates the run folder, writes config.json and starts metrics.jsonl, once every rank is ready."""
+    out, tasks = run.out, run.tasks
     distributed.barrier()  # every rank has checked everything: only now does rank 0 write
-    if is_main:
+    if run.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BertinoError(f"train.output_dir: cannot create {out}: {e.strerror or e}") from None
         ts.clean_stale(out)
-        save_config(cfg, out / "config.json")
-        print(f"bertino: {sum(len(t) for t in tasks.values())} rows in {len(tasks)} task(s), {steps_per_epoch} "
-              f"steps/epoch, {total_steps} steps, {dist_info.world_size} process(es) on {device}, "
-              f"precision {amp_dtype or torch.float32}" + (f", resuming from {resume_from}" if resume_from else ""),
-              file=sys.stderr)
-    log = MetricsLog(out / "metrics.jsonl", enabled=is_main)
-    log.start(resumed_step=state.step if resume_from is not None else None, checkpoint=resume_from)
+        save_config(run.cfg, out / "config.json")
+        print(f"bertino: {sum(len(t) for t in tasks.values())} rows in {len(tasks)} task(s), {run.steps_per_epoch} "
+              f"steps/epoch, {run.total_steps} steps, {run.dist_info.world_size} process(es) on {run.device}, "
+              f"precision {run.amp_dtype or torch.float32}"
+              + (f", resuming from {run.resume_from}" if run.resume_from else ""), file=sys.stderr)
+    run.log.start(resumed_step=run.state.step if run.resume_from is not None else None, checkpoint=run.resume_from)
 
-    def save_checkpoint() -> Path:
-        final = out / f"checkpoint-{state.step}"
-        tmp = ts.tmp_dir_for(final)
-        try:
-            if is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-                encoder.save_pretrained(tmp, matryoshka_dims=eval_dims)
-            distributed.barrier()
-            ts.save_rank_rng(tmp, dist_info.rank)
-            distributed.barrier()
-            if is_main:
-                ts.save_training_state(tmp, state, optimizer, scheduler, scaler, run_config)
-                ts.commit_dir(tmp, final)
-                ts.rotate_checkpoints(out, tc.save_total_limit, state.best_step)
-        except OSError as e:  # disk full, quota: the earlier checkpoints are untouched
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise BertinoError(f"cannot write {final}: {e.strerror or e}; the earlier checkpoints are intact "
-                               f"(resume with train.resume_from_checkpoint=true once there is room)") from None
-        distributed.barrier()
-        return final
 
-    def run_evaluation() -> dict | None:
-        """Rank 0 evaluates (the others wait at the barrier); returns {dim: {set: {metric: value}}}."""
-        results = None
-        if is_main and (eval_ir or eval_sts):
-            results = evaluate_sets(encoder, eval_ir, eval_sts, eval_dims, batch_size=cfg.eval.batch_size,
-                                    show_progress_bar=False)
-            encoder.train()
-            log.write({"step": state.step, "eval": {str(d): r for d, r in results.items()}})
-            score = best_metric_value(results, tc.metric_for_best_model, eval_dims[0])
-            if score is not None and (state.best_metric is None or score > state.best_metric):
-                state.best_metric, state.best_step = score, state.step
-                save_model(encoder, out / "best", cfg, results, eval_dims)
-        distributed.barrier()
-        return results
+# ──────────────────────────────────────────────────────────────────────────────────────────────── one step
+def forward_backward(run: Run, task_name: str, rows: list[int]) -> torch.Tensor:
+    """Encode a batch of one task, compute its loss, backpropagate the scaled loss → the loss () (detached)."""
+    data, task, tc = run.tasks[task_name], run.cfg.tasks[task_name], run.tc
+    n_cols = len(data.columns)
+    # column after column: texts[c·B + i] is column c of row i (what Objective expects)
+    texts = [data.texts[r][c] for c in range(n_cols) for r in rows]
+    scores = (torch.as_tensor(data.scores[rows], device=run.device)
+              if task.loss in PAIR_LOSSES else None)  # (B,)
 
-    def agree(flags: list[bool]) -> list[bool]:
-        """Element-wise AND over ranks, so every rank steps, skips or stops together (identity in one process)."""
-        if not dist_info.enabled:
-            return flags
-        t = torch.tensor(flags, dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return [bool(v) for v in t.tolist()]
+    def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (n_cols·B, D) → ()
+        return run.objectives[task_name](reps, n_cols, scores)
 
-    # ---------------------------------------------------------------------------------------- training loop
+    token_ids = run.encoder.token_ids(texts)
+    if task.loss == "cached_mnrl":
+        mini = make_mini_batches(token_ids, tc.mini_batch_size, run.pad_id, run.device)
+        return grad_cache_step(run.encoder, run.model, mini, loss_fn, run.scaler.scale,
+                               keep_graphs=tc.grad_cache_memory_budget, autocast=run.autocast,
+                               tape_linears=DEFAULT_TAPED if tc.grad_cache_linear_tape else ())
+    features = {k: v.to(run.device) for k, v in pad_batch(token_ids, range(len(texts)), run.pad_id).items()}
+    with run.autocast():
+        reps = run.model(features)  # (n_cols·B, D)
+    loss = loss_fn(reps)
+    run.scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, stop: StopSignal) -> tuple[bool, bool, bool, torch.Tensor]:
+    """unscale → clip → step → update → schedule; the step counter advances even when the step is skipped.
+
+    Returns (loss finite, gradient finite, go on: no stop signal on any rank, gradient norm ())."""
+    tc, scaler, optimizer, state = run.tc, run.scaler, run.optimizer, run.state
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.encoder.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+    # note: one host sync per step (and one tiny all-reduce under DDP, so all ranks decide alike)
+    loss_ok, grads_ok, go_on = agree([bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm)),
+                                      stop.signum is None], run.dist_info, run.device)
+    if loss_ok and grads_ok:
+        scaler.step(optimizer)  # = optimizer.step() (the gradients are known to be finite)
+    scaler.update()  # fp16: halves the scale after an overflow; a no-op when disabled
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.batch_in_epoch += 1
+    return loss_ok, grads_ok, go_on, grad_norm
+
+
+def count_step(run: Run, window: LogWindow, task_name: str, loss: torch.Tensor, loss_ok: bool,
+               grads_ok: bool) -> None:
+    """Keep the loss of a step taken; log a skipped one, and stop after too many non-finite losses in a row."""
+    state, scaler = run.state, run.scaler
+    if loss_ok and grads_ok:
+        state.nonfinite_in_a_row = 0
+        window.losses.setdefault(task_name, []).append(loss)
+        return
+    state.skipped_steps += 1
+    overflow = scaler.is_enabled() and loss_ok  # fp16 gradient overflow: the scaler's job
+    state.nonfinite_in_a_row += 0 if overflow else 1
+    run.log.write({"step": state.step, "task": task_name, "skipped": (
+        "fp16 gradient overflow" if overflow else f"non-finite {'loss' if not loss_ok else 'gradient'}"),
+        "nonfinite_in_a_row": state.nonfinite_in_a_row,
+        "loss_scale": scaler.get_scale() if scaler.is_enabled() else None})
+    if state.nonfinite_in_a_row >= run.tc.max_consecutive_nonfinite:
+        found = ts.list_checkpoints(run.out)
+        raise BertinoError(
+            f"{state.nonfinite_in_a_row} steps in a row had a non-finite "
+            f"{'loss' if not loss_ok else 'loss or gradient'} (last at step {state.step}, task "
+            f"{task_name!r}); stopping (train.max_consecutive_nonfinite). Lower "
+            f"train.learning_rate or check the data"
+            + (f"; the last checkpoint is {found[-1][1]}" if found else ""))
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── stopping, finishing
+def stop_after_signal(run: Run, stop: StopSignal, bar) -> NoReturn:
+    """Save a checkpoint, then exit with 128 + the signal number, as the signal itself would have."""
+    saved = save_checkpoint(run)
+    bar.close()
+    name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+    if run.is_main:
+        print(f"bertino: stopped by {name} after step {run.state.step}; saved {saved}. Continue with "
+              f"train.resume_from_checkpoint=true", file=sys.stderr)
+    distributed.cleanup()
+    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+
+
+def finish(run: Run) -> None:
+    """A last evaluation, then `final/`: the best model's weights under load_best_model_at_end, else the last."""
+    out = run.out
+    results = run_evaluation(run)
+    if run.is_main:
+        if run.tc.load_best_model_at_end and (out / "best").exists():
+            load_into(run.encoder.model, read_weights(out / "best"), source=str(out / "best"))
+            results = json.loads((out / "best" / "eval_results.json").read_text())
+            results = {int(d): r for d, r in results.items()}
+        save_model(run.encoder, out / "final", run.cfg, results, run.eval_dims)
+        if results:
+            print(format_table(results))
+        print(f"bertino: final model in {out / 'final'}", file=sys.stderr)
+    distributed.barrier()
+    distributed.cleanup()
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── the run
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # A skipped step still advances the schedule (the LR is a function of the step counter), so torch's warning
+    # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    run = setup(load_config(args.config, args.overrides))  # a mistake stops the run here, before any write
+    open_run_folder(run)
+    state, tc, total_steps = run.state, run.tc, run.total_steps
+
     from tqdm.auto import tqdm
 
-    window = {"loss": {}, "examples": 0, "t0": time.perf_counter()}
-    last_results = None
-    with StopSignal() as stop, tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="train",
+    window = LogWindow()
+    with StopSignal() as stop, tqdm(total=total_steps, initial=state.step, disable=not run.is_main, desc="train",
                                     unit="step", dynamic_ncols=True) as bar:  # closed (newline) even on an error
         while state.step < total_steps:
-            batches.set_epoch(state.epoch)
-            for task_name, rows in batches.iter_from(state.batch_in_epoch):
-                data, task = tasks[task_name], cfg.tasks[task_name]
-                n_cols = len(data.columns)
-                # column after column: texts[c·B + i] is column c of row i (what Objective expects)
-                texts = [data.texts[r][c] for c in range(n_cols) for r in rows]
-                scores = (torch.as_tensor(data.scores[rows], device=device)
-                          if task.loss in PAIR_LOSSES else None)  # (B,)
-
-                def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (n_cols·B, D) → ()
-                    return objectives[task_name](reps, n_cols, scores)
-
-                token_ids = encoder.token_ids(texts)
-                if task.loss == "cached_mnrl":
-                    mini = make_mini_batches(token_ids, tc.mini_batch_size, pad_id, device)
-                    loss = grad_cache_step(encoder, model, mini, loss_fn, scaler.scale,
-                                           keep_graphs=tc.grad_cache_memory_budget, autocast=autocast,
-                                           tape_linears=DEFAULT_TAPED if tc.grad_cache_linear_tape else ())
-                else:
-                    features = {k: v.to(device) for k, v in pad_batch(token_ids, range(len(texts)), pad_id).items()}
-                    with autocast():
-                        reps = model(features)  # (n_cols·B, D)
-                    loss = loss_fn(reps)
-                    scaler.scale(loss).backward()
-                    loss = loss.detach()
-
-                # ---- optimizer step: unscale → clip → step → update → schedule
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    encoder.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-                # note: one host sync per step (and one tiny all-reduce under DDP, so all ranks decide alike)
-                loss_ok, grads_ok, go_on = agree([bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm)),
-                                                  stop.signum is None])
-                if loss_ok and grads_ok:
-                    scaler.step(optimizer)  # = optimizer.step() (the gradients are known to be finite)
-                scaler.update()  # fp16: halves the scale after an overflow; a no-op when disabled
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batch_in_epoch += 1
-                if loss_ok and grads_ok:
-                    state.nonfinite_in_a_row = 0
-                    window["loss"].setdefault(task_name, []).append(loss)
-                else:
-                    state.skipped_steps += 1
-                    overflow = scaler.is_enabled() and loss_ok  # fp16 gradient overflow: the scaler's job
-                    state.nonfinite_in_a_row += 0 if overflow else 1
-                    log.write({"step": state.step, "task": task_name, "skipped": (
-                        "fp16 gradient overflow" if overflow else
-                        f"non-finite {'loss' if not loss_ok else 'gradient'}"),
-                        "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                        "loss_scale": scaler.get_scale() if scaler.is_enabled() else None})
-                    if state.nonfinite_in_a_row >= tc.max_consecutive_nonfinite:
-                        found = ts.list_checkpoints(out)
-                        raise BertinoError(
-                            f"{state.nonfinite_in_a_row} steps in a row had a non-finite "
-                            f"{'loss' if not loss_ok else 'loss or gradient'} (last at step {state.step}, task "
-                            f"{task_name!r}); stopping (train.max_consecutive_nonfinite). Lower "
-                            f"train.learning_rate or check the data"
-                            + (f"; the last checkpoint is {found[-1][1]}" if found else ""))
+            run.batches.set_epoch(state.epoch)
+            for task_name, rows in run.batches.iter_from(state.batch_in_epoch):
+                loss = forward_backward(run, task_name, rows)
+                loss_ok, grads_ok, go_on, grad_norm = optimizer_step(run, loss, stop)
+                count_step(run, window, task_name, loss, loss_ok, grads_ok)
 
                 # ---- logging, evaluation, checkpoints
-                window["examples"] += len(rows) * dist_info.world_size
+                window.examples += len(rows) * run.dist_info.world_size
                 bar.update(1)
                 if state.step % tc.logging_steps == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window["t0"]
-                    record = {"step": state.step,
-                              "epoch": round(state.epoch + state.batch_in_epoch / steps_per_epoch, 4),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
-                              "examples_per_sec": round(window["examples"] / max(elapsed, 1e-9), 2),
-                              "skipped_steps": state.skipped_steps}
-                    for name, losses in window["loss"].items():
-                        record[f"loss/{name}"] = distributed.all_reduce_mean(
-                            torch.stack(losses).float().mean()).item()
-                    log.write(record)
-                    shown = [v for k, v in record.items() if k.startswith("loss/")]
-                    bar.set_postfix(loss=f"{np.mean(shown):.4f}" if shown else "-", lr=f"{record['lr']:.2e}",
-                                    ex_s=record["examples_per_sec"])
-                    window = {"loss": {}, "examples": 0, "t0": time.perf_counter()}
+                    log_progress(run, window, grad_norm, bar)
+                    window = LogWindow()
                 if tc.eval_steps > 0 and state.step % tc.eval_steps == 0 and state.step < total_steps:
-                    last_results = run_evaluation()
+                    run_evaluation(run)
                 if not go_on and state.step < total_steps:
-                    saved = save_checkpoint()
-                    bar.close()
-                    name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-                    if is_main:
-                        print(f"bertino: stopped by {name} after step {state.step}; saved {saved}. Continue with "
-                              f"train.resume_from_checkpoint=true", file=sys.stderr)
-                    distributed.cleanup()
-                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                    stop_after_signal(run, stop, bar)
                 if tc.save_steps > 0 and state.step % tc.save_steps == 0 and state.step < total_steps:
-                    save_checkpoint()
+                    save_checkpoint(run)
                 if state.step >= total_steps:
                     break
             else:  # the epoch ran out
@@ -386,87 +313,7 @@ def main(argv=None) -> None:
                 continue
             break
 
-    # ---------------------------------------------------------------------------------------- final model
-    last_results = run_evaluation()
-    if is_main:
-        if tc.load_best_model_at_end and (out / "best").exists():
-            load_into(encoder.model, read_weights(out / "best"), source=str(out / "best"))
-            last_results = json.loads((out / "best" / "eval_results.json").read_text())
-            last_results = {int(d): r for d, r in last_results.items()}
-        save_model(encoder, out / "final", cfg, last_results, eval_dims)
-        if last_results:
-            print(format_table(last_results))
-        print(f"bertino: final model in {out / 'final'}", file=sys.stderr)
-    distributed.barrier()
-    distributed.cleanup()
-
-
-def best_metric_value(results: dict, metric: str, dim: int) -> float | None:
-    """`metric` at `dim`, averaged over the eval sets that report it."""
-    values = [m[metric] for m in results.get(dim, {}).values() if metric in m]
-    return float(np.mean(values)) if values else None
-
-
-def save_model(encoder: SentenceEncoder, folder: Path, cfg: Config, results: dict | None, dims) -> None:
-    """A sentence-transformers folder with a generated model card, written atomically."""
-    from bertino.model_card import render_model_card
-
-    card = render_model_card(
-        base_model=cfg.model.name_or_path, dim=encoder.dim, max_seq_length=encoder.max_seq_length,
-        matryoshka_dims=list(cfg.matryoshka.dims) if cfg.matryoshka else None,
-        matryoshka_weights=list(cfg.matryoshka.weights) if cfg.matryoshka else None,
-        losses={name: t.loss for name, t in cfg.tasks.items()},
-        hyperparameters={k: v for k, v in config_to_dict(cfg.train).items()
-                         if k not in ("output_dir", "resume_from_checkpoint")},
-        results=results)
-    tmp = ts.tmp_dir_for(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp, model_card=card, matryoshka_dims=list(dims))
-    if results:
-        (tmp / "eval_results.json").write_text(json.dumps({str(d): r for d, r in results.items()}, indent=2) + "\n")
-    ts.commit_dir(tmp, folder)
-
-
-class MetricsLog:
-    """Append-only JSON lines; rank 0 only. Each line is flushed, so a killed run keeps what it logged.
-
-    Non-finite numbers are written as null (strict JSON: jq and pandas read every line)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def start(self, resumed_step: int | None, checkpoint: Path | None) -> None:
-        """A fresh run starts an empty log; a resumed one keeps the lines up to its step (a killed run may have
-        logged later steps, and a half-written last line) and marks the resume."""
-        if not self.enabled:
-            return
-        kept = []
-        if resumed_step is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a kill cut short
-                if isinstance(record, dict) and record.get("step", 0) <= resumed_step:
-                    kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-        if resumed_step is not None:
-            self.write({"step": resumed_step, "event": "resumed", "checkpoint": str(checkpoint)})
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_finite_or_null(record)) + "\n")
-
-
-def _finite_or_null(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    return value
+    finish(run)
 
 
 def cli(argv=None) -> None:
