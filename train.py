@@ -161,6 +161,10 @@ def open_run_folder(run: Run) -> None:
             raise BertinoError(f"train.output_dir: cannot create {out}: {e.strerror or e}") from None
         ts.clean_stale(out)
         save_config(run.cfg, out / "config.json")
+        if run.resume_from is not None:  # from another run's folder: its best/ comes along
+            message = ts.carry_best_model(run.resume_from, out, run.state.best_step)
+            if message:
+                warn(message)
         print(f"bertino: {sum(len(t) for t in tasks.values())} rows in {len(tasks)} task(s), {run.steps_per_epoch} "
               f"steps/epoch, {run.total_steps} steps, {run.dist_info.world_size} process(es) on {run.device}, "
               f"precision {run.amp_dtype or torch.float32}"

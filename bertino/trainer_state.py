@@ -180,6 +180,27 @@ def commit_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def carry_best_model(ckpt: Path, out: Path, best_step: int | None) -> str | None:
+    """Resuming from another run's checkpoint into `out`: copy that run's `best/` along (atomically).
+
+    The checkpoint brings back `best_metric`/`best_step`, so only a better score replaces the best model from
+    here on, but the model itself is in the earlier run's `best/`. Without it, `load_best_model_at_end` would
+    finish with the last weights. That `best/` is the checkpoint's best, or a better one from a later step,
+    which the resumed run reproduces bitwise and saves again. Returns a warning when there is none to copy.
+    """
+    src, dst = ckpt.parent / "best", out / "best"
+    if best_step is None or ckpt.parent.resolve() == out.resolve() or dst.exists():
+        return None
+    if not (src / "model.safetensors").is_file():
+        return (f"{ckpt} says the best model so far is step {best_step}'s, but {src} is missing: best/ will "
+                f"hold only models that beat its score from here on")
+    tmp = tmp_dir_for(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    commit_dir(tmp, dst)
+    return None
+
+
 def save_rank_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-from bertino import SentenceEncoder, trainer_state as ts  # noqa: E402
+from bertino import SentenceEncoder, trainer_state as ts, training  # noqa: E402
 from bertino.config import config_from_dict  # noqa: E402
 from bertino.convert import convert  # noqa: E402
 from bertino.data import load_tasks  # noqa: E402
@@ -142,6 +142,36 @@ def test_resume_from_a_path_into_a_new_folder_and_the_rng_matters(reference, tmp
     monkeypatch.setattr(ts, "set_rng_state", lambda state: None)
     run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'b'}", f"train.resume_from_checkpoint={ckpt}")
     assert not same_weights(weights(tmp_path / "b" / "final"), weights(ref_run / "final"))
+
+
+def test_resume_into_a_new_folder_brings_the_best_model_along(drop_dir, tmp_path, monkeypatch, capsys):
+    """load_best_model_at_end, the best score at the first evaluation (step 2): a run resumed from checkpoint-6
+    into another folder must finish with the same final/ (the step-2 model) as the uninterrupted run."""
+    dev = write_jsonl(tmp_path / "dev_ir.jsonl", [{"query": r["query"], "positive": r["positive"]}
+                                                   for r in retrieval_rows(8, seed=3)])
+    cfg = two_task_config(tmp_path, drop_dir, save_steps=3, eval_steps=2, load_best_model_at_end=True,
+                          output_dir=str(tmp_path / "ref"))
+    cfg["eval"] = {"ir": [str(dev)]}
+    calls = iter(range(10**6))
+    monkeypatch.setattr(training, "best_metric_value", lambda *args: -float(next(calls)))  # the first eval wins
+    run_inprocess(tmp_path, cfg)
+    ref = tmp_path / "ref"
+    assert json.loads((ref / "checkpoint-6" / "trainer_state.json").read_text())["best_step"] == 2
+    assert not same_weights(weights(ref / "final"), weights(ref / "checkpoint-9"))  # final/ is not the last model
+
+    calls = iter(range(10**6))  # the resumed run's evaluations all score below the checkpoint's best (−0)
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'new'}",
+                  f"train.resume_from_checkpoint={ref / 'checkpoint-6'}")
+    assert same_weights(weights(tmp_path / "new" / "final"), weights(ref / "final"))
+    assert same_weights(weights(tmp_path / "new" / "best"), weights(ref / "best"))
+
+    # the earlier run's best/ is gone: a warning says so, and training goes on
+    shutil.rmtree(ref / "best")
+    calls = iter(range(10**6))
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'gone'}",
+                  f"train.resume_from_checkpoint={ref / 'checkpoint-6'}")
+    assert (tmp_path / "gone" / "final").is_dir() and not (tmp_path / "gone" / "best").exists()
+    assert f"{ref / 'best'} is missing" in capsys.readouterr().err
 
 
 def test_checkpoint_contents_load_safely(reference):
