@@ -304,11 +304,13 @@ def main(argv=None) -> None:
                     log_progress(run, window, grad_norm, bar)
                     window = LogWindow()
                 if tc.eval_steps > 0 and state.step % tc.eval_steps == 0 and state.step < total_steps:
-                    run_evaluation(run)
+                    with window.pause():
+                        run_evaluation(run)
                 if not go_on and state.step < total_steps:
                     stop_after_signal(run, stop, bar)
                 if tc.save_steps > 0 and state.step % tc.save_steps == 0 and state.step < total_steps:
-                    save_checkpoint(run)
+                    with window.pause():
+                        save_checkpoint(run)
                 if state.step >= total_steps:
                     break
             else:  # the epoch ran out

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -221,17 +222,27 @@ def save_model(encoder: SentenceEncoder, folder: Path, cfg: Config, results: dic
 
 @dataclass
 class LogWindow:
-    """What happened since the last metrics line: the losses of the steps taken (per task), examples, start time."""
+    """What happened since the last metrics line: the losses of the steps taken (per task), examples, and the
+    training time (evaluations and checkpoints inside the window are `pause`d out of examples_per_sec)."""
 
     losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # task → [() per step]
     examples: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent outside training steps
+
+    @contextlib.contextmanager
+    def pause(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
 
 
 def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> None:
     """One metrics.jsonl line for the steps since the last: loss per task (mean over steps and ranks), LR, speed."""
     state, scaler = run.state, run.scaler
-    elapsed = time.perf_counter() - window.t0
+    elapsed = time.perf_counter() - window.t0 - window.paused
     record = {"step": state.step,
               "epoch": round(state.epoch + state.batch_in_epoch / run.steps_per_epoch, 4),
               "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),

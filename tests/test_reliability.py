@@ -174,6 +174,21 @@ def test_resume_into_a_new_folder_brings_the_best_model_along(drop_dir, tmp_path
     assert f"{ref / 'best'} is missing" in capsys.readouterr().err
 
 
+def test_examples_per_sec_leaves_out_evaluations_and_checkpoints(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    clock = iter([101.0, 109.0, 110.0])  # window opened at 100; an evaluation from 101 to 109; logged at 110
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    window = training.LogWindow(examples=10, t0=100.0)
+    with window.pause():
+        pass
+    records = []
+    run = NS(state=NS(step=1, epoch=0, batch_in_epoch=1, skipped_steps=0), steps_per_epoch=2,
+             scheduler=NS(get_last_lr=lambda: [0.1]), scaler=NS(is_enabled=lambda: False), log=NS(write=records.append))
+    training.log_progress(run, window, torch.tensor(1.0), NS(set_postfix=lambda **kw: None))
+    assert records[0]["examples_per_sec"] == 5.0  # 10 examples in 10 s, 8 of them evaluating
+
+
 def test_checkpoint_contents_load_safely(reference):
     ckpt = reference[0] / "checkpoint-6"
     assert not ts.missing_files(ckpt, world_size=1)
