@@ -238,9 +238,9 @@ def count_step(run: Run, window: LogWindow, task_name: str, loss: torch.Tensor, 
     if state.nonfinite_in_a_row >= run.tc.max_consecutive_nonfinite:
         found = ts.list_checkpoints(run.out)
         raise BertinoError(
-            f"{state.nonfinite_in_a_row} steps in a row had a non-finite "
-            f"{'loss' if not loss_ok else 'loss or gradient'} (last at step {state.step}, task "
-            f"{task_name!r}); stopping (train.max_consecutive_nonfinite). Lower "
+            f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (the last: step "
+            f"{state.step}, task {task_name!r}, its {'loss' if not loss_ok else 'gradient'}); stopping "
+            f"(train.max_consecutive_nonfinite). Lower "
             f"train.learning_rate or check the data"
             + (f"; the last checkpoint is {found[-1][1]}" if found else ""))
 
@@ -278,11 +278,18 @@ def finish(run: Run) -> None:
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the run
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # A skipped step still advances the schedule (the LR is a function of the step counter), so torch's warning
-    # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-    run = setup(load_config(args.config, args.overrides))  # a mistake stops the run here, before any write
-    open_run_folder(run)
+    with warnings.catch_warnings():  # scoped: in-process callers (tests, notebooks) keep their own filters
+        # A skipped step still advances the schedule (the LR is a function of the step counter), so torch's warning
+        # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        run = setup(load_config(args.config, args.overrides))  # a mistake stops the run here, before any write
+        open_run_folder(run)
+        train_loop(run)
+        finish(run)
+
+
+def train_loop(run: Run) -> None:
+    """Steps until `total_steps`, resuming mid-epoch where the state says; logs, evaluates and saves on schedule."""
     state, tc, total_steps = run.state, run.tc, run.total_steps
 
     from tqdm.auto import tqdm
@@ -318,8 +325,6 @@ def main(argv=None) -> None:
                 state.batch_in_epoch = 0
                 continue
             break
-
-    finish(run)
 
 
 def cli(argv=None) -> None:

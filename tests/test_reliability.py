@@ -518,7 +518,8 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run(drop_dir, tmp_path, capsys, mon
     cfg = train_config(tmp_path, drop_dir, max_steps=20, save_steps=2, max_consecutive_nonfinite=3)
     line = cli_error(capsys, tmp_path, cfg)
     run = tmp_path / "run"
-    assert line.startswith("error: 3 steps in a row had a non-finite loss (last at step 6, task 'retrieval')")
+    assert line.startswith("error: 3 steps in a row had a non-finite loss or gradient (the last: step 6, task "
+                           "'retrieval', its loss)")
     assert f"the last checkpoint is {run / 'checkpoint-4'}" in line
 
 
