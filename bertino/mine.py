@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from .cli import ArgumentParser, UsageError, run_cli
 from .errors import ConfigError, DataError
-from .evaluation import SCORE_BLOCK_ELEMENTS, _read_jsonl, _text, top_k_cosine
+from .eval_data import _read_jsonl, _text
+from .evaluation import SCORE_BLOCK_ELEMENTS, top_k_cosine
 
 SAMPLING = ("top", "random")
 
