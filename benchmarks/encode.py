@@ -19,7 +19,6 @@ texts it pads 14.7% (passages) and 23.2% (queries) of its tokens, bertino 3.2% a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_step import MODEL, load_pairs, machine  # noqa: E402
+from train_step import MODEL, load_pairs, machine, write_results  # noqa: E402
 
 from bertino import SentenceEncoder  # noqa: E402
 from bertino.sources import resolve_model_path  # noqa: E402
@@ -104,10 +103,7 @@ def main() -> None:
         results["machine"]["sentence_transformers"] = sentence_transformers.__version__
     torch.manual_seed(0)
     results["encode"] = compare(args.model, args.batch_size, args.limit, args.reps, args.compare_st, args.device)
-    results["load_after"] = os.getloadavg()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,15 @@ def measure_memory(args, setting: Setting, batch_size: int, amp: str) -> dict:
     return {**asdict(setting), "name": setting.name, "batch_size": batch_size, "amp": amp, **result}
 
 
+# ================================================================================================ results
+def write_results(path: Path, results: dict) -> None:
+    """Stamp the load average after the run and write the JSON (every benchmark ends with this)."""
+    results["load_after"] = os.getloadavg()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 # ================================================================================================ machine facts
 def bf16_matmul_slowdown(n: int = 512) -> float:
     """Time of an n×n bf16 matmul over the fp32 one on this CPU (≈1 with native bf16, ≈100 when emulated)."""
@@ -497,10 +506,7 @@ def main() -> None:
         print(f"\n| {amp} memory, B={args.batch_size} | step peak (MiB) | gradient phase (MiB) |\n|---|---:|---:|")
         for m in mems:
             print(f"| {m['name']} | {m['step_peak_mib']:.0f} | {m['gradient_phase_peak_mib']:.0f} |")
-    results["load_after"] = os.getloadavg()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ module); the maximum difference of the embeddings is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode import compare as compare_encode  # noqa: E402
-from train_step import DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, load_pairs, machine  # noqa: E402
+from train_step import (DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, load_pairs, machine,  # noqa: E402
+                        write_results)
 
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.sources import resolve_model_path  # noqa: E402
@@ -156,10 +156,7 @@ def main() -> None:
     if args.only in (None, "encode"):
         results["encode"] = compare_encode(args.model, args.encode_batch_size, args.encode_limit, args.encode_reps,
                                            compare_st=True, device=args.device)
-    results["load_after"] = os.getloadavg()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":
