@@ -85,10 +85,10 @@ def pad_batch(token_ids: Sequence[Sequence[int]], rows: Sequence[int], pad_id: i
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def length_order(token_ids: Sequence[Sequence[int]], descending: bool = True) -> torch.Tensor:
-    """Text indices sorted by token count, longest first unless `descending=False` (stable) → (T,)."""
+def length_order(token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Text indices sorted by token count, shortest first, ties in text order → (T,)."""
     lengths = torch.tensor([len(t) for t in token_ids])  # (T,)
-    return torch.argsort(lengths, descending=descending, stable=True)
+    return torch.argsort(lengths, stable=True)
 
 
 def make_mini_batches(
@@ -106,7 +106,7 @@ def make_mini_batches(
     a full one of the longest texts: the one whose graph `grad_cache_step` keeps for free (`keep_last`).
     """
     T = len(token_ids)
-    order = length_order(token_ids, descending=False) if sort_by_length else torch.arange(T)  # (T,)
+    order = length_order(token_ids) if sort_by_length else torch.arange(T)  # (T,)
     first = T - (math.ceil(T / mini_batch_size) - 1) * mini_batch_size  # size of the first mini-batch
     features = []
     for start, end in zip([0, *range(first, T, mini_batch_size)], [*range(first, T, mini_batch_size), T]):
