@@ -18,8 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from bertino.cli import ArgumentParser, UsageError, run_cli
 from bertino.errors import ConfigError
+from bertino.plumbing.cli import ArgumentParser, UsageError, run_cli
 
 
 
@@ -68,8 +68,9 @@ def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
 
 def main(argv: list[str] | None = None) -> dict:
     from bertino import SentenceEncoder
-    from bertino.evaluation import check_dims, evaluate_sets, format_table, load_eval_sets
-    from bertino.sources import resolve_model_path
+    from bertino.evaluation import check_dims, evaluate_sets, format_table
+    from bertino.plumbing.eval_data import load_eval_sets
+    from bertino.plumbing.sources import resolve_model_path
 
     args = parse_args(argv)
     # Files first: a typo in an eval file should fail in a second, not after loading the model.

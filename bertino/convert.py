@@ -1,67 +1,24 @@
-"""Convert a model folder's pickled weights (`pytorch_model.bin`, or its shards) into `model.safetensors`.
+"""`python -m bertino.convert FOLDER`: write FOLDER/model.safetensors from its pickled pytorch_model.bin, safely.
 
-    python -m bertino.convert FOLDER
-
-bertino loads weights only from safetensors (see `checkpoint.py`), so an older checkpoint that ships only a
-pickle needs this one explicit step. The pickle is read with `torch.load(weights_only=True)`: tensors and plain
-containers only, an object that would run code while unpickling is refused. The tensors are written unchanged
-(copied apart where a checkpoint ties two names to one storage, which safetensors does not allow), next to the
-pickle, with a temp file and a rename; the pickle is left in place.
+The conversion itself is bertino/plumbing/pickled_weights.py (it never runs pickled code). A mistake is one
+`error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from .errors import BertinoError, CheckpointError
+from .plumbing.cli import ArgumentParser, run_cli
+from .plumbing.pickled_weights import convert
 
 
-def convert(folder: str | os.PathLike) -> Path:
-    """Write FOLDER/model.safetensors from FOLDER/pytorch_model.bin (or its shards); return its path."""
-    folder = Path(folder)
-    target = folder / "model.safetensors"
-    if target.exists():
-        raise CheckpointError(f"{target} already exists; nothing to convert")
-    index = folder / "pytorch_model.bin.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (folder / "pytorch_model.bin").exists():
-        files = ["pytorch_model.bin"]
-    else:
-        raise CheckpointError(f"{folder}: no pytorch_model.bin (or pytorch_model.bin.index.json) to convert")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            part = torch.load(folder / name, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError: it holds more than tensors (or is corrupt)
-            raise CheckpointError(f"{folder / name}: refused by torch.load(weights_only=True): "
-                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
-        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise CheckpointError(f"{folder / name}: expected a dict of tensors (a state_dict)")
-        state.update({k: v.detach().clone().contiguous() for k, v in part.items()})  # no shared storage
-    tmp = folder / ".tmp-model.safetensors"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, target)
-    return target
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m bertino.convert", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a model folder holding pytorch_model.bin")
-    args = p.parse_args(argv)
-    try:
-        print(f"wrote {convert(args.folder)}")
-    except BertinoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    print(f"wrote {convert(p.parse_args(argv).folder)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

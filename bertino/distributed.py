@@ -79,3 +79,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def all_ranks_agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise AND of every rank's flags, so all ranks take the same decision (identity in one process).
+
+    note: a collective, so every rank must call it at the same point of every step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]

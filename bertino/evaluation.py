@@ -24,23 +24,21 @@ Semantic similarity. For pairs (a_j, b_j) with gold score g_j, s_j = cos(a_j, b_
     Spearman = Pearson(rank(s), rank(g))                     (tied values share their average rank)
 
 Matryoshka evaluation: every distinct text is encoded once at full dim; dim d uses the first d coordinates,
-re-normalised (cosine does that). The eval files (JSONL, optionally gzipped) are read by eval_data.py, whose
-`IRSet`, `STSSet`, `load_ir_file`, `load_sts_file` and `load_eval_sets` are importable from here too.
+re-normalised (cosine does that). An eval set is an `IRSet` or an `STSSet`; plumbing/eval_data.py reads them from
+JSONL files.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
-# The eval files are read in eval_data.py; its public names stay importable from here.
-from .eval_data import IRSet, STSSet, load_eval_sets, load_ir_file, load_sts_file  # noqa: F401
 
 IR_METRICS = ("map@100", "ndcg@10", "mrr@10", "accuracy@1", "accuracy@3", "accuracy@5", "accuracy@10",
               "recall@10", "precision@10")
@@ -52,6 +50,20 @@ METRIC_LABELS = {  # how tables print the metric names (the model card's spellin
 # Scores per (query chunk × corpus chunk) block: R·C ≤ this, so a block's temporaries stay ~100 MB whatever Q and N.
 SCORE_BLOCK_ELEMENTS = 1 << 22
 MATMUL_ROWS = 1024  # corpus rows per float64 matmul (a 1024 × 768 float64 slice is 6 MB)
+
+
+class IRSet(NamedTuple):
+    name: str  # the file's stem
+    queries: list[str]  # (Q,) distinct, in order of first appearance
+    corpus: list[str]  # (N,) every distinct positive and negative, in order of first appearance
+    relevant: list[set[int]]  # (Q,) corpus ids of each query's positives
+
+
+class STSSet(NamedTuple):
+    name: str
+    sentences1: list[str]  # (P,)
+    sentences2: list[str]  # (P,)
+    scores: list[float]  # (P,) gold scores, any scale (the correlations are scale-invariant)
 
 
 # ================================================================================================ IR metrics
@@ -257,6 +269,8 @@ def evaluate(
     show_progress_bar: bool = True,
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Load the eval files and score `encoder` on each at each dim: {dim: {set name: {metric: value}}}."""
+    from .plumbing.eval_data import load_eval_sets
+
     ir_sets, sts_sets = load_eval_sets(ir_files, sts_files)
     return evaluate_sets(encoder, ir_sets, sts_sets, dims, batch_size=batch_size, show_progress_bar=show_progress_bar)
 

@@ -1,4 +1,4 @@
-"""Contrastive and similarity losses, as pure functions of embeddings.
+"""Contrastive and similarity losses, as pure functions of embeddings, and the registry of the config's loss names.
 
 Shapes: B pairs/anchors, k hard negatives per anchor, D embedding dim.
 None of these functions knows the encoder: that is what lets GradCache (grad_cache.py) evaluate them on cached
@@ -15,12 +15,20 @@ CoSENT (Su 2022): with s_i = scale · cos(u_i, v_i),
 i.e. every pair ranked wrongly by cosine costs. Pairs with equal gold add nothing; all-equal gold gives log 1 = 0.
 
 CosineSimilarityLoss (the V4 STS loss): L = mean_i (cos(u_i, v_i) − gold_i)², gold scaled to [0, 1].
+
+`LOSSES` maps each config name (`tasks.NAME.loss`) to its function and what the rest of bertino needs to know:
+which rows it takes, its default scale, whether training computes it with GradCache, and its name on a model card.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Literal
+
 import torch
 import torch.nn.functional as F
+
+DEFAULT_SCALE = 20.0  # sentence-transformers' default for MNRL and CoSENT (= 1 / temperature 0.05)
 
 
 def cos_sim_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,12 +41,8 @@ def pairwise_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
 
 
-def mnrl_loss(
-    anchors: torch.Tensor,
-    candidates: torch.Tensor,
-    scale: float = 20.0,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
+def mnrl_loss(anchors: torch.Tensor, candidates: torch.Tensor, scale: float = DEFAULT_SCALE,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
     """anchors (B, D), candidates (M, D) with M = B(1+k) → mean cross-entropy ().
 
     `labels` (B,) index each anchor's positive among the candidates; default `arange(B)` (positives come first).
@@ -50,7 +54,7 @@ def mnrl_loss(
     return F.cross_entropy(scores, labels)
 
 
-def cosent_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def cosent_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor, scale: float = DEFAULT_SCALE) -> torch.Tensor:
     """e1, e2 (B, D), gold (B,) → CoSENT loss ()."""
     s = scale * pairwise_cos(e1, e2)  # (B,)
     diff = s[None, :] - s[:, None]  # (B, B): [i, j] = s_j − s_i
@@ -64,3 +68,23 @@ def cosent_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor, scale: f
 def cosine_similarity_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """e1, e2 (B, D), gold (B,) in [0, 1] → mean squared error of cosine vs gold ()."""
     return F.mse_loss(pairwise_cos(e1, e2), gold.float())
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One config loss name, and what it means."""
+
+    fn: Callable[..., torch.Tensor]
+    rows: Literal["retrieval", "pair_score"]  # (anchor, positive, negatives...) or (sentence1, sentence2, score)
+    default_scale: float | None  # the similarity scale when `tasks.NAME.scale` is unset; None: the loss has none
+    grad_cache: bool  # training computes it with GradCache (train.mini_batch_size texts through the encoder at once)
+    card_name: str  # the sentence-transformers class it reimplements, as the model card names it
+
+
+LOSSES = {
+    "mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, False, "MultipleNegativesRankingLoss"),
+    "cached_mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, True,
+                        "CachedMultipleNegativesRankingLoss (GradCache)"),
+    "cosent": Loss(cosent_loss, "pair_score", DEFAULT_SCALE, False, "CoSENTLoss"),
+    "cosine": Loss(cosine_similarity_loss, "pair_score", None, False, "CosineSimilarityLoss"),
+}

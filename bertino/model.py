@@ -4,21 +4,15 @@ Shapes: B batch, L sequence length, D model dim, H heads, Dh = D / H head dim, F
 
 One block (post-LN, as in BERT and DistilBERT):
 
-    h = LayerNorm(x + Dropout(W_o · MultiHeadAttention(x)))
+    h = LayerNorm(x + W_o · MultiHeadAttention(x))              attention probabilities: softmax(q kᵀ/√Dh) → dropout
     y = LayerNorm(h + Dropout(W_2 · GELU(W_1 · h)))
 
 Parameter names are exactly those of transformers' `DistilBertModel`, so a checkpoint loads key by key with a
-shape check (see `checkpoint.py`). Attention runs through `F.scaled_dot_product_attention`, which picks a fused
-kernel where one exists and applies attention-probability dropout itself.
+shape check (bertino/plumbing/weights.py). This is the plain model: `nn.Linear`, `nn.Dropout`, and attention through
+`F.scaled_dot_product_attention` (`ScaledDotProductAttention`), which picks a fused kernel where one exists and
+draws the attention-probability dropout itself. Training-time speed-ups replace some of these modules with
+equivalent ones when `train.py` installs them (bertino/speedups/); nothing here knows about them.
 
-Two CPU fast paths, both for training with dropout on CPU tensors (`Dropout.fast_cpu`, on by default; tested
-against the plain paths in tests/test_perf_paths.py):
-  - `Dropout` draws its keep-mask from 32 random bits per element instead of `bernoulli_`, whose CPU kernel is a
-    serial double-precision loop outside Intel CPUs (MKL's vectorised one is used on Intel only): ~4× faster,
-    and the mask is the same Bernoulli(1 − p) variable. It was ~12% of a GradCache step on a 2-core AMD EPYC.
-  - With dropout on, CPU SDPA leaves its fused kernel for the unfused "math" one (which also spends passes on a
-    NaN-safe softmax): attention is then written out, `softmax(q kᵀ/√Dh + mask) · keep/(1 − p) · v`, with the
-    same `Dropout`. Without dropout (eval, `encode`) SDPA's fused CPU kernel runs as before.
 A mini-batch without padding passes no attention mask at all (checked on CPU only: on CUDA it would be a sync).
 
 Mean pooling averages the token vectors where `attention_mask == 1`:
@@ -33,8 +27,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .linear_tape import Linear
 
 
 @dataclass
@@ -91,40 +83,9 @@ class EncoderConfig:
         }
 
 
-class Dropout(nn.Dropout):
-    """`nn.Dropout`, with a faster keep-mask for CPU tensors (class attribute `fast_cpu`).
-
-    y = x · m / (1 − p), m_i ~ Bernoulli(1 − p): m_i = [u_i ≥ t] for u_i uniform 32-bit integers and
-    t = round(p · 2³²) − 2³¹, so P(drop) = p up to 2⁻³². The bits come from the default CPU generator (int64
-    `random_` over the full range, two 32-bit draws per element), so `RandContext` replays the masks exactly.
-    Autograd keeps the bool mask (1 byte/element) rather than a float one.
-    """
-
-    fast_cpu: bool = True  # False (on the class or one instance): torch's dropout; CUDA always uses torch's
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_cpu_dropout(self, x) or self.p >= 1:
-            return super().forward(x)
-        return x.mul(keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
-
-
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
-    """A bool tensor of `shape` (CPU), True with probability 1 − p, from the default CPU generator."""
-    n = 1
-    for s in shape:
-        n *= s
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None)  # 64 uniform bits each
-    u = bits.view(torch.int32)[:n].view(shape)  # uniform in [−2³¹, 2³¹)
-    return u >= round(p * 2**32) - 2**31
-
-
-def _fast_cpu_dropout(module: Dropout, x: torch.Tensor) -> bool:
-    return module.training and module.p > 0 and module.fast_cpu and x.device.type == "cpu"
-
-
 def _activation(name: str):
     if name == "gelu":
-        return lambda x: F.gelu(x)  # exact (erf) GELU, as DistilBERT and BERT
+        return F.gelu  # exact (erf) GELU, as DistilBERT and BERT
     if name == "relu":
         return F.relu
     if name in ("gelu_new", "gelu_pytorch_tanh"):
@@ -138,7 +99,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.dim)
         self.LayerNorm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         L = input_ids.shape[1]
@@ -147,17 +108,35 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q kᵀ/√Dh, masked) · v, with dropout p on the attention probabilities while training.
+
+    q, k, v (B, H, L, Dh), keep (B, 1, 1, L) bool (True = a real key) or None → (B, H, L, Dh).
+    """
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.p = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        p = self.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)  # (B, H, L, Dh)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         if cfg.dim % cfg.n_heads:
             raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
         self.n_heads = cfg.n_heads
-        self.dropout = Dropout(cfg.attention_dropout)  # on the attention probabilities
-        self.q_lin = Linear(cfg.dim, cfg.dim, "q_lin")  # Linear: an nn.Linear that a LinearTape can replay
-        self.k_lin = Linear(cfg.dim, cfg.dim, "k_lin")
-        self.v_lin = Linear(cfg.dim, cfg.dim, "v_lin")
-        self.out_lin = Linear(cfg.dim, cfg.dim, "out_lin")
+        self.q_lin = nn.Linear(cfg.dim, cfg.dim)
+        self.k_lin = nn.Linear(cfg.dim, cfg.dim)
+        self.v_lin = nn.Linear(cfg.dim, cfg.dim)
+        self.attend = ScaledDotProductAttention(cfg.attention_dropout)
+        self.out_lin = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, D), keep (B, 1, 1, L) bool (True = a real key) or None (no padding) → (B, L, D)."""
@@ -167,26 +146,17 @@ class MultiHeadSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
 
-        q, k, v = heads(self.q_lin(x)), heads(self.k_lin(x)), heads(self.v_lin(x))
-        if _fast_cpu_dropout(self.dropout, x):
-            # Written out: SDPA would run its unfused math kernel here anyway (see the module docstring).
-            scores = (q @ k.transpose(-1, -2)).mul_((D // H) ** -0.5)  # (B, H, L, L)
-            if keep is not None:
-                scores.masked_fill_(~keep, float("-inf"))  # every row keeps [CLS]: never all -inf
-            y = self.dropout(scores.softmax(dim=-1)) @ v  # (B, H, L, Dh)
-        else:
-            p = self.dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)  # (B, H, L, Dh)
+        y = self.attend(heads(self.q_lin(x)), heads(self.k_lin(x)), heads(self.v_lin(x)), keep)  # (B, H, L, Dh)
         return self.out_lin(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
 class FFN(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.lin1 = Linear(cfg.dim, cfg.hidden_dim, "lin1")
-        self.lin2 = Linear(cfg.hidden_dim, cfg.dim, "lin2")
+        self.lin1 = nn.Linear(cfg.dim, cfg.hidden_dim)
+        self.lin2 = nn.Linear(cfg.hidden_dim, cfg.dim)
         self.act = _activation(cfg.activation)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.lin2(self.act(self.lin1(x))))  # (B, L, D)

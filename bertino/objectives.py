@@ -21,19 +21,16 @@ from typing import Sequence
 import torch
 
 from .distributed import gather_with_grad, world_info
-from .losses import cosent_loss, cosine_similarity_loss, mnrl_loss
+from .losses import Loss
 from .matryoshka import matryoshka_loss
-
-RETRIEVAL_LOSSES = ("mnrl", "cached_mnrl")
-PAIR_LOSSES = ("cosent", "cosine")
 
 
 @dataclass(frozen=True)
 class Objective:
     """How one task turns its embeddings into a loss."""
 
-    loss: str  # mnrl | cached_mnrl | cosent | cosine
-    scale: float = 20.0
+    loss: Loss  # an entry of losses.LOSSES
+    scale: float | None = None  # the similarity scale; None: the loss's default
     dims: Sequence[int] | None = None  # Matryoshka dims (None: plain loss on the full embedding)
     weights: Sequence[float] | None = None
     gather: bool = False  # gather candidates / pairs across ranks
@@ -43,31 +40,28 @@ class Objective:
         columns = list(reps.view(n_columns, -1, reps.shape[-1]))  # n × (B, D)
         B = columns[0].shape[0]
         rank, world = world_info() if self.gather else (0, 1)
+        scale = {} if self.loss.default_scale is None else {
+            "scale": self.loss.default_scale if self.scale is None else self.scale}
 
-        if self.loss in RETRIEVAL_LOSSES:
+        if self.loss.rows == "retrieval":
             anchors, candidates = columns[0], torch.cat(columns[1:])  # (B, D), (B(1+k), D)
             labels = torch.arange(B, device=reps.device)  # (B,)
             if world > 1:
                 candidates = torch.cat(gather_with_grad(candidates))  # (W·B(1+k), D)
                 labels = labels + rank * B * (n_columns - 1)
-            return self._combine(mnrl_loss, [anchors, candidates], scale=self.scale, labels=labels)
+            return self._combine([anchors, candidates], labels=labels, **scale)
 
-        if self.loss in PAIR_LOSSES:
-            e1, e2 = columns[0], columns[1]  # (B, D) each
-            divide = 1.0
-            if world > 1:
-                # Every rank evaluates the same loss over all W·B pairs; the gather's backward sums W identical
-                # contributions, so divide by W to get the single-process gradient after DDP's average.
-                e1, e2 = torch.cat(gather_with_grad(e1)), torch.cat(gather_with_grad(e2))  # (W·B, D)
-                scores = torch.cat(gather_with_grad(scores.float()))  # (W·B,)
-                divide = float(world)
-            if self.loss == "cosent":
-                return self._combine(cosent_loss, [e1, e2], gold=scores, scale=self.scale) / divide
-            return self._combine(cosine_similarity_loss, [e1, e2], gold=scores) / divide
+        e1, e2 = columns[0], columns[1]  # (B, D) each
+        divide = 1.0
+        if world > 1:
+            # Every rank evaluates the same loss over all W·B pairs; the gather's backward sums W identical
+            # contributions, so divide by W to get the single-process gradient after DDP's average.
+            e1, e2 = torch.cat(gather_with_grad(e1)), torch.cat(gather_with_grad(e2))  # (W·B, D)
+            scores = torch.cat(gather_with_grad(scores.float()))  # (W·B,)
+            divide = float(world)
+        return self._combine([e1, e2], gold=scores, **scale) / divide
 
-        raise ValueError(f"unknown loss {self.loss!r} (expected one of {RETRIEVAL_LOSSES + PAIR_LOSSES})")
-
-    def _combine(self, fn, embeddings: list[torch.Tensor], **kwargs) -> torch.Tensor:
+    def _combine(self, embeddings: list[torch.Tensor], **kwargs) -> torch.Tensor:
         if self.dims is None:
-            return fn(*embeddings, **kwargs)
-        return matryoshka_loss(fn, embeddings, self.dims, self.weights, **kwargs)
+            return self.loss.fn(*embeddings, **kwargs)
+        return matryoshka_loss(self.loss.fn, embeddings, self.dims, self.weights, **kwargs)

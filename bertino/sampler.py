@@ -285,3 +285,12 @@ class MultiTaskBatchSampler:
 
     def __len__(self) -> int:
         return len(self.schedule())
+
+    def stream(self, epoch: int, start: int) -> Iterator[tuple[int, int, str, list[int]]]:
+        """(epoch, index in the epoch, task, rows) from step `start` of `epoch` on, epoch after epoch, for ever:
+        a run's whole data, resumable from any position (`train.py` stops taking when its steps are done)."""
+        while True:
+            self.set_epoch(epoch)
+            for index, (name, rows) in enumerate(self.iter_from(start), start=start):
+                yield epoch, index, name, rows
+            epoch, start = epoch + 1, 0

@@ -1,4 +1,4 @@
-"""Evaluation files: the JSONL (optionally gzipped) files that `evaluation.evaluate` scores a model on.
+"""Evaluation files: the JSONL (optionally gzipped) files that `evaluation.evaluate_sets` scores a model on.
 
 Shapes (list lengths): Q distinct queries, N corpus texts, P STS pairs.
 
@@ -18,28 +18,14 @@ Every problem is a DataError that names the file and, where they apply, the line
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
-from .errors import DataError
-
-
-class IRSet(NamedTuple):
-    name: str  # the file's stem
-    queries: list[str]  # (Q,) distinct, in order of first appearance
-    corpus: list[str]  # (N,) every distinct positive and negative, in order of first appearance
-    relevant: list[set[int]]  # (Q,) corpus ids of each query's positives
-
-
-class STSSet(NamedTuple):
-    name: str
-    sentences1: list[str]  # (P,)
-    sentences2: list[str]  # (P,)
-    scores: list[float]  # (P,) gold scores, any scale (the correlations are scale-invariant)
+from ..errors import DataError
+from ..evaluation import IRSet, STSSet
+from .files import read_jsonl
 
 
 def load_ir_file(path: str | os.PathLike) -> IRSet:
@@ -51,8 +37,8 @@ def load_ir_file(path: str | os.PathLike) -> IRSet:
     corpus_ids: dict[str, int] = {}  # text → corpus id, in order of first appearance
     query_ids: dict[str, int] = {}
     relevant: list[set[int]] = []
-    for where, row in _read_jsonl(path):
-        query = _text(row, "query", where)
+    for where, row in read_rows(path):
+        query = text_field(row, "query", where)
         positives = _texts(row, "positive", where)
         negative_keys = [key for key in row if key == "negative" or key.startswith("negative_")]
         negatives = [text for key in negative_keys for text in _texts(row, key, where)]
@@ -68,9 +54,9 @@ def load_ir_file(path: str | os.PathLike) -> IRSet:
 def load_sts_file(path: str | os.PathLike) -> STSSet:
     """Read JSONL rows {"sentence1": str, "sentence2": str, "score": number} into an STSSet."""
     s1, s2, scores = [], [], []
-    for where, row in _read_jsonl(path):
-        s1.append(_text(row, "sentence1", where))
-        s2.append(_text(row, "sentence2", where))
+    for where, row in read_rows(path):
+        s1.append(text_field(row, "sentence1", where))
+        s2.append(text_field(row, "sentence2", where))
         score = row.get("score")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise DataError(f"{where}: key 'score' must be a finite number, found {score!r}"
@@ -103,36 +89,20 @@ def _set_name(path: str | os.PathLike) -> str:
     return name
 
 
-def _read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield ("FILE:LINE", row) for each non-blank line; DataError on a missing/empty file or a bad line."""
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("FILE:LINE", row) for each non-blank line; DataError on a misnamed or empty file or a bad line."""
     path = Path(path)
     if not (path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
         raise DataError(f"{path}: expected a .jsonl or .jsonl.gz eval file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    opener = gzip.open if path.name.endswith(".gz") else open
     n_rows = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
-                n_rows += 1
-                yield where, row
-    except (OSError, UnicodeDecodeError, EOFError) as e:  # unreadable, not gzip, not UTF-8, truncated gzip
-        raise DataError(f"{path}: cannot read the file ({type(e).__name__}: {e})") from None
+    for line_no, row in read_jsonl(path):
+        n_rows += 1
+        yield f"{path}:{line_no}", row
     if n_rows == 0:
         raise DataError(f"{path}: the file has no rows")
 
 
-def _text(row: dict, key: str, where: str) -> str:
+def text_field(row: dict, key: str, where: str) -> str:
     if key not in row:
         raise DataError(f"{where}: missing key {key!r} (found keys {sorted(row)})")
     value = row[key]
@@ -149,4 +119,4 @@ def _texts(row: dict, key: str, where: str) -> list[str]:
             raise DataError(f"{where}: key {key!r} must be a string or a non-empty list of strings, "
                             f"found {value!r:.60}")
         return value
-    return [_text(row, key, where)]
+    return [text_field(row, key, where)]

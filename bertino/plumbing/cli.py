@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import BertinoError
+from ..errors import BertinoError
 
 
 class UsageError(BertinoError):

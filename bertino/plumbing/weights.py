@@ -1,4 +1,4 @@
-"""Reading model folders: which files hold what, and how other layouts become DistilBERT keys.
+"""Model weights: read them from a folder (safetensors only), map other layouts' key names to DistilBERT's, load.
 
 Layouts that load (all end as `DistilBertModel` keys, no prefix):
 - `DistilBertModel` folders: the keys as they are.
@@ -7,25 +7,24 @@ Layouts that load (all end as `DistilBertModel` keys, no prefix):
   to every token; with single-segment input that is always row 0, a constant vector, so adding it into every
   position embedding gives exactly the same function without token types. The pooler is dropped.
 - Old files: `LayerNorm.gamma/beta` become `weight/bias`; `embeddings.position_ids` is a buffer, ignored.
-- sentence-transformers folders: `modules.json` says where the transformer lives and which pooling follows.
 
 Safe loading: weights are read ONLY from safetensors (a flat table of tensors: nothing in it can run). A folder
 with only a pickled `pytorch_model.bin` is refused with a CheckpointError that gives the one command to convert it,
-`python -m bertino.convert FOLDER` (it reads the .bin once with `torch.load(weights_only=True)`, which refuses
-pickled code, and writes `model.safetensors` next to it). Converting is an explicit step, so no training or
-evaluation run ever unpickles a file it was handed. Nothing is ever loaded with `trust_remote_code`.
+`python -m bertino.convert FOLDER` (pickled_weights.py: it reads the .bin once with
+`torch.load(weights_only=True)`, which refuses pickled code, and writes `model.safetensors` next to it). Converting
+is an explicit step, so no training or evaluation run ever unpickles a file it was handed.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .files import read_json
 
 # Keys that belong to heads or buffers we do not need, in any layout.
 _DROP = re.compile(
@@ -44,15 +43,6 @@ _BERT_RENAMES = [
     ("output.dense.", "ffn.lin2."),
     ("output.LayerNorm.", "output_layer_norm."),
 ]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

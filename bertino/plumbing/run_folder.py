@@ -1,0 +1,128 @@
+"""The run folder (`train.output_dir`): what may be written into it, its checkpoints, best/ and final/.
+
+    config.json            the resolved config              metrics.jsonl    one JSON object per logged step
+    checkpoint-STEP/       a complete checkpoint (run_checkpoints.py)
+    best/, final/          sentence-transformers model folders with a model card and eval_results.json
+    .tmp-*, .old-*         what an interrupted write leaves; cleaned up by the next run (files.restore_half_replaced)
+
+A fresh run never writes into a folder that holds an earlier run's checkpoints or models. Every folder is written
+into `.tmp-NAME/` and published with one rename (files.publish_dir), so a folder that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError
+from .config import Config, config_to_dict
+from .files import publish_dir
+from .model_card import render_model_card
+from .run_checkpoints import missing_files
+
+RUN_FILES = ("checkpoint-", "final", "best")  # what a run leaves that a fresh run must not overwrite
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def check_output_dir(out: Path, resuming: bool) -> None:
+    """Before anything is loaded: `out` must be creatable, and a fresh run must not overwrite an earlier one."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
+    parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: cannot create {out}: {parent} is not writable")
+    if not resuming and out.is_dir():
+        earlier = sorted(p.name for p in out.iterdir() if p.name.startswith(RUN_FILES))
+        if earlier:
+            raise ConfigError(
+                f"train.output_dir: {out} already holds an earlier run ({', '.join(earlier[:4])}"
+                f"{' ...' if len(earlier) > 4 else ''}); continue it with train.resume_from_checkpoint=true, "
+                f"or choose another output_dir (or delete that one)")
+
+
+def tmp_dir_for(final: Path) -> Path:
+    return final.parent / f".tmp-{final.name}"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (every required file present), sorted by step."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _CKPT.match(p.name)
+        if m and p.is_dir() and not missing_files(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
+    """`train.resume_from_checkpoint`: a folder, or true for the latest complete one in output_dir."""
+    if resume in (None, False, ""):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"train.resume_from_checkpoint: true, but {output_dir} holds no complete "
+                              f"checkpoint-*/ folder")
+        return found[-1][1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume_from_checkpoint: no such folder {path}")
+    missing = missing_files(path)
+    if missing:
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (missing "
+                          f"{', '.join(missing)})")
+    return path
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None, protect_step: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints, plus the one of `protect_step` (the best) if it is older."""
+    if keep is None:
+        return
+    steps = [step for step, _ in list_checkpoints(output_dir)]  # ascending
+    for s in steps[:-keep]:
+        if s != protect_step:
+            shutil.rmtree(output_dir / f"checkpoint-{s}", ignore_errors=True)
+
+
+def carry_best_model(ckpt: Path, out: Path, best_step: int | None) -> str | None:
+    """Resuming from another run's checkpoint into `out`: copy that run's `best/` along (atomically).
+
+    The checkpoint brings back `best_metric`/`best_step`, so only a better score replaces the best model from
+    here on, but the model itself is in the earlier run's `best/`. Without it, `load_best_model_at_end` would
+    finish with the last weights. That `best/` is the checkpoint's best, or a better one from a later step,
+    which the resumed run reproduces bitwise and saves again. Returns a warning when there is none to copy.
+    """
+    src, dst = ckpt.parent / "best", out / "best"
+    if best_step is None or ckpt.parent.resolve() == out.resolve() or dst.exists():
+        return None
+    if not (src / "model.safetensors").is_file():
+        return (f"{ckpt} says the best model so far is step {best_step}'s, but {src} is missing: best/ will "
+                f"hold only models that beat its score from here on")
+    tmp = tmp_dir_for(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    publish_dir(tmp, dst)
+    return None
+
+
+def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, dims) -> None:
+    """`best/` or `final/`: a sentence-transformers folder with its model card and eval_results.json, atomically."""
+    card = render_model_card(
+        base_model=cfg.model.name_or_path, dim=encoder.dim, max_seq_length=encoder.max_seq_length,
+        matryoshka_dims=list(cfg.matryoshka.dims) if cfg.matryoshka else None,
+        matryoshka_weights=list(cfg.matryoshka.weights) if cfg.matryoshka else None,
+        losses={name: t.loss for name, t in cfg.tasks.items()},
+        hyperparameters={k: v for k, v in config_to_dict(cfg.train).items()
+                         if k not in ("output_dir", "resume_from_checkpoint")},
+        results=results)
+    tmp = tmp_dir_for(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp, model_card=card, matryoshka_dims=list(dims))
+    if results:
+        (tmp / "eval_results.json").write_text(json.dumps({str(d): r for d, r in results.items()}, indent=2) + "\n")
+    publish_dir(tmp, folder)

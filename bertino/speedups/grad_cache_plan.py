@@ -1,0 +1,81 @@
+"""Faster GradCache plans: keep some autograd graphs, sparse embedding gradients, replay the linear tape.
+
+Shapes: n mini-batches in a step, m of them keeping their graph.
+
+A `grad_cache.Plan` says, for each mini-batch, how pass 1 runs it and how pass 3 gets its graph back, and the
+order of pass 3. Classic GradCache (`grad_cache.classic_plan`) recomputes every mini-batch in text order.
+`GradCacheSpeedups` builds the plan `train.py` uses:
+
+* **Kept graphs** (`KeepGraph`). The last m mini-batches of pass 1 run WITH autograd and keep their graph; pass 3
+  backpropagates them first, then recomputes the others. A kept graph lives from the end of pass 1 to the first
+  backwards of pass 3, so it costs memory only while it lives:
+    - the free last graph (`keep_last`, on): pass 1 ends with a full mini-batch of the longest texts
+      (`grad_cache.make_mini_batches`), and classic GradCache would hold exactly that graph while recomputing it.
+      Keeping it adds no live tensors to the peak and spares one of the n recomputations.
+    - the memory budget (`keep_graphs`, config `train.grad_cache_memory_budget`): m more graphs, trading memory
+      back for time; m = n − 1 is the full batch computed over length-sorted chunks.
+  Under DistributedDataParallel at least one mini-batch is recomputed through the wrapper, whatever the budget:
+  only a backward through the wrapper all-reduces, and it must be the last one.
+* **Sparse embedding gradients** (`SparseGrads`, sparse_embeddings.py): every backward but the last.
+* **The linear tape** (`TapeReplay`, linear_tape.py): the recomputed mini-batches replay pass 1's linear outputs.
+
+Each of these gives the gradient of classic GradCache: tests/test_speedups.py compares every combination with
+`classic_plan` (float64, 1e-10).
+"""
+
+from __future__ import annotations
+
+from ..grad_cache import Plan, Recompute
+from .linear_tape import TapeDeck, TapeReplay
+from .sparse_embeddings import SparseGradSwitch
+
+
+class KeepGraph(Recompute):
+    """Pass 1 runs this mini-batch WITH autograd and keeps the graph; pass 3 backpropagates it as it is."""
+
+    def first(self, module, features):
+        self.out = module(features)  # (C, D), graph kept
+        return self.out
+
+    def again(self, model, features):
+        out, self.out = self.out, None  # the graph is freed by this backward
+        return out
+
+
+class SparseGrads(Recompute):
+    """Any `Recompute`, its forwards recording sparse-gradient embedding lookups."""
+
+    def __init__(self, inner: Recompute, switch: SparseGradSwitch):
+        self.inner, self.switch = inner, switch
+
+    def first(self, module, features):
+        with self.switch.sparse_for(features):
+            return self.inner.first(module, features)
+
+    def again(self, model, features):
+        with self.switch.sparse_for(features):
+            return self.inner.again(model, features)
+
+
+class GradCacheSpeedups:
+    """A plan factory for `grad_cache.grad_cache_step`: `plan = GradCacheSpeedups(...)`; `plan(n, distributed)`."""
+
+    def __init__(self, keep_graphs: int = 0, keep_last: bool = True, sparse: SparseGradSwitch | None = None,
+                 tape: TapeDeck | None = None):
+        self.keep_graphs, self.keep_last, self.sparse, self.tape = keep_graphs, keep_last, sparse, tape
+
+    def kept(self, n: int, distributed: bool) -> int:
+        """How many of the n mini-batches keep their pass-1 graph."""
+        keep = min(self.keep_graphs + int(self.keep_last), n)
+        return min(keep, n - 1) if distributed else keep  # ≥ 1 recomputed through the wrapper: it all-reduces
+
+    def __call__(self, n: int, distributed: bool = False) -> Plan:
+        m = self.kept(n, distributed)
+        order = [*range(n - m, n), *range(n - m)]  # the kept graphs first: freed before anything is recomputed
+        steps: list[Recompute] = []
+        for i in range(n):
+            step = KeepGraph() if i >= n - m else TapeReplay(self.tape) if self.tape else Recompute()
+            if self.sparse is not None and i != order[-1]:  # the last backward stays dense
+                step = SparseGrads(step, self.sparse)
+            steps.append(step)
+        return Plan(steps, order)
