@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bertino.errors import ConfigError
 from bertino.plumbing.cli import ArgumentParser, UsageError, run_cli
+from bertino.plumbing.files import atomic_write, read_json
 
 
 
@@ -58,8 +59,8 @@ def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
     if not path.is_file():
         return None
     try:
-        dims = json.loads(path.read_text(encoding="utf-8")).get("bertino", {}).get("matryoshka_dims")
-    except (json.JSONDecodeError, AttributeError) as e:
+        dims = read_json(path, ConfigError).get("bertino", {}).get("matryoshka_dims")
+    except AttributeError as e:
         raise ConfigError(f"{path}: cannot read bertino.matryoshka_dims ({e})") from None
     if dims is not None and (not isinstance(dims, list) or not all(isinstance(d, int) for d in dims)):
         raise ConfigError(f"{path}: bertino.matryoshka_dims must be a list of integers, found {dims!r}")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = {str(d): {name: {m: (None if math.isnan(v) else v) for m, v in metrics.items()}
                         for name, metrics in sets.items()} for d, sets in results.items()}
         try:
-            args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+            atomic_write(args.json, json.dumps(out, indent=2) + "\n")
         except OSError as e:
             raise ConfigError(f"--json {args.json}: cannot write the results ({e.strerror})") from None
     return results

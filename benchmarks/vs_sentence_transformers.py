@@ -13,8 +13,11 @@ AdamW step → zero_grad.
   sentence-transformers: `MatryoshkaLoss(model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=8), ...)`
                          on one tokenized feature dict per column (its collator's layout); mini_batch_size counts
                          sequences of one column, so 4 columns × 32 rows give 16 mini-batches of 8.
-  bertino:               `grad_cache_step` with mini-batches of 8 texts (16 mini-batches), as train.py runs it.
-bertino also runs with the linear tape (`--tape`, linear_tape.py), which holds more memory than classic GradCache.
+  bertino:               `grad_cache_step` with mini-batches of 8 texts (16 mini-batches), as train.py runs it,
+                         with train.py's speed-ups (benchmarks/train_step.py's `Trainer`: fast CPU dropout, sparse
+                         embedding gradients, the free last graph).
+bertino also runs with the linear tape (`--tape`, bertino/speedups/linear_tape.py), which holds more memory than
+classic GradCache; every bertino variant trains the same weights (one encoder per tape setting, shared parameters).
 All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`.
 
 encode: `SentenceTransformer.encode` vs `SentenceEncoder.encode` on the demo's passages (and queries), batch 32,
@@ -43,7 +46,7 @@ from train_step import (DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, loa
                         write_results)
 
 from bertino.optim import make_optimizer  # noqa: E402
-from bertino.sources import resolve_model_path  # noqa: E402
+from bertino.plumbing.sources import resolve_model_path  # noqa: E402
 
 
 class STTrainer:
@@ -96,6 +99,7 @@ def compare_steps(args, folder: Path) -> dict:
     runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
     for tape in [""] + args.tape:
         setting = Setting("gradcache", args.mini_batch_size, 0, tape)
+        ours.variant(setting)  # its encoder made and its speed-ups installed before the first timed step
         runners["bertino" + (f" (linear tape: {tape})" if tape else "")] = (
             lambda texts, setting=setting: ours.step(setting, texts))
     seconds = {name: [] for name in runners}

@@ -84,7 +84,7 @@ def ir_metrics(
     `relevant[q]` is the set of corpus row ids relevant to query q (non-empty). The corpus is scored `chunk_size`
     rows at a time against a query chunk of R = SCORE_BLOCK_ELEMENTS // chunk_size queries, so the working memory
     (~100 MB) does not grow with Q or N: the full (Q, N) score matrix is never built.
-    Returns {"map@100": ..., "ndcg@10": ..., ...} (CONTRACT.md's order), each the mean over queries.
+    Returns {"map@100": ..., "ndcg@10": ..., ...} (the order of IR_METRICS), each the mean over queries.
     """
     query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
     _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size)
@@ -218,7 +218,7 @@ def _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size) -> None:
 
 
 def _ordered(names) -> list[str]:
-    """CONTRACT.md's metric order first, any extra cut-offs after it."""
+    """IR_METRICS' order first, any extra cut-offs after it."""
     return [m for m in IR_METRICS if m in names] + sorted(m for m in names if m not in IR_METRICS)
 
 

@@ -88,14 +88,14 @@ class RandContext:
 class Recompute:
     """Classic GradCache for one mini-batch: pass 1 snapshots the RNG and keeps no graph; pass 3 replays it."""
 
-    def first(self, module: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def first(self, module: nn.Module, batch: MiniBatch) -> torch.Tensor:
         self.rng = RandContext(next(module.parameters()).device)  # BEFORE the forward that draws dropout masks
         with torch.no_grad():
-            return module(features)  # (C, D)
+            return module(batch.features)  # (C, D)
 
-    def again(self, model: Model, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def again(self, model: Model, batch: MiniBatch) -> torch.Tensor:
         with self.rng:
-            return model(features)  # (C, D), with autograd, the same dropout masks as pass 1
+            return model(batch.features)  # (C, D), with autograd, the same dropout masks as pass 1
 
 
 @dataclass
@@ -115,7 +115,7 @@ def forward_no_grad(module: nn.Module, batches: list[MiniBatch], plan: Plan, aut
     One `autocast()` context spans the pass, so autocast casts each weight to low precision once per pass.
     """
     with autocast():
-        outputs = [r.first(module, b.features).detach() for r, b in zip(plan.recompute, batches)]
+        outputs = [r.first(module, b).detach() for r, b in zip(plan.recompute, batches)]
     reps = torch.empty(sum(len(b.texts) for b in batches), outputs[0].shape[-1],
                        dtype=outputs[0].dtype, device=outputs[0].device)  # (T, D)
     reps[torch.cat([b.texts for b in batches])] = torch.cat(outputs)
@@ -148,7 +148,7 @@ def forward_backward(model: Model, batches: list[MiniBatch], cache: torch.Tensor
     with autocast():
         for i in plan.backward_order:
             with model.no_sync() if i != last and hasattr(model, "no_sync") else contextlib.nullcontext():
-                out = plan.recompute[i].again(model, batches[i].features)  # (C, D)
+                out = plan.recompute[i].again(model, batches[i])  # (C, D)
                 # ∂⟨out, g⟩/∂θ = J_θᵀ g: backward with the cached gradient as the output gradient.
                 out.backward(gradient=cache[batches[i].texts].to(out.dtype))
 

@@ -25,6 +25,12 @@ from .losses import Loss
 from .matryoshka import matryoshka_loss
 
 
+def column_major(rows: Sequence[Sequence[str]]) -> list[str]:
+    """B rows of n texts → the T = n·B texts column after column, the layout `Objective` reads: text c·B + i is
+    column c of row i (all queries, then all positives, then each negative column)."""
+    return [row[c] for c in range(len(rows[0])) for row in rows]
+
+
 @dataclass(frozen=True)
 class Objective:
     """How one task turns its embeddings into a loss."""

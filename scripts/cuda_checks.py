@@ -10,6 +10,12 @@ The CPU test suite proves these on the CPU; on CUDA two things differ and are ch
     steer SDPA to another kernel;
   - fp16 needs a GradScaler, whose scale travels inside the GradCache cache (grad_cache.build_cache).
 Every check prints one line and lands in the JSON; the exit status is 1 if any check fails.
+
+The model runs as train.py runs it: its speed-ups (bertino/speedups/) are installed right after loading — the CPU
+dropout (torch's own dropout on CUDA tensors), sparse embedding gradients — and GradCache's steps use train.py's
+plan, `GradCacheSpeedups` (the free last graph kept, sparse embedding gradients for every backward but the last, no
+linear tape, no memory budget). The RNG-replay check looks at classic GradCache's own snapshots (`classic_plan`:
+every mini-batch recomputed). `--fp16` also runs the fp16 checks on a CPU (dry run; on CUDA they always run).
 """
 
 from __future__ import annotations
@@ -28,8 +34,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_step import DIMS, WEIGHTS, batch_texts, load_pairs  # noqa: E402
 
 from bertino import SentenceEncoder  # noqa: E402
-from bertino.grad_cache import forward_no_grad, grad_cache_step, make_mini_batches, pad_batch  # noqa: E402
+from bertino.batching import PackedTokenIds  # noqa: E402
+from bertino.grad_cache import classic_plan, forward_no_grad, grad_cache_step, make_mini_batches  # noqa: E402
+from bertino.losses import LOSSES  # noqa: E402
+from bertino.model import ScaledDotProductAttention  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
+from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
+from bertino.speedups.grad_cache_plan import GradCacheSpeedups  # noqa: E402
+from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads  # noqa: E402
 
 ROWS, NEGATIVES, MINI = 16, 2, 8  # 16 rows × 4 columns = 64 texts, mini-batches of 8
 N_COLUMNS = 2 + NEGATIVES
@@ -45,7 +57,7 @@ def rel_error(a: dict, b: dict) -> tuple[float, float]:
     """(global ‖a − b‖/‖b‖ over all parameters, max per-parameter relative error except k_lin.bias).
 
     k_lin.bias has an analytically zero gradient (a constant shift inside each softmax row), so its relative
-    error is rounding noise over rounding noise; see tests/test_grad_cache.py::max_rel_error.
+    error is rounding noise over rounding noise; see `max_rel_error` in tests/helpers.py.
     """
     num = torch.sqrt(sum((a[n] - b[n]).double().norm() ** 2 for n in b))
     den = torch.sqrt(sum(b[n].double().norm() ** 2 for n in b))
@@ -64,9 +76,9 @@ class Checks:
 
 
 def set_dropout(enc: SentenceEncoder, p: float | None) -> None:
-    """p=None restores the configured rates."""
+    """Every dropout rate of the model, the attention probabilities' included; p=None restores the configured rates."""
     for m in enc.modules():
-        if isinstance(m, torch.nn.Dropout):
+        if isinstance(m, (torch.nn.Dropout, ScaledDotProductAttention)):  # attention: its own `p` (SDPA's dropout_p)
             if not hasattr(m, "_configured_p"):
                 m._configured_p = m.p
             m.p = m._configured_p if p is None else p
@@ -78,6 +90,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--json", type=Path)
+    p.add_argument("--fp16", action="store_true", help="also run the fp16 + GradScaler checks off CUDA (dry run)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the equivalence checks compare fp32 with fp32
@@ -85,10 +98,13 @@ def main() -> None:
 
     checks = Checks()
     enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).to(device).train()
+    # the speed-ups train.py installs (its `setup`), and its GradCache plan: keep_last, sparse embedding gradients
+    install_cpu_dropout(enc.model)
+    plan = GradCacheSpeedups(keep_graphs=0, keep_last=True, sparse=install_sparse_embedding_grads(enc.model))
     texts = batch_texts(load_pairs(), 0, ROWS, NEGATIVES)
-    objective = Objective("cached_mnrl", dims=[d for d in DIMS if d <= enc.dim], weights=WEIGHTS)
+    objective = Objective(LOSSES["cached_mnrl"], dims=[d for d in DIMS if d <= enc.dim], weights=WEIGHTS)
     loss_fn = lambda reps: objective(reps, N_COLUMNS)  # noqa: E731
-    token_ids = enc.token_ids(texts)
+    token_ids = PackedTokenIds.tokenize(enc, texts)
     pad_id = enc.tokenizer.pad_token_id
     mbs = make_mini_batches(token_ids, MINI, pad_id, device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -97,17 +113,18 @@ def main() -> None:
 
     # 1. RNG replay: pass 1 (no autograd) and pass 3 (autograd) draw the same dropout masks.
     torch.manual_seed(0)
-    first = forward_no_grad(enc, mbs)  # keep_graphs=0: every mini-batch has an RNG snapshot
-    outs = first.reps[mbs.order].split(mbs.sizes)
-    same = [torch.equal(_replay(enc, first.rng_states[i], f), outs[i]) for i, f in enumerate(mbs.features)]
-    differs = [not torch.equal(enc(f).detach(), outs[i]) for i, f in enumerate(mbs.features)]
+    classic = classic_plan(len(mbs))  # every mini-batch recomputed: every one has an RNG snapshot
+    reps = forward_no_grad(enc, mbs, classic)  # (T, D), text order
+    outs = [reps[b.texts] for b in mbs]  # pass 1's output of each mini-batch
+    same = [torch.equal(_replay(enc, classic.recompute[i], b), outs[i]) for i, b in enumerate(mbs)]
+    differs = [not torch.equal(enc(b.features).detach(), outs[i]) for i, b in enumerate(mbs)]
     checks.record("rng_replay_bitwise", all(same) and all(differs), replayed_equal=f"{sum(same)}/{len(same)}",
                   unreplayed_differ=f"{sum(differs)}/{len(differs)}")
 
     # 2. GradCache = full batch, fp32, dropout off: one padded forward of all texts, one backward.
     set_dropout(enc, 0.0)
     full = _full_batch(enc, token_ids, pad_id, loss_fn, device)
-    grad_cache_step(enc, enc, mbs, loss_fn, scale_fn=lambda x: x * 1024.0)
+    grad_cache_step(enc, mbs, loss_fn, scale_fn=lambda x: x * 1024.0, plan=plan)
     gc = {k: v / 1024.0 for k, v in grads(enc).items()}
     glob, per = rel_error(gc, full)
     checks.record("gradcache_equals_full_batch_dropout_off_fp32", glob < 1e-4, global_rel=glob, max_param_rel=per)
@@ -115,28 +132,28 @@ def main() -> None:
     # 3. Dropout on: GradCache = one autograd graph over the same mini-batch forwards (same masks, same order).
     set_dropout(enc, None)
     torch.manual_seed(123)
-    outs = torch.cat([enc(f) for f in mbs.features])  # (T, D), mini-batch order, pass 1's RNG order
+    outs = torch.cat([enc(b.features) for b in mbs])  # (T, D), mini-batch order, pass 1's RNG order
     reps = torch.empty_like(outs)
-    reps[mbs.order] = outs
+    reps[torch.cat([b.texts for b in mbs])] = outs
     loss_fn(reps).backward()
     same_masks = grads(enc)
     torch.manual_seed(123)
-    grad_cache_step(enc, enc, mbs, loss_fn)
+    grad_cache_step(enc, mbs, loss_fn, plan=plan)
     glob, per = rel_error(grads(enc), same_masks)
     torch.manual_seed(7)
-    grad_cache_step(enc, enc, mbs, loss_fn)
+    grad_cache_step(enc, mbs, loss_fn, plan=plan)
     other_seed, _ = rel_error(grads(enc), same_masks)
     checks.record("gradcache_equals_same_mask_full_batch_dropout_on", glob < 1e-4 and other_seed > 1e-3,
                   global_rel=glob, max_param_rel=per, other_seed_global_rel=other_seed)
 
     # 4. fp16 autocast + GradScaler: the scale rides in the cache; unscaled gradients match fp32 to fp16 accuracy.
-    if device.type == "cuda":
+    if device.type == "cuda" or args.fp16:
         set_dropout(enc, 0.0)
         fp32 = _full_batch(enc, token_ids, pad_id, loss_fn, device)
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
         optimizer = torch.optim.SGD(enc.parameters(), lr=0.0)
-        autocast = lambda: torch.autocast("cuda", dtype=torch.float16)  # noqa: E731
-        loss = grad_cache_step(enc, enc, mbs, loss_fn, scaler.scale, autocast=autocast)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.float16)  # noqa: E731
+        loss = grad_cache_step(enc, mbs, loss_fn, scaler.scale, autocast=autocast, plan=plan)
         scaler.unscale_(optimizer)
         g16 = grads(enc)
         glob, per = rel_error(g16, fp32)
@@ -148,10 +165,10 @@ def main() -> None:
                       global_rel=glob, full_batch_fp16_global_rel=ref16, loss=float(loss))
 
         # an overflowing scale: the step is skipped (weights untouched), the scale backs off
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**60)
         optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
         before = [q.detach().clone() for q in enc.parameters()]
-        grad_cache_step(enc, enc, mbs, loss_fn, scaler.scale, autocast=autocast)
+        grad_cache_step(enc, mbs, loss_fn, scaler.scale, autocast=autocast, plan=plan)
         scaler.step(optimizer)
         scaler.update()
         untouched = all(torch.equal(a, q) for a, q in zip(before, enc.parameters()))
@@ -167,13 +184,12 @@ def main() -> None:
     sys.exit(0 if all(r["ok"] for r in checks.results.values()) else 1)
 
 
-def _replay(enc, rng_state, features) -> torch.Tensor:
-    with rng_state:
-        return enc(features).detach()  # with autograd, as in pass 3
+def _replay(enc, recompute, batch) -> torch.Tensor:
+    return recompute.again(enc, batch).detach()  # pass 3's recompute: the RNG snapshot replayed, with autograd
 
 
-def _features(token_ids, pad_id, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in pad_batch(token_ids, range(len(token_ids)), pad_id).items()}
+def _features(token_ids: PackedTokenIds, pad_id, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in token_ids.pad(range(len(token_ids)), pad_id).items()}
 
 
 def _full_batch(enc, token_ids, pad_id, loss_fn, device) -> dict[str, torch.Tensor]:

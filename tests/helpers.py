@@ -95,3 +95,108 @@ def rel_update_diff(w0: dict, w1: dict, w2: dict) -> float:
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── gradient checks
+# The GradCache tests' batch: B = 7 rows; retrieval rows have 4 columns (query, positive, 2 hard negatives) → T = 28
+# texts, cut into mini-batches of C = 5 (which does not divide 28). Matryoshka is on. The loss is multiplied by
+# SCALE = 1024, as a GradScaler does.
+B, C, SCALE = 7, 5, 1024.0
+WORDS = "il gatto cane casa libro tabella testo pagina documento formato cella roma milano acqua sole mare".split()
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    """n distinct texts of 1–11 random words (then their index), so lengths and padding vary."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(1, 12, (1,), generator=g)),),
+                                                          generator=g)) + f" {j}" for j in range(n)]
+
+
+def retrieval_case():
+    """(texts column after column: queries, positives, neg_1, neg_2; the Matryoshka MNRL loss of reps (T, D))."""
+    from bertino.losses import LOSSES
+    from bertino.objectives import Objective
+
+    objective = Objective(LOSSES["cached_mnrl"], dims=[32, 16, 8], weights=[1.0, 0.4, 0.2])
+    return random_texts(4 * B, seed=0), (lambda reps: objective(reps, n_columns=4))
+
+
+def cosent_case():
+    """(texts: sentence1s then sentence2s; the Matryoshka CoSENT loss of reps (T, D) against fixed gold scores)."""
+    from bertino.losses import LOSSES
+    from bertino.objectives import Objective
+
+    scores = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.0, 0.3, 1.0], dtype=torch.float64)
+    objective = Objective(LOSSES["cosent"], dims=[32, 16, 8], weights=[1.0, 0.4, 0.2])
+    return random_texts(2 * B, seed=1), (lambda reps: objective(reps, n_columns=2, scores=scores))
+
+
+CASES = {"mnrl_2_hard_negatives": retrieval_case, "cosent": cosent_case}
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters' gradients (cloned), then zeroed."""
+    out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def max_rel_error(a: dict, b: dict) -> float:
+    """max over parameters of ‖a_p − b_p‖ / ‖b_p‖.
+
+    One exception: the key-projection biases (k_lin.bias) have an analytically zero gradient — adding q·b to every
+    key's score is a constant shift inside each softmax row — so their computed gradients are rounding noise in both
+    runs. Their error is measured relative to 1e-6 · the whole gradient's norm instead of their own ~0 norm.
+    """
+    assert a.keys() == b.keys() and len(a) > 0
+    total = torch.sqrt(sum(g.double().norm() ** 2 for g in b.values()))
+    return max(((a[n] - b[n]).norm() / torch.maximum(b[n].norm(), 1e-6 * total)).item() for n in a)
+
+
+def global_rel_error(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over all parameters' gradients as one vector."""
+    num = sum((a[n].double() - b[n].double()).norm() ** 2 for n in b)
+    return torch.sqrt(num / sum(b[n].double().norm() ** 2 for n in b)).item()
+
+
+def token_ids(enc, texts):
+    from bertino.batching import PackedTokenIds
+
+    return PackedTokenIds.tokenize(enc, texts)
+
+
+def mini_batches(enc, texts, size: int = C):
+    from bertino.grad_cache import make_mini_batches
+
+    return make_mini_batches(token_ids(enc, texts), size, enc.tokenizer.pad_token_id)
+
+
+def full_batch_plain(enc, texts, loss_fn, autocast=None):
+    """One forward of the whole batch (one padded tensor), one backward of loss × SCALE → the gradients."""
+    import contextlib
+
+    with autocast() if autocast else contextlib.nullcontext():
+        reps = enc(token_ids(enc, texts).pad(range(len(texts)), enc.tokenizer.pad_token_id))  # (T, D)
+    (loss_fn(reps) * SCALE).backward()
+    return grads(enc)
+
+
+def full_batch_from_mini_batch_forwards(enc, texts, loss_fn):
+    """One autograd graph over the same mini-batch forwards GradCache runs (same RNG draws, in the same order)."""
+    batches = mini_batches(enc, texts)
+    outs = torch.cat([enc(b.features) for b in batches])  # (T, D), mini-batch order
+    reps = torch.empty_like(outs)
+    reps[torch.cat([b.texts for b in batches])] = outs
+    (loss_fn(reps) * SCALE).backward()
+    return grads(enc)
+
+
+def grad_cache_grads(enc, texts, loss_fn, seed: int | None = 123, model=None, **step_kwargs):
+    """GradCache's gradient of loss × SCALE (the RNG seeded first unless seed is None)."""
+    from bertino.grad_cache import grad_cache_step
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    grad_cache_step(model or enc, mini_batches(enc, texts, step_kwargs.pop("size", C)), loss_fn,
+                    scale_fn=lambda loss: loss * SCALE, **step_kwargs)
+    return grads(enc)

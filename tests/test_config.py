@@ -5,12 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from bertino.config import (
-    Config, ConfigError, MatryoshkaConfig, TaskConfig, apply_overrides, check_against_model, config_from_dict,
-    config_to_dict, effective_scale, load_config, parse_override, save_config,
+from bertino.errors import ConfigError
+from bertino.losses import DEFAULT_SCALE, LOSSES
+from bertino.plumbing.config import (
+    Config, MatryoshkaConfig, TaskConfig, apply_overrides, check_against_model, config_from_dict, config_to_dict,
+    load_config, save_config,
 )
+from bertino.plumbing.typed_json import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scale_of(task: TaskConfig) -> float | None:
+    """The similarity scale a task's loss uses: its own, or the loss's default (None: the loss has no scale)."""
+    return LOSSES[task.loss].default_scale if task.scale is None else task.scale
 
 
 def minimal() -> dict:
@@ -162,8 +170,7 @@ def test_accepted_types():
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["train.mini_batch_size=0"], "train.mini_batch_size"),
-    (["train.mini_batch_size=129"], "train.mini_batch_size"),
-    (["train.per_device_train_batch_size=8"], "train.mini_batch_size"),  # default mini batch 16 > 8
+    (["train.mini_batch_size=-1"], "train.mini_batch_size"),
     (["train.per_device_train_batch_size=0", "train.mini_batch_size=0"], "train.per_device_train_batch_size"),
     (["matryoshka.dims=[128,768]"], "matryoshka.dims: must be strictly descending"),
     (["matryoshka.dims=[768,768]"], "matryoshka.dims: must be strictly descending"),
@@ -220,6 +227,17 @@ def test_valid_edge_values():
                 "train.max_grad_norm=0", "matryoshka.weights=[1,0]", "train.bf16=true")
     assert cfg.train.mini_batch_size == cfg.train.per_device_train_batch_size
     assert build("train.warmup_ratio=1").train.warmup_ratio == 1.0
+    assert build("train.mini_batch_size=1").train.mini_batch_size == 1
+
+
+@pytest.mark.parametrize("overrides, batch, mini", [
+    (["train.mini_batch_size=129"], 128, 129),                    # texts of any column: B·columns may exceed B
+    (["train.per_device_train_batch_size=8"], 8, 16),             # the default mini batch 16 > 8 is fine
+    (["train.per_device_train_batch_size=2", "train.mini_batch_size=1000"], 2, 1000),
+])
+def test_mini_batch_size_may_exceed_the_batch_size(overrides, batch, mini):
+    t = build(*overrides).train
+    assert (t.per_device_train_batch_size, t.mini_batch_size) == (batch, mini)
 
 
 def test_check_against_model():
@@ -234,10 +252,14 @@ def test_check_against_model():
     check_against_model(build("matryoshka=null"), 64)
 
 
-def test_effective_scale():
+def test_task_scale_defaults_to_the_loss_default():
     cfg = build("tasks.sts.scale=7")
-    assert effective_scale(cfg.tasks["retrieval"]) == 20.0
-    assert effective_scale(cfg.tasks["sts"]) == 7.0
+    assert cfg.tasks["retrieval"].scale is None
+    assert scale_of(cfg.tasks["retrieval"]) == DEFAULT_SCALE == 20.0
+    assert scale_of(cfg.tasks["sts"]) == 7.0
+    assert scale_of(build("tasks.sts.loss=cosine").tasks["sts"]) is None  # the cosine loss has no scale
+    assert {name: loss.default_scale for name, loss in LOSSES.items()} == {
+        "mnrl": 20.0, "cached_mnrl": 20.0, "cosent": 20.0, "cosine": None}
 
 
 # ── files ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -250,14 +272,23 @@ def test_json_syntax_error_names_line_and_column(tmp_path):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match=r"missing\.json: file not found"):
         load_config(tmp_path / "missing.json")
+    (tmp_path / "latin1.json").write_bytes('{"model": {"name_or_path": "città"}}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.json: not UTF-8 text \(.* at byte \d+\)"):
+        load_config(tmp_path / "latin1.json")
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ConfigError, match="top level must be a JSON object"):
         load_config(tmp_path / "list.json")
     (tmp_path / "dup.json").write_text('{"model": {"name_or_path": "a", "name_or_path": "b"}}')
     with pytest.raises(ConfigError, match="'name_or_path' appears twice"):
         load_config(tmp_path / "dup.json")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(minimal()).encode("utf-8"))
+    assert load_config(path) == build()
 
 
 def test_round_trip(tmp_path):
@@ -287,7 +318,7 @@ def test_v5_matches_the_card():
     assert cfg.model.max_seq_length == 256  # the card does not state it; see the report / README
     r, s = cfg.tasks["retrieval"], cfg.tasks["sts"]
     assert r.columns == ("query", "positive", "negative_1", "negative_2")  # 1 positive + 2 dense hard negatives
-    assert r.loss == "cached_mnrl" and effective_scale(r) == 20.0
+    assert r.loss == "cached_mnrl" and scale_of(r) == 20.0
     assert s.dataset == "PhilipMay/stsb_multi_mt" and s.config == "it" and s.split == "train"
     assert s.columns == ("sentence1", "sentence2", "similarity_score")
     assert s.loss == "cosent" and s.score_scale == 5.0 and s.balance_to == "retrieval"

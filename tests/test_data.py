@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bertino.config import TaskConfig, apply_overrides, config_from_dict
-from bertino.data import TaskData, balance_indices, balance_tasks, load_task, load_tasks
 from bertino.errors import ConfigError, DataError
+from bertino.plumbing.config import TaskConfig, apply_overrides, config_from_dict
+from bertino.plumbing.data import TaskData, balance_indices, balance_tasks, load_task, load_tasks
 
 RETRIEVAL_COLUMNS = ("query", "positive", "negative_1", "negative_2")
 RETRIEVAL_ROWS = [
@@ -62,8 +62,8 @@ def test_jsonl_retrieval(tmp_path):
     assert isinstance(data, TaskData) and data.name == "retrieval" and len(data) == 5
     assert data.columns == RETRIEVAL_COLUMNS and data.scores is None and data.score_column is None
     assert data.texts == expected_retrieval_texts()
-    assert data.row_ref(0) == f"{path} line 1"
-    assert data.row_ref(2) == f"{path} line 4"  # a blank line after row 1 shifts the line numbers
+    assert data.row_ref(0) == f"{path}:1"
+    assert data.row_ref(2) == f"{path}:4"  # a blank line after row 1 shifts the line numbers
 
 
 def test_utf8_bom_and_crlf(tmp_path):
@@ -94,7 +94,7 @@ def test_json_list_and_json_lines(tmp_path):
     assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_list} row 3"
     as_lines = write_jsonl(tmp_path / "lines.json", RETRIEVAL_ROWS)
     data = load_task(retrieval(as_lines), "r")
-    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines} line 4"
+    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines}:4"
 
 
 def test_csv(tmp_path):
@@ -189,28 +189,28 @@ def sts_row(**changes):
 
 
 @pytest.mark.parametrize("bad, fragments", [
-    ('{"query": "q", "positive": ', ["line 3: invalid JSON"]),
-    ("not json", ["line 3: invalid JSON"]),
-    ('["q", "p", "n1", "n2"]', ["line 3: expected a JSON object", "found list"]),
-    ('"just a string"', ["line 3: expected a JSON object", "found str 'just a string'"]),
-    ("42", ["line 3: expected a JSON object", "found int 42"]),
-    (retrieval_row(negative_2=...), ["line 3: missing column 'negative_2'",
+    ('{"query": "q", "positive": ', [":3: invalid JSON: Expecting value (column 28)"]),
+    ("not json", [":3: invalid JSON: Expecting value (column 1)"]),
+    ('["q", "p", "n1", "n2"]', [":3: expected a JSON object, found list ['q', 'p', 'n1', 'n2']"]),
+    ('"just a string"', [":3: expected a JSON object, found str 'just a string'"]),
+    ("42", [":3: expected a JSON object, found int 42"]),
+    (retrieval_row(negative_2=...), [":3: missing column 'negative_2'",
                                      "the row has keys: query, positive, negative_1"]),
-    (retrieval_row(query=""), ["line 3: column 'query': expected a non-empty string, found ''"]),
-    (retrieval_row(positive="   \n"), ["line 3: column 'positive': expected a non-empty string"]),
-    (retrieval_row(negative_1=None), ["line 3: column 'negative_1'", "found None"]),
-    (retrieval_row(negative_1=7), ["line 3: column 'negative_1'", "found 7"]),
-    (retrieval_row(negative_2=["x"]), ["line 3: column 'negative_2'", "found ['x']"]),
-    (retrieval_row(negative_2="p"), ["line 3: column 'negative_2' equals column 'positive'"]),
-    (retrieval_row(negative_1=" p "), ["line 3: column 'negative_1' equals column 'positive'"]),
-    (retrieval_row(negative_1="q"), ["line 3: column 'negative_1' equals column 'query'"]),
+    (retrieval_row(query=""), [":3: column 'query': expected a non-empty string, found ''"]),
+    (retrieval_row(positive="   \n"), [":3: column 'positive': expected a non-empty string"]),
+    (retrieval_row(negative_1=None), [":3: column 'negative_1'", "found None"]),
+    (retrieval_row(negative_1=7), [":3: column 'negative_1'", "found 7"]),
+    (retrieval_row(negative_2=["x"]), [":3: column 'negative_2'", "found ['x']"]),
+    (retrieval_row(negative_2="p"), [":3: column 'negative_2' equals column 'positive'"]),
+    (retrieval_row(negative_1=" p "), [":3: column 'negative_1' equals column 'positive'"]),
+    (retrieval_row(negative_1="q"), [":3: column 'negative_1' equals column 'query'"]),
 ])
 def test_bad_retrieval_rows(tmp_path, bad, fragments):
     path = write_jsonl(tmp_path / "train.jsonl", [retrieval_row(), retrieval_row(query="q2")], blank_lines_after=())
     path.write_text(path.read_text() + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
     msg = load_error(retrieval(path), "retrieval")
     assert msg.startswith("task 'retrieval': ") or msg.startswith(str(path))
-    assert str(path) in msg
+    assert f"{path}:3: " in msg, msg  # FILE:LINE, the line of the bad row
     for fragment in fragments:
         assert fragment in msg, (fragment, msg)
 
@@ -231,7 +231,7 @@ def test_bad_sts_rows(tmp_path, bad, loss, fragments):
     path = tmp_path / "sts.jsonl"
     path.write_text(json.dumps(sts_row()) + "\n\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
     msg = load_error(sts(path, loss=loss), "sts")
-    assert f"{path} line 3" in msg, msg
+    assert f"{path}:3: " in msg, msg
     for fragment in fragments:
         assert fragment in msg, (fragment, msg)
 
@@ -265,7 +265,7 @@ def test_json_list_errors(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n {"query": "q"},\n {"query": }\n]')
     msg = load_error(retrieval(path))
-    assert "invalid JSON" in msg and "line 3" in msg
+    assert msg.startswith(f"{path}:3:") and "invalid JSON" in msg, msg  # FILE:LINE:COL of the document
     path.write_text(json.dumps([retrieval_row(), retrieval_row(negative_1=...)]))
     assert f"{path} row 1: missing column 'negative_1'" in load_error(retrieval(path))
 
@@ -288,7 +288,7 @@ def test_columnar_errors_name_the_row(tmp_path):
 def test_unreadable_bytes(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(retrieval_row()).encode() + b"\n" + b'{"query": "caf\xe9"}\n')
-    assert "line 2: invalid JSON: not UTF-8" in load_error(retrieval(path))
+    assert f"{path}:2: not UTF-8 text" in load_error(retrieval(path))
     gz = tmp_path / "broken.jsonl.gz"
     gz.write_bytes(b"this is not gzip")
     assert f"{gz}: cannot read" in load_error(retrieval(gz))
@@ -331,7 +331,7 @@ def test_balance_tasks(n_sts, n_retrieval):
     for i, text in enumerate(out["sts"].texts):  # scores and row references travel with their rows
         j = tasks["sts"].texts.index(text)
         assert out["sts"].scores[i] == tasks["sts"].scores[j]
-        assert out["sts"].row_ref(i) == f"sts.jsonl line {2 * (j + 1)}"
+        assert out["sts"].row_ref(i) == f"sts.jsonl:{2 * (j + 1)}"
     assert out["sts"].columns == ("a", "b") and out["sts"].score_column == "s"
     assert len(tasks["sts"]) == n_sts  # input untouched
 

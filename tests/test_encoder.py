@@ -11,9 +11,19 @@ from conftest import SENTENCES, make_distilbert
 from transformers import AutoTokenizer, BertModel, DistilBertModel
 
 from bertino import CheckpointError, SentenceEncoder
-from bertino.encoder import PackedTokenIds, encode_batches
+from bertino.batching import PackedTokenIds, length_sorted_batches
 from bertino.errors import BertinoError
-from bertino.grad_cache import pad_batch
+
+
+def pad_batch(token_ids, rows, pad_id) -> dict[str, torch.Tensor]:
+    """A naive reference padder (what grad_cache.pad_batch was): rows of `token_ids`, padded to their longest."""
+    L = max(len(token_ids[r]) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)  # (B, L)
+    for i, r in enumerate(rows):
+        ids[i, : len(token_ids[r])] = torch.as_tensor(token_ids[r])
+        mask[i, : len(token_ids[r])] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def reference_mean_pooled(model, folder, texts) -> torch.Tensor:
@@ -73,7 +83,7 @@ def test_encode_batches_cover_every_text_once_within_the_memory_of_fixed_batches
     rng = np.random.default_rng(seed)
     lengths = rng.choice([3, 4, 5, 9, 30, 31], size=int(rng.integers(1, 300)))  # many equal lengths, like queries
     batch_size = int(rng.integers(1, 20))
-    batches = encode_batches(lengths, batch_size)
+    batches = length_sorted_batches(lengths, batch_size, grow=True)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     budget = batch_size * lengths.max()
     done = 0
@@ -94,10 +104,29 @@ def test_packed_token_ids_pad_like_pad_batch(tiny_model_dir):
     packed = PackedTokenIds.tokenize(enc, texts, chunk=4)  # several tokenizer chunks
     lists = enc.token_ids(texts)
     assert packed.lengths.tolist() == [len(t) for t in lists]
+    from_lists = PackedTokenIds.from_lists(lists)
+    assert from_lists.lengths.tolist() == packed.lengths.tolist()
     for rows in ([0], [5, 1, 2], list(range(len(texts)))[::-1]):
-        ours, ref = packed.pad(rows, 0), pad_batch(lists, rows, 0)
-        for k in ref:
-            assert torch.equal(ours[k], ref[k]), k
+        ref = pad_batch(lists, rows, 0)
+        for ours in (packed.pad(rows, 0), from_lists.pad(rows, 0)):
+            assert set(ours) == set(ref)
+            for k in ref:
+                assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+    for ours in (packed.pad([2, 3], 7), from_lists.pad([2, 3], 7)):  # a pad id other than 0 fills the tail
+        assert torch.equal(ours["input_ids"], pad_batch(lists, [2, 3], 7)["input_ids"])
+        assert (ours["input_ids"][ours["attention_mask"] == 0] == 7).all() and (ours["attention_mask"] == 0).any()
+
+
+def test_tokenize_pads_like_the_tokenizer(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=12)  # some texts are cut at 12 tokens
+    texts = SENTENCES + ["x " * 40]
+    ref = enc.tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt",
+                        return_token_type_ids=False)
+    ours = enc.tokenize(texts)
+    assert set(ours) == {"input_ids", "attention_mask"}
+    assert ours["input_ids"].shape[1] == 12
+    for k in ours:
+        assert ours[k].dtype == torch.long and torch.equal(ours[k], ref[k]), k
 
 
 def test_truncate_dim_is_a_prefix_and_normalize(tiny_model_dir):

@@ -12,8 +12,9 @@ import torch
 
 from bertino import evaluation as ev
 from bertino.errors import BertinoError, ConfigError, DataError
-from bertino.evaluation import (average_ranks, evaluate, format_table, ir_metrics, load_eval_sets, load_ir_file,
-                                load_sts_file, sts_metrics, top_k_cosine)
+from bertino.evaluation import (IRSet, STSSet, average_ranks, evaluate, format_table, ir_metrics, sts_metrics,
+                                top_k_cosine)
+from bertino.plumbing.eval_data import load_eval_sets, load_ir_file, load_sts_file
 
 
 def unit_2d(cosines: list[float]) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_several_relevant_docs_and_k_larger_than_corpus():
     got = ir_metrics(QUERY, corpus, [{5, 2, 0}])
     dcg = 1 / math.log2(3) + 1 / math.log2(5) + 1 / math.log2(7)
     idcg = 1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
-    assert list(got) == list(ev.IR_METRICS)  # CONTRACT.md's names, in its order
+    assert list(got) == list(ev.IR_METRICS)  # the contract's names (docs/contract.md), in its order
     assert_metrics_close(got, {
         "accuracy@1": 0.0, "accuracy@3": 1.0, "accuracy@5": 1.0, "accuracy@10": 1.0,
         "precision@10": 3 / 10,  # divided by k even though the corpus has only 6 texts
@@ -248,7 +249,9 @@ def test_load_ir_file_builds_corpus_and_relevant_sets(tmp_path):
         {"query": "q2", "positive": ["p2", "p3"]},
         {"query": "q1", "positive": "p4", "negative": "n1"},  # q1 again: its positives add up; n1 is not new
     ])
-    name, queries, corpus, relevant = load_ir_file(path)
+    loaded = load_ir_file(path)
+    assert isinstance(loaded, IRSet)
+    name, queries, corpus, relevant = loaded
     assert name == "dev_ir"
     assert queries == ["q1", "q2"]
     assert corpus == ["p1", "n1", "p2", "p3", "p4"]  # first appearance
@@ -260,14 +263,19 @@ def test_load_sts_file(tmp_path):
         {"sentence1": "a", "sentence2": "b", "score": 4.5},
         {"sentence1": "c", "sentence2": "d", "score": 0},
     ], raw_lines=[""])  # a blank line is skipped
-    assert tuple(load_sts_file(path)) == ("sts-dev", ["a", "c"], ["b", "d"], [4.5, 0.0])
+    loaded = load_sts_file(path)
+    assert isinstance(loaded, STSSet)
+    assert tuple(loaded) == ("sts-dev", ["a", "c"], ["b", "d"], [4.5, 0.0])
 
 
 @pytest.mark.parametrize("content, match", [
-    (None, "no such file"),
+    (None, r"dev\.jsonl: no such file"),
     ("", "has no rows"),
     ("\n  \n", "has no rows"),
-    ('{"query": "q", "positive": "p"}\n\n{"query": "q2", "positive": \n', r"dev\.jsonl:3: malformed JSON"),
+    ('{"query": "q", "positive": "p"}\n\n{"query": "q2", "positive": \n',
+     r"dev\.jsonl:3: invalid JSON: Expecting value \(column 29\)"),  # just past the line's last character
+    ('{"query": "q", "positive": "p"}\n{"query" "q2"}\n', r"dev\.jsonl:2: invalid JSON: Expecting ':' delimiter "
+                                                         r"\(column 10\)"),
     ('{"query": "q", "positive": "p"}\n["q", "p"]\n', r"dev\.jsonl:2: expected a JSON object"),
     ('{"query": "q", "pos": "p"}\n', r"dev\.jsonl:1: missing key 'positive'"),
     ('{"query": 7, "positive": "p"}\n', r"dev\.jsonl:1: key 'query' must be a string, found int"),
@@ -311,7 +319,7 @@ def test_eval_file_names_must_be_jsonl_and_unique(tmp_path):
         load_ir_file(tmp_path / "dev.csv")
     bad_gzip = tmp_path / "bad.jsonl.gz"
     bad_gzip.write_text("not gzip")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: cannot read: "):
         load_ir_file(bad_gzip)
 
 

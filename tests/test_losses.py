@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from bertino.losses import cosent_loss, cosine_similarity_loss, mnrl_loss
+from bertino.losses import DEFAULT_SCALE, LOSSES, cosent_loss, cosine_similarity_loss, mnrl_loss
 from bertino.matryoshka import matryoshka_loss
+from bertino.objectives import Objective
 
 
 def cos(a, b) -> float:
@@ -104,3 +105,42 @@ def test_matryoshka_is_the_weighted_sum_over_truncations_not_renormalised():
     assert got == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="differ in length"):
         matryoshka_loss(cosent_loss, [e1, e2], [16, 8], [1.0], gold=gold)
+
+
+def test_the_registry_names_each_loss_and_what_it_takes():
+    assert {name: (loss.fn, loss.rows, loss.grad_cache) for name, loss in LOSSES.items()} == {
+        "mnrl": (mnrl_loss, "retrieval", False), "cached_mnrl": (mnrl_loss, "retrieval", True),
+        "cosent": (cosent_loss, "pair_score", False), "cosine": (cosine_similarity_loss, "pair_score", False)}
+    assert LOSSES["cosine"].default_scale is None and LOSSES["mnrl"].default_scale == DEFAULT_SCALE == 20.0
+
+
+def test_objective_lays_out_columns_and_applies_scale_and_matryoshka():
+    g = torch.Generator().manual_seed(6)
+    B, D = 4, 16
+    q, p, n = (torch.randn(B, D, generator=g) for _ in range(3))
+    reps = torch.cat([q, p, n])  # column after column: (3B, D)
+    assert Objective(LOSSES["cached_mnrl"])(reps, 3).item() == pytest.approx(
+        mnrl_loss(q, torch.cat([p, n]), scale=20.0).item(), rel=1e-6)
+    assert Objective(LOSSES["mnrl"], scale=7.0)(reps, 3).item() == pytest.approx(
+        mnrl_loss(q, torch.cat([p, n]), scale=7.0).item(), rel=1e-6)
+    e1, e2, gold = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), torch.rand(B, generator=g)
+    got = Objective(LOSSES["cosent"], dims=[16, 4], weights=[1.0, 0.5])(torch.cat([e1, e2]), 2, gold)
+    assert got.item() == pytest.approx(matryoshka_loss(cosent_loss, [e1, e2], [16, 4], [1.0, 0.5], gold=gold,
+                                                       scale=20.0).item(), rel=1e-6)
+    assert Objective(LOSSES["cosine"])(torch.cat([e1, e2]), 2, gold).item() == pytest.approx(
+        cosine_similarity_loss(e1, e2, gold).item(), rel=1e-6)  # no scale argument reaches the cosine loss
+
+
+def test_objective_on_column_major_rows_is_the_naive_mnrl_with_every_hard_negative():
+    """A batch of rows (query, positive, neg_1, neg_2), laid out as train.py lays it out (`column_major`), gives
+    the naive formula's loss: each query against every positive AND every hard negative of the batch."""
+    from bertino.objectives import column_major
+
+    g = torch.Generator().manual_seed(9)
+    B, D = 5, 12
+    rows = [tuple(torch.randn(D, generator=g, dtype=torch.float64) for _ in range(4)) for _ in range(B)]
+    reps = torch.stack(column_major(rows))  # (4B, D)
+    candidates = [r[1] for r in rows] + [r[2] for r in rows] + [r[3] for r in rows]  # positive i is candidate i
+    want = naive_mnrl([r[0] for r in rows], candidates, 20.0)
+    assert Objective(LOSSES["cached_mnrl"])(reps, 4).item() == pytest.approx(want, rel=1e-6)  # fp32 inside
+    assert column_major([("a", "b"), ("c", "d")]) == ["a", "c", "b", "d"]

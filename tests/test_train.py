@@ -37,7 +37,8 @@ def test_grad_cache_training_equals_no_caching(nodrop_dir, tmp_path):
     diff = rel_update_diff(w0, w_cached, w_plain)
     print(f"3 steps, GradCache (mini-batch 3) vs no caching: ‖Δw₁ − Δw₂‖/‖Δw₂‖ = {diff:.2e}")
     assert diff <= 1e-3
-    assert rel_update_diff(w0, w_plain, {k: v * 0 + w0[k] for k, v in w0.items()}) > 0  # the weights did move
+    moved = sum(float((w_plain[k] - w0[k]).double().norm()) for k in w0)
+    assert moved > 1e-3  # the weights did move: the comparison above is not between two untrained models
 
 
 def test_same_seed_with_dropout_is_bitwise_reproducible(drop_dir, tmp_path):
@@ -139,8 +140,11 @@ def test_v5_config_with_overrides_runs_and_writes_the_run_folder(tiny_model_dir,
         emb = enc.encode(["il gatto", "il cane"], truncate_dim=8)
         assert emb.shape == (2, 8) and np.isfinite(emb).all()
     card = (run / "final" / "README.md").read_text()
-    assert "cached_mnrl" in card or "CachedMultipleNegativesRankingLoss" in card
-    assert "| metric" in proc.stdout or "|" in proc.stdout  # the final table
+    assert "**retrieval**: CachedMultipleNegativesRankingLoss (GradCache)" in card
+    assert "**sts**: CoSENTLoss" in card
+    # the final table: one block per eval set, a column per eval dim
+    assert "### dev_ir\n\n| metric | 32d | 8d |" in proc.stdout
+    assert "### dev_sts\n\n| metric | 32d | 8d |" in proc.stdout and "| Spearman Cosine |" in proc.stdout
 
 
 def test_loss_goes_down_on_a_learnable_task(tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ..errors import ConfigError
@@ -139,7 +140,8 @@ def config_to_dict(cfg: Any) -> Any:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as JSON, atomically."""
+    """Write the resolved config as JSON, atomically (the folder is created if needed)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, config_to_dict(cfg))
 
 

@@ -61,9 +61,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 if not raw.strip():
                     continue  # blank lines (e.g. a trailing newline) are not rows
                 try:
-                    row = decode(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                    row = decode(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+                    # past the line's own newline (an object cut short): the column just after its last character
+                    column = e.colno if e.lineno == 1 else len(text.rstrip("\r\n")) + 1
+                    raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {column})") from None
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
                 if not isinstance(row, dict):

@@ -33,11 +33,11 @@ from .sparse_embeddings import SparseGradSwitch
 class KeepGraph(Recompute):
     """Pass 1 runs this mini-batch WITH autograd and keeps the graph; pass 3 backpropagates it as it is."""
 
-    def first(self, module, features):
-        self.out = module(features)  # (C, D), graph kept
+    def first(self, module, batch):
+        self.out = module(batch.features)  # (C, D), graph kept
         return self.out
 
-    def again(self, model, features):
+    def again(self, model, batch):
         out, self.out = self.out, None  # the graph is freed by this backward
         return out
 
@@ -48,13 +48,13 @@ class SparseGrads(Recompute):
     def __init__(self, inner: Recompute, switch: SparseGradSwitch):
         self.inner, self.switch = inner, switch
 
-    def first(self, module, features):
-        with self.switch.sparse_for(features):
-            return self.inner.first(module, features)
+    def first(self, module, batch):
+        with self.switch.sparse_for(batch.features):
+            return self.inner.first(module, batch)
 
-    def again(self, model, features):
-        with self.switch.sparse_for(features):
-            return self.inner.again(model, features)
+    def again(self, model, batch):
+        with self.switch.sparse_for(batch.features):
+            return self.inner.again(model, batch)
 
 
 class GradCacheSpeedups:

@@ -159,11 +159,11 @@ class TapeReplay(Recompute):
     def __init__(self, deck: TapeDeck):
         self.deck = deck
 
-    def first(self, module, features):
+    def first(self, module, batch):
         self.tape = LinearTape()
         with self.deck.recording(self.tape):
-            return super().first(module, features)
+            return super().first(module, batch)
 
-    def again(self, model, features):
+    def again(self, model, batch):
         with self.deck.replaying(self.tape):
-            return super().again(model, features)
+            return super().again(model, batch)

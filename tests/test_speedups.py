@@ -1,0 +1,303 @@
+"""Every speed-up (bertino/speedups/) against the plain code it replaces.
+
+- cpu_dropout.py: `BitsDropout` is Bernoulli(1 − p) with the usual scale and replays under RandContext;
+  `WrittenOutAttention` equals SDPA and the formula by hand; eval mode is untouched;
+- sparse_embeddings.py, linear_tape.py, grad_cache_plan.py: every plan gives classic GradCache's gradient (float64,
+  1e-10), alone and combined, with dropout on;
+- installing keeps the parameters, the state-dict keys and `encode` exactly as they were;
+- autocast casts each weight to low precision once per pass, not once per mini-batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_distilbert
+from helpers import (C, full_batch_from_mini_batch_forwards, grad_cache_grads, grads, max_rel_error, mini_batches,
+                     retrieval_case)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bertino import SentenceEncoder
+from bertino.grad_cache import RandContext, classic_plan, forward_no_grad, grad_cache_step
+from bertino.model import EncoderConfig, MultiHeadSelfAttention, ScaledDotProductAttention
+from bertino.speedups import cpu_dropout
+from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, install_cpu_dropout
+from bertino.speedups.grad_cache_plan import GradCacheSpeedups, SparseGrads
+from bertino.speedups.linear_tape import (ALL_LINEARS, DEFAULT_TAPED, LinearTape, TapedLinear, TapeReplay,
+                                          install_linear_tape)
+from bertino.speedups.sparse_embeddings import SwitchableEmbedding, install_sparse_embedding_grads
+
+
+# ================================================================================================ dropout
+def test_bits_dropout_is_bernoulli_with_the_usual_scale():
+    torch.manual_seed(0)
+    drop = BitsDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 5 * (0.1 * 0.9 / 1e6) ** 0.5, dropped  # within 5σ of a binomial
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # ∂y/∂x = m / (1 − p), the same mask
+    # the 32-bit draws are uniform: every bit position is set about half the time
+    bits = torch.empty(100_000, dtype=torch.int64).random_(-(2**63), None)
+    ones = torch.stack([(bits >> i) & 1 for i in range(64)]).float().mean(dim=1)
+    assert ((ones - 0.5).abs() < 0.01).all()
+    # p = 0 and eval mode are the identity; p = 1 drops everything
+    assert torch.equal(BitsDropout(0.0).train()(x), x) and torch.equal(drop.eval()(x), x)
+    assert torch.equal(BitsDropout(1.0).train()(x.detach()), torch.zeros_like(x))
+
+
+def test_bits_dropout_replays_and_falls_back_to_torch_where_it_does_not_apply():
+    x = torch.randn(4, 7, 16)
+    drop = BitsDropout(0.3).train()
+    ctx = RandContext(torch.device("cpu"))
+    a = drop(x)
+    with ctx:
+        b = drop(x)
+    assert torch.equal(a, b)  # the masks come from the CPU generator: RandContext replays them
+    torch.manual_seed(5)
+    mine = drop(x.to(torch.float64))
+    torch.manual_seed(5)
+    assert not torch.equal(mine, F.dropout(x.to(torch.float64), 0.3, training=True))  # really another kernel
+    assert torch.equal(BitsDropout(0.3).eval()(x), x)
+
+
+def attention_inputs(pad: bool):
+    cfg = EncoderConfig(dim=32, n_heads=4, attention_dropout=0.2)
+    torch.manual_seed(1)
+    attn = MultiHeadSelfAttention(cfg).double()
+    x = torch.randn(3, 6, 32, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    if pad:
+        keep[0, ..., 4:] = False
+        keep[2, ..., 2:] = False
+    return attn, x, keep
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_written_out_attention_equals_sdpa_and_the_formula(monkeypatch, pad):
+    attn, x, keep = attention_inputs(pad)
+    assert type(attn.attend) is ScaledDotProductAttention
+    sdpa = attn.eval()(x, keep)
+    assert install_cpu_dropout(attn) == 1 and type(attn.attend) is WrittenOutAttention
+    assert torch.equal(attn.eval()(x, keep), sdpa)  # eval: SDPA itself
+    # 1) with every key kept and a p so small that 1/(1 − p) == 1.0, the written-out path equals SDPA (eval)
+    monkeypatch.setattr(cpu_dropout, "keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+    attn.attend.p = attn.attend.dropout.p = 1e-300
+    got = attn.train()(x, keep)
+    assert torch.allclose(got, sdpa, atol=1e-12, rtol=0)
+    gx_got, = torch.autograd.grad(got.sum(), x)
+    gx_want, = torch.autograd.grad(attn.eval()(x, keep).sum(), x)
+    assert torch.allclose(gx_got, gx_want, atol=1e-12, rtol=0)
+    # 2) with a given dropout mask it is softmax(q kᵀ/√Dh + mask) · m/(1 − p) · v, by hand
+    attn.attend.p = attn.attend.dropout.p = 0.2
+    m = torch.rand(3, 4, 6, 6, generator=torch.Generator().manual_seed(2)) > 0.2
+    monkeypatch.setattr(cpu_dropout, "keep_mask", lambda shape, p: m)
+    got = attn.train()(x, keep)
+
+    def heads(t):
+        return t.view(3, 6, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(attn.q_lin(x)), heads(attn.k_lin(x)), heads(attn.v_lin(x))
+    s = q @ k.transpose(-1, -2) / 8**0.5 + torch.where(keep, 0.0, float("-inf"))
+    y = (s.softmax(-1) * m / 0.8) @ v
+    assert torch.allclose(got, attn.out_lin(y.transpose(1, 2).reshape(3, 6, 32)), atol=1e-12, rtol=0)
+
+
+def test_a_mini_batch_without_padding_skips_the_mask(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir)
+    install_cpu_dropout(enc.model)
+    features = enc.tokenize(["il gatto", "la casa", "il cane"])  # same token count: no padding
+    assert bool(features["attention_mask"].all())
+    x = enc.model.embeddings(features["input_ids"])
+    keep = features["attention_mask"][:, None, None, :].bool()
+    for mode in ("eval", "train"):
+        getattr(enc, mode)()
+        torch.manual_seed(3)
+        with_mask = enc.model.transformer(x, keep)
+        torch.manual_seed(3)
+        without = enc.model.transformer(x, None)
+        assert torch.allclose(with_mask, without, atol=1e-6, rtol=0), mode
+
+
+# ================================================================================================ installing
+def test_installing_keeps_parameters_keys_and_encode(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir)
+    texts = ["il gatto", "Leonardo da Vinci e la Gioconda al Louvre", "roma"]
+    before = enc.encode(texts)
+    params = dict(enc.named_parameters())
+    keys = list(enc.state_dict())
+    assert install_cpu_dropout(enc.model) == 2 * enc.model.config.n_layers + 1  # attention + FFN per block, embeddings
+    switch = install_sparse_embedding_grads(enc.model)
+    deck = install_linear_tape(enc.model, ALL_LINEARS)
+    assert sum(isinstance(m, TapedLinear) for m in enc.modules()) == 6 * enc.model.config.n_layers
+    assert len(switch.tables) == 2 and all(isinstance(t, SwitchableEmbedding) for t in switch.tables)
+    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Embedding, torch.nn.Linear, ScaledDotProductAttention)
+                   for m in enc.modules())
+    assert list(enc.state_dict()) == keys  # what save_pretrained writes
+    assert all(p is params[n] for n, p in enc.named_parameters())  # the same tensors: optimizer and DDP unchanged
+    assert deck.tape is None and switch.on == ()
+    assert (enc.encode(texts) == before).all()  # eval mode: the plain computation
+
+
+# ================================================================================================ GradCache plans
+@pytest.fixture(scope="module")
+def drop_dir(tmp_path_factory):
+    """Dropout on, and a vocabulary larger than a mini-batch's tokens, so sparse accumulation really happens."""
+    return make_distilbert(tmp_path_factory.mktemp("speedups_drop"), dropout=0.1)
+
+
+def accelerated(enc, keep_graphs=0, keep_last=True, sparse=False, tape=None):
+    """The plan factory train.py builds, on an encoder with the speed-ups it needs installed."""
+    switch = install_sparse_embedding_grads(enc.model) if sparse else None
+    deck = install_linear_tape(enc.model, tape) if tape else None
+    return GradCacheSpeedups(keep_graphs=keep_graphs, keep_last=keep_last, sparse=switch, tape=deck)
+
+
+PLANS = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
+         for k, last, s, t in itertools.product((0, 2, 99), (True, False), (False, True), (None, DEFAULT_TAPED))]
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu-dropout", "torch-dropout"])
+def test_every_plan_gives_classic_grad_cache_s_gradient(drop_dir, cpu):
+    """float64, dropout on: every combination of kept graphs, the free last graph, sparse embedding gradients and
+    the linear tape equals classic GradCache (which test_grad_cache.py proves equals the full batch). With torch's
+    own dropout (a slow float64 kernel on CPU) the combinations of all levers at once, which the others imply."""
+    texts, loss_fn = retrieval_case()
+    for options in PLANS if cpu else [p for p in PLANS if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]:
+        enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
+        if cpu:
+            install_cpu_dropout(enc.model)
+        classic = grad_cache_grads(enc, texts, loss_fn, plan=classic_plan)
+        err = max_rel_error(grad_cache_grads(enc, texts, loss_fn, plan=accelerated(enc, **options)), classic)
+        print(f"{options}: {err:.2e}")
+        assert err <= 1e-10, options
+    assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, seed=7), classic) > 1e-3  # dropout is on
+
+
+def test_plans_keep_the_last_graphs_and_backpropagate_them_first():
+    plan = GradCacheSpeedups(keep_graphs=2)(6)
+    assert [type(r).__name__ for r in plan.recompute] == ["Recompute"] * 3 + ["KeepGraph"] * 3
+    assert plan.backward_order == [3, 4, 5, 0, 1, 2]
+    assert GradCacheSpeedups(keep_graphs=99).kept(6, distributed=False) == 6
+    # under DDP one mini-batch is always recomputed through the wrapper: only its backward all-reduces
+    assert GradCacheSpeedups(keep_graphs=99).kept(6, distributed=True) == 5
+    assert GradCacheSpeedups(keep_graphs=0, keep_last=False).kept(6, distributed=False) == 0
+    switch = install_sparse_embedding_grads(torch.nn.Sequential(torch.nn.Embedding(10, 2)))
+    plan = GradCacheSpeedups(keep_graphs=1, sparse=switch)(4)
+    sparse = [isinstance(r, SparseGrads) for r in plan.recompute]
+    assert plan.backward_order[-1] == 1 and sparse == [True, False, True, True]  # the last backward stays dense
+
+
+def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(drop_dir, monkeypatch):
+    enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
+    texts, loss_fn = retrieval_case()
+    plan = accelerated(enc, sparse=True)
+    tokens = max(b.features["input_ids"].numel() for b in mini_batches(enc, texts))
+    assert tokens < enc.model.embeddings.word_embeddings.num_embeddings  # the word table does go sparse
+    seen = []
+    original = F.embedding
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1] if len(args) == 7 else kwargs.get("sparse", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "embedding", spy)
+    grad_cache_step(enc, mini_batches(enc, texts), loss_fn, plan=plan)
+    monkeypatch.undo()
+    assert any(seen) and not all(seen)  # sparse backwards happened, and the last one was dense
+    word = enc.model.embeddings.word_embeddings.weight.grad
+    assert word.layout == torch.strided and plan.sparse.on == ()
+    # accumulating onto an existing dense gradient (two steps without zero_grad) is the same too
+    twice = {}
+    for name, options in (("dense", {}), ("sparse", dict(sparse=True))):
+        enc.zero_grad(set_to_none=True)
+        step_plan = accelerated(enc, **options)
+        for _ in range(2):
+            torch.manual_seed(9)
+            grad_cache_step(enc, mini_batches(enc, texts), loss_fn, plan=step_plan)
+        twice[name] = grads(enc)
+    assert max_rel_error(twice["sparse"], twice["dense"]) <= 1e-10
+
+
+@pytest.mark.parametrize("names", [DEFAULT_TAPED, ALL_LINEARS], ids=["default", "all"])
+def test_linear_tape_equals_the_same_mask_full_batch_in_fp32(drop_dir, names):
+    enc = SentenceEncoder.from_pretrained(drop_dir).train()
+    texts, loss_fn = retrieval_case()
+    torch.manual_seed(123)
+    same_masks = full_batch_from_mini_batch_forwards(enc, texts, loss_fn)
+    taped = grad_cache_grads(enc, texts, loss_fn, plan=accelerated(enc, tape=names))
+    assert max_rel_error(taped, same_masks) <= 1e-5
+
+
+def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(drop_dir):
+    enc = SentenceEncoder.from_pretrained(drop_dir).train()
+    deck = install_linear_tape(enc.model)
+    batches = mini_batches(enc, ["il gatto", "la casa di roma", "il cane"], size=2)
+    steps = [TapeReplay(deck) for _ in batches]
+    for step, b in zip(steps, batches):
+        step.first(enc, b)
+    assert [len(s.tape.outputs) for s in steps] == [len(DEFAULT_TAPED) * enc.model.config.n_layers] * 2
+    assert steps[0].tape.nbytes > 0
+    with pytest.raises(RuntimeError, match="linear tape"):
+        steps[0].again(enc, batches[1])  # another mini-batch: its shapes differ from the recorded ones
+    tape = LinearTape()
+    with deck.recording(tape), torch.no_grad():
+        enc(batches[0].features)
+    with pytest.raises(RuntimeError, match="replayed"):
+        with deck.replaying(tape):
+            pass  # nothing replayed
+    assert tape.outputs == [] and deck.tape is None  # freed, and the deck is idle again
+
+
+def test_linear_tape_under_bf16_autocast(no_dropout_dir):
+    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+    texts, loss_fn = retrieval_case()
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    plain = grad_cache_grads(enc, texts, loss_fn, autocast=amp)
+    taped = grad_cache_grads(enc, texts, loss_fn, autocast=amp, plan=accelerated(enc, tape=ALL_LINEARS))
+    err = max_rel_error(taped, plain)
+    print(f"linear tape under bf16 autocast vs recomputation: {err:.2e}")
+    assert err <= 1e-5  # the same bf16 operands in the same order: equal up to fp32 accumulation
+
+
+@pytest.fixture(scope="module")
+def no_dropout_dir(tmp_path_factory):
+    return make_distilbert(tmp_path_factory.mktemp("speedups_nodrop"), dropout=0.0)
+
+
+# ================================================================================================ autocast cache
+class CountWeightCasts(TorchDispatchMode):
+    """Counts `_to_copy` calls whose input is one of the given parameters (by storage)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ptrs = {p.data_ptr() for p in params}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_autocast_casts_each_weight_once_per_pass(no_dropout_dir):
+    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+    texts, loss_fn = retrieval_case()
+    weights = [m.weight for m in enc.modules() if isinstance(m, torch.nn.Linear)]
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    counts = {}
+    for size in (len(texts), C):  # one mini-batch, then ceil(28 / 5) = 6
+        batches = mini_batches(enc, texts, size)
+        with CountWeightCasts(weights) as first_pass:
+            forward_no_grad(enc, batches, classic_plan(len(batches)), autocast=amp)
+        with CountWeightCasts(weights) as step:
+            grad_cache_step(enc, batches, loss_fn, autocast=amp)  # classic: both passes run every chunk
+        grads(enc)
+        counts[len(batches)] = (first_pass.count, step.count)
+    print(f"weight casts (pass 1, whole step) by number of mini-batches: {counts}")
+    assert counts[1] == counts[6] == (len(weights), 2 * len(weights))  # once per pass, whatever the chunking
