@@ -31,6 +31,7 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,12 +39,8 @@ import numpy as np
 import torch
 
 from bertino import SentenceEncoder, distributed
-from bertino.batching import PackedTokenIds
 from bertino.errors import BertinoError
 from bertino.evaluation import IRSet, STSSet, evaluate_sets, format_table
-from bertino.grad_cache import grad_cache_step, make_mini_batches
-from bertino.losses import LOSSES
-from bertino.objectives import Objective, column_major
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
@@ -56,10 +53,7 @@ from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
 from bertino.plumbing.weights import load_into, read_weights
 from bertino.sampler import MultiTaskBatchSampler
-from bertino.speedups.cpu_dropout import install_cpu_dropout
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups
-from bertino.speedups.linear_tape import install_linear_tape
-from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads
+from bertino.step import Step, install_training_modules, make_objectives
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,11 +81,9 @@ class Run:
     amp_dtype: torch.dtype | None  # None: fp32, no autocast
     scaler: torch.amp.GradScaler
     encoder: SentenceEncoder
-    model: torch.nn.Module  # the encoder, or DDP around it: what the training forwards call
-    grad_cache_plan: GradCacheSpeedups  # how GradCache recomputes its mini-batches (bertino/speedups/)
+    step: Step  # a batch → its loss and gradient (bertino/step.py: GradCache, the masks, the objectives)
     tasks: dict[str, TaskData]
     batches: MultiTaskBatchSampler
-    objectives: dict[str, Objective]
     steps_per_epoch: int
     total_steps: int
     eval_sets: tuple[list[IRSet], list[STSSet]]
@@ -105,10 +97,6 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.dist_info.is_main
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
 
 
 def setup(cfg: Config) -> Run:
@@ -132,23 +120,16 @@ def setup(cfg: Config) -> Run:
                                               max_seq_length=cfg.model.max_seq_length)
     check_against_model(cfg, encoder.dim, encoder.model.config.max_position_embeddings)
     encoder.to(device).train()
-    # ---- training-time speed-ups (bertino/speedups/): the same gradients, less time; none change `encode`
-    install_cpu_dropout(encoder.model)  # faster dropout masks for CPU tensors; torch's own on CUDA
-    plan = GradCacheSpeedups(keep_graphs=train.grad_cache_memory_budget,
-                             sparse=install_sparse_embedding_grads(encoder.model),
-                             tape=install_linear_tape(encoder.model) if train.grad_cache_linear_tape else None)
+    # the dropout masks (stream or keyed) and the speed-ups the config asks for, installed into the model
+    plan, dropout_keys = install_training_modules(encoder, cfg)
 
     # ---- data
     tasks = load_tasks(cfg)
     batches = batch_schedule(cfg, tasks, dist_info.world_size, dist_info.rank)
     steps_per_epoch = len(batches)
     total_steps = train.max_steps if train.max_steps > 0 else train.num_train_epochs * steps_per_epoch
-    matryoshka = cfg.matryoshka
-    objectives = {name: Objective(LOSSES[t.loss], t.scale, matryoshka and matryoshka.dims,
-                                  matryoshka and matryoshka.weights, gather=train.gather_across_devices)
-                  for name, t in cfg.tasks.items()}
     eval_sets = load_eval_sets(cfg.eval.ir, cfg.eval.sts)
-    eval_dims = list(cfg.eval.dims or (matryoshka.dims if matryoshka else [encoder.dim]))
+    eval_dims = list(cfg.eval.dims or (cfg.matryoshka.dims if cfg.matryoshka else [encoder.dim]))
     run_config = config_to_dict(cfg)
     fingerprint = run_checkpoints.data_fingerprint(tasks)  # saved with every checkpoint: a resume must see the rows
     state = run_checkpoints.TrainerState(world_size=dist_info.world_size, data_fingerprint=fingerprint)
@@ -168,9 +149,12 @@ def setup(cfg: Config) -> Run:
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
         run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    step = Step(cfg, encoder, model, make_objectives(cfg), plan, dropout_keys, device, autocast, scaler.scale,
+                dist_info.rank, dist_info.world_size)
     return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device, amp_dtype=amp_dtype,
-               scaler=scaler, encoder=encoder, model=model, grad_cache_plan=plan, tasks=tasks, batches=batches,
-               objectives=objectives, steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
+               scaler=scaler, encoder=encoder, step=step, tasks=tasks, batches=batches,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
                eval_dims=eval_dims, run_config=run_config, state=state, optimizer=optimizer, scheduler=scheduler,
                log=MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main))
 
@@ -216,12 +200,13 @@ def train_loop(run: Run) -> None:
                                     desc="train", unit="step", dynamic_ncols=True) as bar:  # closed even on an error
         while state.step < run.total_steps:
             epoch, index, task_name, rows = next(batches)
-            loss = forward_backward(run, task_name, rows)
+            parts = {}  # the unweighted loss at each Matryoshka dim
+            loss = run.step.forward_backward(task_name, run.tasks[task_name], rows, state.step, parts)
             result = optimizer_step(run, loss)
             state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, index + 1
             if result.taken:
                 state.nonfinite_in_a_row = 0
-                window.losses.setdefault(task_name, []).append(loss)
+                window.add(task_name, loss, parts)
             else:
                 record_skipped_step(run, task_name, result)
 
@@ -244,30 +229,6 @@ def train_loop(run: Run) -> None:
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── one step
-def forward_backward(run: Run, task_name: str, rows: list[int]) -> torch.Tensor:
-    """Encode a batch of one task, compute its loss, backpropagate the scaled loss → the loss () (detached)."""
-    data, task = run.tasks[task_name], run.cfg.tasks[task_name]
-    n_columns = len(data.columns)
-    texts = column_major([data.texts[r] for r in rows])  # (n_columns·B,): the layout Objective reads
-    scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=run.device)  # (B,)
-
-    def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (n_columns·B, D) → ()
-        return run.objectives[task_name](reps, n_columns, scores)
-
-    ids = PackedTokenIds.tokenize(run.encoder, texts)
-    pad_id = run.encoder.tokenizer.pad_token_id
-    if LOSSES[task.loss].grad_cache:
-        mini_batches = make_mini_batches(ids, run.cfg.train.mini_batch_size, pad_id, run.device)
-        return grad_cache_step(run.model, mini_batches, loss_fn, run.scaler.scale, run.autocast,
-                               run.grad_cache_plan)
-    features = {k: v.to(run.device) for k, v in ids.pad(range(len(texts)), pad_id).items()}
-    with run.autocast():
-        reps = run.model(features)  # (n_columns·B, D)
-    loss = loss_fn(reps)
-    run.scaler.scale(loss).backward()
-    return loss.detach()
-
-
 class StepResult(NamedTuple):
     grad_norm: torch.Tensor  # () before clipping
     loss_finite: bool  # on every rank
@@ -321,12 +282,15 @@ def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> N
               "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
               "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
               "examples_per_sec": window.examples_per_sec(), "skipped_steps": state.skipped_steps}
-    for name, losses in window.losses.items():
-        record[f"loss/{name}"] = distributed.all_reduce_mean(torch.stack(losses).float().mean()).item()
+    for key, losses in window.losses.items():  # "loss/TASK" (weighted total), "loss/TASK/DIMd" (unweighted)
+        record[f"loss/{key}"] = distributed.all_reduce_mean(torch.stack(losses).float().mean()).item()
     run.log.write(record)
-    shown = [v for k, v in record.items() if k.startswith("loss/")]
-    bar.set_postfix(loss=f"{np.mean(shown):.4f}" if shown else "-", lr=f"{record['lr']:.2e}",
-                    ex_s=record["examples_per_sec"])
+    totals = [v for k, v in record.items() if k.startswith("loss/") and k.count("/") == 1]
+    smallest = min(run.cfg.matryoshka.dims) if run.cfg.matryoshka else None
+    at_smallest = [v for k, v in record.items() if smallest and k.endswith(f"/{smallest}d")]
+    bar.set_postfix(loss=f"{np.mean(totals):.4f}" if totals else "-",
+                    **({f"loss_{smallest}d": f"{np.mean(at_smallest):.4f}"} if at_smallest else {}),
+                    lr=f"{record['lr']:.2e}", ex_s=record["examples_per_sec"])
 
 
 def evaluate(run: Run) -> dict | None:

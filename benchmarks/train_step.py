@@ -71,7 +71,8 @@ from bertino.losses import LOSSES  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups  # noqa: E402
+from bertino.keyed_dropout import DropoutKeys, install_keyed_dropout, text_keys  # noqa: E402
+from bertino.speedups.grad_cache_plan import GradCacheSpeedups, larger_first_pass_step  # noqa: E402
 from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, TapeDeck, install_linear_tape  # noqa: E402
 from bertino.speedups.sparse_embeddings import SparseGradSwitch, install_sparse_embedding_grads  # noqa: E402
 
@@ -115,15 +116,19 @@ class Setting:
     keep: int = 0
     tape: str = ""
     keep_last: bool = True  # GradCache keeps pass 1's last graph (no extra peak memory); False: recompute all
+    masks: str = "stream"  # model.dropout_masks: "stream" (torch's stream, replayed) or "keyed" (keyed_dropout.py)
+    first: int = 0  # texts per chunk of a larger first pass (keyed masks only); 0: pass 1 uses `mini`
 
     @property
     def name(self) -> str:
+        keyed = " keyed" if self.masks == "keyed" else ""
         if self.kind == "full":
-            return "full"
+            return "full" + keyed
         if self.keep >= ALL:
-            return f"full (bucketed C={self.mini})"
+            return f"full (bucketed C={self.mini})" + keyed
         return (f"gradcache C={self.mini}" + (f" keep={self.keep}" if self.keep else "")
-                + (f" tape={self.tape}" if self.tape else "") + ("" if self.keep_last else " recompute-all"))
+                + (f" tape={self.tape}" if self.tape else "") + ("" if self.keep_last else " recompute-all")
+                + keyed + (f" pass1={self.first}" if self.first else ""))
 
     @property
     def tape_linears(self) -> tuple[str, ...]:
@@ -137,6 +142,7 @@ class Variant:
     encoder: SentenceEncoder
     sparse: SparseGradSwitch  # the sparse embedding gradients (GradCacheSpeedups turns them on per backward)
     tape: TapeDeck | None  # None: no linear tape
+    keys: DropoutKeys | None = None  # keyed dropout masks (Setting.masks == "keyed")
 
 
 def sharing_copy(encoder: SentenceEncoder) -> SentenceEncoder:
@@ -169,33 +175,43 @@ class Trainer:
         self.loss_fn = lambda reps: objective(reps, n_columns)  # reps (T, D) → ()
 
     def variant(self, setting: Setting) -> Variant:
-        """The encoder for `setting.tape`, with train.py's speed-ups installed (made on first use)."""
-        if setting.tape not in self.variants:
+        """The encoder for `setting.tape` and `setting.masks`, with train.py's speed-ups installed (made on first
+        use)."""
+        key = (setting.tape, setting.masks)
+        if key not in self.variants:
             encoder = sharing_copy(self.encoder).train(self.dropout)
-            install_cpu_dropout(encoder.model)  # faster dropout masks for CPU tensors; torch's own on CUDA
+            keys = install_keyed_dropout(encoder.model) if setting.masks == "keyed" else None
+            if keys is None:
+                install_cpu_dropout(encoder.model)  # faster dropout masks for CPU tensors; torch's own on CUDA
             sparse = install_sparse_embedding_grads(encoder.model)
             names = setting.tape_linears
             tape = install_linear_tape(encoder.model, names) if names else None
-            self.variants[setting.tape] = Variant(encoder, sparse, tape)
-        return self.variants[setting.tape]
+            self.variants[key] = Variant(encoder, sparse, tape, keys)
+        return self.variants[key]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def gradients(self, setting: Setting, texts: list[str]) -> torch.Tensor:
+    def gradients(self, setting: Setting, texts: list[str], step: int = 0) -> torch.Tensor:
         """Tokenize once, then encode + loss + backward as `train.py` does → the loss (detached)."""
         v = self.variant(setting)
         ids = PackedTokenIds.tokenize(v.encoder, texts)
+        keys = None if v.keys is None else text_keys(42, step, torch.arange(len(texts))).to(self.device)
         if setting.kind == "full":
             features = {k: t.to(self.device) for k, t in ids.pad(range(len(texts)), self.pad_id).items()}
-            with self.autocast():
+            with self.autocast(), v.keys.use(keys) if keys is not None else contextlib.nullcontext():
                 reps = v.encoder(features)  # (T, D)
             loss = self.loss_fn(reps)
             self.scaler.scale(loss).backward()
             return loss.detach()
-        batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device)
-        plan = GradCacheSpeedups(keep_graphs=setting.keep, keep_last=setting.keep_last, sparse=v.sparse, tape=v.tape)
+        batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device, text_keys=keys)
+        plan = GradCacheSpeedups(keep_graphs=setting.keep, keep_last=setting.keep_last and not setting.first,
+                                 sparse=v.sparse, tape=v.tape, keys=v.keys)
+        if setting.first:
+            first = make_mini_batches(ids, setting.first, self.pad_id, self.device, text_keys=keys)
+            return larger_first_pass_step(v.encoder, batches, first, self.loss_fn, self.scaler.scale, self.autocast,
+                                          plan)
         return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, plan)
 
     def optimizer_step(self) -> None:
@@ -205,8 +221,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, setting: Setting, texts: list[str]) -> None:
-        self.gradients(setting, texts)
+    def step(self, setting: Setting, texts: list[str], step: int = 0) -> None:
+        self.gradients(setting, texts, step)
         self.optimizer_step()
 
     def sync(self) -> None:
@@ -227,7 +243,7 @@ def time_settings(trainer: Trainer, settings: list[Setting], pairs, batch_size: 
         for s in settings[rotation:] + settings[:rotation]:
             trainer.sync()
             start = time.perf_counter()
-            trainer.step(s, texts)
+            trainer.step(s, texts, step)
             trainer.sync()
             if step >= warmup:
                 seconds[s.name].append(time.perf_counter() - start)
@@ -252,10 +268,12 @@ def measure_memory_child(spec: dict) -> dict:
     Two phases, each with its own peak: the gradient computation (tokenize → backward) and the optimizer step
     (clip + AdamW's foreach temporaries); the step's peak is the larger, both above the RSS before the step.
     """
-    setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"], spec.get("keep_last", True))
+    setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"], spec.get("keep_last", True),
+                      spec.get("masks", "stream"), spec.get("first", 0))
     trainer = Trainer(spec["model"], spec["max_seq_length"], spec["device"], spec["amp"], True, spec["negatives"])
     pairs = load_pairs()
-    warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape, setting.keep_last)
+    warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape, setting.keep_last, setting.masks,
+                   min(setting.first, 4))
     trainer.step(warm, batch_texts(pairs, 1, 2, spec["negatives"]))  # AdamW state, kernels, tokenizer caches
     gc.collect()
     texts = batch_texts(pairs, 0, spec["batch_size"], spec["negatives"])
@@ -291,7 +309,7 @@ def measure_memory_child(spec: dict) -> dict:
 
 def measure_memory(args, setting: Setting, batch_size: int, amp: str) -> dict:
     spec = {"kind": setting.kind, "mini": setting.mini, "keep": setting.keep, "tape": setting.tape,
-            "keep_last": setting.keep_last,
+            "keep_last": setting.keep_last, "masks": setting.masks, "first": setting.first,
             "batch_size": batch_size, "amp": amp,
             "model": args.model, "max_seq_length": args.max_seq_length, "device": args.device,
             "negatives": args.negatives}
@@ -485,6 +503,10 @@ def main() -> None:
     p.add_argument("--sweep-mini-batch-size", type=int, default=16)
     p.add_argument("--sweep-tape", action=argparse.BooleanOptionalAction, default=True,
                    help="include GradCache + linear tape (default layers) in the memory sweep")
+    p.add_argument("--keyed", action="store_true",
+                   help="also time keyed dropout masks: the full batch and GradCache at the 2nd mini size")
+    p.add_argument("--first-pass", type=int, nargs="*", default=[],
+                   help="also time keyed GradCache at the 2nd mini size with pass 1 in chunks of these sizes")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     p.add_argument("--plot", type=Path, metavar="JSON", help="only draw the PNGs of a saved JSON")
@@ -520,6 +542,9 @@ def main() -> None:
     settings += [Setting("gradcache", curve_mini, m) for m in args.keep_graphs if 0 < m]
     settings += [Setting("gradcache", curve_mini, 0, t) for t in args.tape]
     settings += [Setting("gradcache", c, keep_last=False) for c in args.recompute_all]
+    if args.keyed or args.first_pass:
+        settings += [Setting("full", masks="keyed"), Setting("gradcache", curve_mini, masks="keyed")]
+        settings += [Setting("gradcache", curve_mini, masks="keyed", keep_last=False, first=f) for f in args.first_pass]
 
     pairs = load_pairs()
     for amp in amps:

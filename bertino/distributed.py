@@ -90,3 +90,12 @@ def all_ranks_agree(flags: list[bool], device: torch.device) -> list[bool]:
     t = torch.tensor(flags, dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -35,16 +35,18 @@ from torch import nn
 
 from .batching import PackedTokenIds, length_sorted_batches
 
-Model = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # features (C, L) → embeddings (C, D)
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # embeddings (T, D) → loss (), or a loss → its scaled value
 
 
 @dataclass
 class MiniBatch:
     features: dict[str, torch.Tensor]  # input_ids, attention_mask (C, L), padded to this mini-batch's longest text
     texts: torch.Tensor  # (C,) which texts of the logical batch these are
+    dropout_keys: torch.Tensor | None = None  # (C,) their keyed-dropout keys (keyed_dropout.py), if masks are keyed
 
 
-def make_mini_batches(ids: PackedTokenIds, size: int, pad_id: int, device="cpu") -> list[MiniBatch]:
+def make_mini_batches(ids: PackedTokenIds, size: int, pad_id: int, device="cpu",
+                      text_keys: torch.Tensor | None = None) -> list[MiniBatch]:
     """The T texts of `ids` in mini-batches of at most `size`, grouped by token count, shortest first.
 
     A mini-batch of short queries then pads to a short length, not to the longest passage of the batch. The one
@@ -54,7 +56,8 @@ def make_mini_batches(ids: PackedTokenIds, size: int, pad_id: int, device="cpu")
     batches = []
     for rows in length_sorted_batches(ids.lengths, size, shortest_first=True):
         features = {k: v.to(device, non_blocking=True) for k, v in ids.pad(rows, pad_id).items()}
-        batches.append(MiniBatch(features, torch.as_tensor(rows, device=device)))
+        texts = torch.as_tensor(rows, device=device)
+        batches.append(MiniBatch(features, texts, None if text_keys is None else text_keys.to(device)[texts]))
     return batches
 
 
@@ -86,15 +89,21 @@ class RandContext:
 
 
 class Recompute:
-    """Classic GradCache for one mini-batch: pass 1 snapshots the RNG and keeps no graph; pass 3 replays it."""
+    """Classic GradCache for one mini-batch: pass 1 keeps no graph, pass 3 runs the forward again. With dropout
+    drawn from the random stream, pass 1 snapshots the RNG and pass 3 replays it, so both see the same masks; with
+    keyed masks (keyed_dropout.py) the masks are the same by construction and `replay_rng=False` skips it."""
+
+    def __init__(self, replay_rng: bool = True):
+        self.replay_rng = replay_rng
 
     def first(self, module: nn.Module, batch: MiniBatch) -> torch.Tensor:
-        self.rng = RandContext(next(module.parameters()).device)  # BEFORE the forward that draws dropout masks
+        if self.replay_rng:
+            self.rng = RandContext(next(module.parameters()).device)  # BEFORE the forward that draws the masks
         with torch.no_grad():
             return module(batch.features)  # (C, D)
 
-    def again(self, model: Model, batch: MiniBatch) -> torch.Tensor:
-        with self.rng:
+    def again(self, model: nn.Module, batch: MiniBatch) -> torch.Tensor:
+        with self.rng if self.replay_rng else contextlib.nullcontext():
             return model(batch.features)  # (C, D), with autograd, the same dropout masks as pass 1
 
 
@@ -115,15 +124,13 @@ def forward_no_grad(module: nn.Module, batches: list[MiniBatch], plan: Plan, aut
     One `autocast()` context spans the pass, so autocast casts each weight to low precision once per pass.
     """
     with autocast():
-        outputs = [r.first(module, b).detach() for r, b in zip(plan.recompute, batches)]
-    reps = torch.empty(sum(len(b.texts) for b in batches), outputs[0].shape[-1],
-                       dtype=outputs[0].dtype, device=outputs[0].device)  # (T, D)
-    reps[torch.cat([b.texts for b in batches])] = torch.cat(outputs)
+        outputs = torch.cat([r.first(module, b).detach() for r, b in zip(plan.recompute, batches)])  # (T, D)
+    reps = torch.empty_like(outputs)  # (T, D), text order
+    reps[torch.cat([b.texts for b in batches])] = outputs
     return reps
 
 
-def build_cache(loss_fn: Callable[[torch.Tensor], torch.Tensor], reps: torch.Tensor,
-                scale_fn: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+def build_cache(loss_fn: LossFn, reps: torch.Tensor, scale_fn: LossFn = lambda loss: loss
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2: the loss on reps (T, D) and the cache g = ∂ scale_fn(loss) / ∂reps (T, D).
 
@@ -137,7 +144,7 @@ def build_cache(loss_fn: Callable[[torch.Tensor], torch.Tensor], reps: torch.Ten
     return loss.detach(), reps.grad  # (), (T, D)
 
 
-def forward_backward(model: Model, batches: list[MiniBatch], cache: torch.Tensor, plan: Plan,
+def forward_backward(model: nn.Module, batches: list[MiniBatch], cache: torch.Tensor, plan: Plan,
                      autocast=contextlib.nullcontext) -> None:
     """Pass 3: accumulate Σ_chunks J_chunkᵀ g_chunk into the parameters' `.grad`.
 
@@ -153,8 +160,7 @@ def forward_backward(model: Model, batches: list[MiniBatch], cache: torch.Tensor
                 out.backward(gradient=cache[batches[i].texts].to(out.dtype))
 
 
-def grad_cache_step(model: nn.Module, batches: list[MiniBatch], loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                    scale_fn: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+def grad_cache_step(model: nn.Module, batches: list[MiniBatch], loss_fn: LossFn, scale_fn: LossFn = lambda loss: loss,
                     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     plan: Callable[[int, bool], Plan] = classic_plan) -> torch.Tensor:
     """The three passes → the loss (detached, unscaled); the gradient is left in the parameters' `.grad`.

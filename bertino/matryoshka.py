@@ -27,15 +27,21 @@ def matryoshka_loss(
     embeddings: Sequence[torch.Tensor],
     dims: Sequence[int],
     weights: Sequence[float],
+    parts: dict[int, torch.Tensor] | None = None,
     **loss_kwargs,
 ) -> torch.Tensor:
     """Σ_m weights[m] · loss_fn(*[truncate(e, dims[m]) for e in embeddings], **loss_kwargs) → ().
 
     embeddings: the loss's embedding arguments, each (B_i, D); loss_kwargs: its other arguments (scores, scale).
+    `parts`, if given, receives each dim's unweighted loss (detached): {d: L_d} — free to log, as the loss is
+    computed anyway (under GradCache, in pass 2).
     """
     if len(dims) != len(weights):
         raise ValueError(f"matryoshka dims {list(dims)} and weights {list(weights)} differ in length")
     total = embeddings[0].new_zeros((), dtype=torch.float32)
     for d, w in zip(dims, weights):
-        total = total + w * loss_fn(*[truncate(e, d) for e in embeddings], **loss_kwargs)
+        loss = loss_fn(*[truncate(e, d) for e in embeddings], **loss_kwargs)
+        if parts is not None:
+            parts[int(d)] = loss.detach()
+        total = total + w * loss
     return total

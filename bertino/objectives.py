@@ -41,8 +41,10 @@ class Objective:
     weights: Sequence[float] | None = None
     gather: bool = False  # gather candidates / pairs across ranks
 
-    def __call__(self, reps: torch.Tensor, n_columns: int, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """reps (n·B, D), column after column; scores (B,) for pair losses → loss ()."""
+    def __call__(self, reps: torch.Tensor, n_columns: int, scores: torch.Tensor | None = None,
+                 parts: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """reps (n·B, D), column after column; scores (B,) for pair losses → loss (). `parts` receives the
+        unweighted loss at each Matryoshka dim (`matryoshka_loss`)."""
         columns = list(reps.view(n_columns, -1, reps.shape[-1]))  # n × (B, D)
         B = columns[0].shape[0]
         rank, world = world_info() if self.gather else (0, 1)
@@ -55,7 +57,7 @@ class Objective:
             if world > 1:
                 candidates = torch.cat(gather_with_grad(candidates))  # (W·B(1+k), D)
                 labels = labels + rank * B * (n_columns - 1)
-            return self._combine([anchors, candidates], labels=labels, **scale)
+            return self._combine([anchors, candidates], parts, labels=labels, **scale)
 
         e1, e2 = columns[0], columns[1]  # (B, D) each
         divide = 1.0
@@ -65,9 +67,9 @@ class Objective:
             e1, e2 = torch.cat(gather_with_grad(e1)), torch.cat(gather_with_grad(e2))  # (W·B, D)
             scores = torch.cat(gather_with_grad(scores.float()))  # (W·B,)
             divide = float(world)
-        return self._combine([e1, e2], gold=scores, **scale) / divide
+        return self._combine([e1, e2], parts, gold=scores, **scale) / divide
 
-    def _combine(self, embeddings: list[torch.Tensor], **kwargs) -> torch.Tensor:
+    def _combine(self, embeddings: list[torch.Tensor], parts, **kwargs) -> torch.Tensor:
         if self.dims is None:
             return self.loss.fn(*embeddings, **kwargs)
-        return matryoshka_loss(self.loss.fn, embeddings, self.dims, self.weights, **kwargs)
+        return matryoshka_loss(self.loss.fn, embeddings, self.dims, self.weights, parts=parts, **kwargs)

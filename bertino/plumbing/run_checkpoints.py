@@ -51,7 +51,7 @@ RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_chec
 RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not.
 RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.grad_cache_linear_tape",
-                      "train.fp16", "train.bf16"}
+                      "train.grad_cache_first_pass_mini_batch_size", "train.fp16", "train.bf16", "model.dropout_masks"}
 
 
 @dataclass
@@ -145,6 +145,7 @@ def check_resume(ckpt: Path, saved: TrainerState, saved_config: dict, run_config
                  fingerprint: dict) -> list[str]:
     """Refuse a resume that could not continue the same run; return warnings for RESUME_NOT_BITWISE changes."""
     old, new = _flatten(saved_config), _flatten(run_config)
+    old = {**{k: v for k, v in key_defaults(new).items() if k not in old}, **old}  # keys added since it was saved
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
     free = [k for k in changed if k in RESUME_FREE or k.startswith("eval.")
             or (k.startswith("tasks.") and k.rsplit(".", 1)[-1] in RESUME_FREE_TASK_KEYS)]
@@ -191,6 +192,23 @@ def _torch_load(path: Path) -> Any:
     except Exception as e:  # UnpicklingError (refused or corrupt), EOFError (truncated), RuntimeError (zip)...
         raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}") from None
+
+
+def key_defaults(flat_config: dict[str, Any]) -> dict[str, Any]:
+    """The schema default of every key of a flat config that has one: a checkpoint written before a key existed
+    ran with that default (new keys keep the old behaviour as their default)."""
+    from . import config
+
+    sections = {"model": config.ModelConfig, "train": config.TrainConfig, "eval": config.EvalConfig,
+                "matryoshka": config.MatryoshkaConfig}
+    out = {}
+    for key in flat_config:
+        parts = key.split(".")
+        cls = config.TaskConfig if parts[0] == "tasks" and len(parts) == 3 else sections.get(parts[0])
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(parts[-1]) if cls and len(parts) >= 2 else None
+        if field is not None and field.default is not dataclasses.MISSING:
+            out[key] = config.config_to_dict(field.default)
+    return out
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

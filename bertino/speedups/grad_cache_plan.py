@@ -18,6 +18,9 @@ order of pass 3. Classic GradCache (`grad_cache.classic_plan`) recomputes every 
   only a backward through the wrapper all-reduces, and it must be the last one.
 * **Sparse embedding gradients** (`SparseGrads`, sparse_embeddings.py): every backward but the last.
 * **The linear tape** (`TapeReplay`, linear_tape.py): the recomputed mini-batches replay pass 1's linear outputs.
+* **Keyed dropout masks** (`keys`, bertino/keyed_dropout.py): each mini-batch's forwards run with its texts' keys,
+  and nothing is replayed (`Recompute(replay_rng=False)`): the masks are the same by construction. Then pass 1 may
+  also run in other, larger chunks than pass 3 (`larger_first_pass_step`).
 
 Each of these gives the gradient of classic GradCache: tests/test_speedups.py compares every combination with
 `classic_plan` (float64, 1e-10).
@@ -25,7 +28,10 @@ Each of these gives the gradient of classic GradCache: tests/test_speedups.py co
 
 from __future__ import annotations
 
-from ..grad_cache import Plan, Recompute
+from torch import nn
+
+from ..grad_cache import MiniBatch, Plan, Recompute, build_cache, forward_backward, forward_no_grad
+from ..keyed_dropout import DropoutKeys, WithDropoutKeys
 from .linear_tape import TapeDeck, TapeReplay
 from .sparse_embeddings import SparseGradSwitch
 
@@ -61,8 +67,8 @@ class GradCacheSpeedups:
     """A plan factory for `grad_cache.grad_cache_step`: `plan = GradCacheSpeedups(...)`; `plan(n, distributed)`."""
 
     def __init__(self, keep_graphs: int = 0, keep_last: bool = True, sparse: SparseGradSwitch | None = None,
-                 tape: TapeDeck | None = None):
-        self.keep_graphs, self.keep_last, self.sparse, self.tape = keep_graphs, keep_last, sparse, tape
+                 tape: TapeDeck | None = None, keys: DropoutKeys | None = None):
+        self.keep_graphs, self.keep_last, self.sparse, self.tape, self.keys = keep_graphs, keep_last, sparse, tape, keys
 
     def kept(self, n: int, distributed: bool) -> int:
         """How many of the n mini-batches keep their pass-1 graph."""
@@ -74,8 +80,31 @@ class GradCacheSpeedups:
         order = [*range(n - m, n), *range(n - m)]  # the kept graphs first: freed before anything is recomputed
         steps: list[Recompute] = []
         for i in range(n):
-            step = KeepGraph() if i >= n - m else TapeReplay(self.tape) if self.tape else Recompute()
+            step = KeepGraph() if i >= n - m else Recompute(replay_rng=self.keys is None)
+            if self.tape is not None and i < n - m:
+                step = TapeReplay(step, self.tape)
             if self.sparse is not None and i != order[-1]:  # the last backward stays dense
                 step = SparseGrads(step, self.sparse)
+            if self.keys is not None:
+                step = WithDropoutKeys(step, self.keys)
             steps.append(step)
         return Plan(steps, order)
+
+
+def larger_first_pass_step(model, batches: list[MiniBatch], first_pass: list[MiniBatch], loss_fn, scale_fn,
+                           autocast, plan: GradCacheSpeedups):
+    """GradCache with pass 1 over `first_pass` — the same texts in other (larger) chunks — and pass 3 over
+    `batches`. Exact only when a text's dropout masks do not depend on its chunk: keyed masks, or no dropout.
+
+    Fewer, larger no-grad chunks cost fewer kernel launches (the GPU's bottleneck); pass 3's chunks stay small,
+    which is what bounds the memory. `plan` must recompute every mini-batch (no kept graph, no tape): pass 3 then
+    needs nothing from pass 1 but the cache.
+    """
+    if plan.keep_graphs or plan.keep_last or plan.tape is not None:
+        raise ValueError("a larger first pass needs a plan that recomputes every mini-batch (no kept graph, no tape)")
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+    module = model.module if distributed else model
+    reps = forward_no_grad(module, first_pass, plan(len(first_pass), False), autocast)
+    loss, cache = build_cache(loss_fn, reps, scale_fn)
+    forward_backward(model, batches, cache, plan(len(batches), distributed), autocast)
+    return loss

@@ -154,16 +154,17 @@ def install_linear_tape(model: nn.Module, names: tuple[str, ...] = DEFAULT_TAPED
 
 
 class TapeReplay(Recompute):
-    """`Recompute` with pass 1 recording the taped layers' outputs and pass 3 replaying them."""
+    """Any `Recompute` (classic, or keyed-mask), with pass 1 recording the taped layers' outputs and pass 3
+    replaying them."""
 
-    def __init__(self, deck: TapeDeck):
-        self.deck = deck
+    def __init__(self, inner: Recompute, deck: TapeDeck):
+        self.inner, self.deck = inner, deck
 
     def first(self, module, batch):
         self.tape = LinearTape()
         with self.deck.recording(self.tape):
-            return super().first(module, batch)
+            return self.inner.first(module, batch)
 
     def again(self, model, batch):
         with self.deck.replaying(self.tape):
-            return super().again(model, batch)
+            return self.inner.again(model, batch)

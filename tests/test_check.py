@@ -1,0 +1,110 @@
+"""`python -m bertino.check` passes where GradCache is right and fails where it is broken on purpose."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import make_distilbert
+from helpers import ROOT, retrieval_rows, sts_rows, train_config, write_config, write_jsonl
+
+from bertino import check
+
+
+@pytest.fixture(scope="module")
+def drop_dir(tmp_path_factory):
+    return make_distilbert(tmp_path_factory.mktemp("check_drop"), dropout=0.2, seed=11)
+
+
+def two_task(tmp, model, **train):
+    cfg = train_config(tmp, model, **{"per_device_train_batch_size": 6, "mini_batch_size": 5, **train})
+    cfg["tasks"]["sts"] = {"dataset": str(write_jsonl(tmp / "sts.jsonl", sts_rows(12))),
+                           "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
+    return write_config(tmp, cfg)
+
+
+def run_check(capsys, *args) -> tuple[int, str]:
+    code = check.main([*map(str, args)])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dropout", ["keyed", "stream", "off"])
+def test_the_check_passes_on_a_correct_run(drop_dir, tmp_path, capsys, dropout):
+    config = two_task(tmp_path, drop_dir, grad_cache_memory_budget=1)
+    code, out = run_check(capsys, "--config", config, "--steps", 3, "--dropout", dropout)
+    print(out)
+    assert code == 0, out
+    assert out.count("step ") == 3 and "verdict: OK" in out
+    assert "task 'retrieval': 6 rows × 4 columns = 24 texts" in out or "task 'sts': 6 rows × 2 columns" in out
+    groups = set(re.findall(r"^    (\w[\w ]*?)\s{2,}\d", out, flags=re.M))
+    assert groups == {"embeddings", *[f"layer {i} {p}" for i in (0, 1) for p in ("attention", "ffn", "layer norms")]}
+    losses = re.findall(r"^  loss\s+([\d.]+)\s+([\d.]+)", out, flags=re.M)
+    assert losses and all(abs(float(a) - float(b)) < 1e-4 for a, b in losses)
+
+
+@pytest.mark.parametrize("breakage,dropout", [("no-replay", "stream"), ("cache-scale", "keyed")])
+def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, breakage, dropout):
+    config = two_task(tmp_path, drop_dir)
+    code, out = run_check(capsys, "--config", config, "--dropout", dropout, "--break", breakage)
+    assert code == 1, out
+    assert "verdict: FAILED" in out
+    failed = re.search(r"failed: (.*)", out).group(1)
+    assert "layer 0 attention" in failed and "the whole gradient" in failed  # the offending groups are named
+
+
+def test_the_v5_recipe_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
+    """configs/v5.json with only size overrides: fp16 (bf16 or fp32 on this CPU), Matryoshka, 2 hard negatives."""
+    ret = write_jsonl(tmp_path / "retrieval.jsonl", retrieval_rows(32))
+    sts = write_jsonl(tmp_path / "sts.jsonl", sts_rows(40, score_key="similarity_score"))
+    code, out = run_check(capsys, "--config", ROOT / "configs" / "v5.json", f"model.name_or_path={drop_dir}",
+                          f"tasks.retrieval.dataset={ret}", f"tasks.sts.dataset={sts}",
+                          "train.per_device_train_batch_size=8", "train.mini_batch_size=6",
+                          "matryoshka.dims=[32,16,8,4]", "eval.dims=null", "eval.ir=[]", "eval.sts=[]",
+                          "train.load_best_model_at_end=false", "model.max_seq_length=64",
+                          "--steps", 2)
+    print(out)
+    assert code == 0 and "verdict: OK" in out
+
+
+def test_a_full_batch_that_does_not_fit_checks_the_largest_that_does(drop_dir, tmp_path, capsys):
+    config = two_task(tmp_path, drop_dir)
+    code, out = run_check(capsys, "--config", config, "--max-full-batch-texts", 12)
+    assert code == 0, out
+    assert "the full batch of 6 rows (24 texts) does not fit in memory" in out
+    assert "3 rows × 4 columns = 12 texts" in out or "6 rows × 2 columns = 12 texts" in out
+
+
+def torchrun_check(config, *args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "bertino.check", "--config", str(config), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_two_processes_check_against_one_at_the_global_batch(drop_dir, tmp_path, gather):
+    """W = 2 ranks × 3 rows, after DDP's all-reduce, against one process: at the global batch of 6 rows with the
+    gather (every candidate), or each rank's own batch, averaged, without it."""
+    config = write_config(tmp_path, train_config(tmp_path, drop_dir, per_device_train_batch_size=3,
+                                                 mini_batch_size=5, gather_across_devices=gather))
+    proc = torchrun_check(config, "--steps", 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("6 rows × 4 columns = 24 texts") == 2
+    assert "verdict: OK" in proc.stdout
+
+
+def test_the_check_refuses_stream_masks_across_processes(drop_dir, tmp_path):
+    proc = torchrun_check(write_config(tmp_path, train_config(tmp_path, drop_dir)), "--dropout", "stream")
+    assert proc.returncode != 0 and "error: --dropout stream" in proc.stderr
+
+
+def test_the_demo_config_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
+    rows = [{k: r[k] for k in ("query", "positive", "negative_1", "negative_2")} for r in retrieval_rows(32)]
+    data = write_jsonl(tmp_path / "mined.jsonl", rows)
+    code, out = run_check(capsys, "--config", ROOT / "configs" / "demo.json", f"model.name_or_path={drop_dir}",
+                          f"tasks.retrieval.dataset={data}", "matryoshka.dims=[32,16,8,4]", "eval.dims=null",
+                          "eval.ir=[]")
+    assert code == 0 and "verdict: OK" in out, out
