@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from bertino import SentenceEncoder, distributed
-from bertino.errors import BertinoError
+from bertino.errors import BertinoError, DataError
 from bertino.evaluation import IRSet, STSSet, evaluate_sets, format_table
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
@@ -47,7 +47,7 @@ from bertino.plumbing.cli import ArgumentParser, run_cli
 from bertino.plumbing.config import Config, check_against_model, config_to_dict, load_config, save_config
 from bertino.plumbing.data import TaskData, batch_schedule, load_tasks
 from bertino.plumbing.eval_data import load_eval_sets
-from bertino.plumbing.files import read_json, restore_half_replaced
+from bertino.plumbing.files import read_json, restore_half_replaced, write_failure
 from bertino.plumbing.metrics_log import LogWindow, MetricsLog
 from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
@@ -103,11 +103,14 @@ def setup(cfg: Config) -> Run:
     """Check everything and build the run (model, data, optimizer, state) without touching the run folder."""
     train = cfg.train
     out = Path(train.output_dir)
-    resume_from = run_folder.resolve_resume(train.resume_from_checkpoint, out)
-    run_folder.check_output_dir(out, resuming=resume_from is not None)
+    resume_from, notices = run_folder.resolve_resume(train.resume_from_checkpoint, out)
+    local_model = Path(cfg.model.name_or_path).expanduser()
+    run_folder.check_output_dir(out, resume_from, local_model if local_model.is_dir() else None)
     if resume_from is not None:
         saved_state, saved_config = run_checkpoints.read_checkpoint(resume_from)
-    dist_info, device = distributed.setup()
+    dist_info, device = distributed.setup(timeout=train.ddp_timeout)
+    for notice in notices:
+        warn(notice, dist_info.is_main)
     random.seed(train.seed)
     np.random.seed(train.seed)
     torch.manual_seed(train.seed)
@@ -127,11 +130,13 @@ def setup(cfg: Config) -> Run:
     tasks = load_tasks(cfg)
     batches = batch_schedule(cfg, tasks, dist_info.world_size, dist_info.rank)
     steps_per_epoch = len(batches)
+    fingerprint = run_checkpoints.data_fingerprint(tasks)  # saved with every checkpoint: a resume must see the rows
+    if dist_info.enabled:  # before the first collective of training: ranks that read other rows would hang it
+        check_same_data(distributed.gather_objects({"rows": fingerprint, "steps": steps_per_epoch}, device))
     total_steps = train.max_steps if train.max_steps > 0 else train.num_train_epochs * steps_per_epoch
     eval_sets = load_eval_sets(cfg.eval.ir, cfg.eval.sts)
     eval_dims = list(cfg.eval.dims or (cfg.matryoshka.dims if cfg.matryoshka else [encoder.dim]))
     run_config = config_to_dict(cfg)
-    fingerprint = run_checkpoints.data_fingerprint(tasks)  # saved with every checkpoint: a resume must see the rows
     state = run_checkpoints.TrainerState(world_size=dist_info.world_size, data_fingerprint=fingerprint)
     if resume_from is not None:
         for message in run_checkpoints.check_resume(resume_from, saved_state, saved_config, run_config,
@@ -167,6 +172,24 @@ def precision(cfg: Config, device: torch.device, is_main: bool) -> torch.dtype |
     return dtype
 
 
+def check_same_data(per_rank: list[dict]) -> None:
+    """Every rank must train on the same rows (each takes its own slice of every global batch)."""
+    if all(r == per_rank[0] for r in per_rank):
+        return
+    problems = []
+    for rank, r in enumerate(per_rank[1:], start=1):
+        for task, fp in sorted(r["rows"].items()):
+            ref = per_rank[0]["rows"].get(task)
+            if ref is None or ref != fp:
+                what = (f"{ref['rows']} rows on rank 0, {fp['rows']} on rank {rank}" if ref and ref["rows"] !=
+                        fp["rows"] else f"the same {fp['rows']} rows count, other content")
+                problems.append(f"task {task!r}: {what}")
+        if r["steps"] != per_rank[0]["steps"] and not problems:
+            problems.append(f"{per_rank[0]['steps']} steps per epoch on rank 0, {r['steps']} on rank {rank}")
+    raise DataError("the ranks read different training data (" + "; ".join(problems) + "): every process must "
+                    "see the same files (on every node); nothing was written")
+
+
 def open_run_folder(run: Run) -> None:
     """Rank 0 creates the run folder, writes config.json and starts metrics.jsonl, once every rank is ready."""
     distributed.barrier()  # every rank has checked everything: only now does rank 0 write
@@ -195,7 +218,7 @@ def train_loop(run: Run) -> None:
 
     state, train = run.state, run.cfg.train
     batches = run.batches.stream(state.epoch, state.batch_in_epoch)  # resumes mid-epoch where the state says
-    window = LogWindow()
+    window = LogWindow.restore(state.log_window)  # a resumed run's next line averages the same steps
     with StopSignal() as stop, tqdm(total=run.total_steps, initial=state.step, disable=not run.is_main,
                                     desc="train", unit="step", dynamic_ncols=True) as bar:  # closed even on an error
         while state.step < run.total_steps:
@@ -222,10 +245,10 @@ def train_loop(run: Run) -> None:
                     evaluate(run)
             stop_everywhere = not distributed.all_ranks_agree([stop.signum is None], run.device)[0]
             if stop_everywhere and not last:
-                stop_after_signal(run, stop.signum, bar)
+                stop_after_signal(run, stop.signum, bar, window)
             if train.save_steps > 0 and state.step % train.save_steps == 0 and not last:
                 with window.pause():
-                    save_checkpoint(run)
+                    save_checkpoint(run, window)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── one step
@@ -318,12 +341,22 @@ def best_metric_value(results: dict, metric: str, dim: int) -> float | None:
 
 def save_model(run: Run, folder: Path, results: dict | None) -> None:
     """best/ or final/: a sentence-transformers folder with a generated model card, written atomically."""
-    run_folder.save_model_folder(run.encoder, folder, run.cfg, results, run.eval_dims)
+    try:
+        run_folder.save_model_folder(run.encoder, folder, run.cfg, results, run.eval_dims)
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        shutil.rmtree(run_folder.tmp_dir_for(folder), ignore_errors=True)
+        raise BertinoError(f"cannot write {folder}: {reason}: the disk is full or a file size limit was hit; the "
+                           f"checkpoints are intact") from None
 
 
-def save_checkpoint(run: Run) -> Path:
-    """`checkpoint-STEP/`: rank 0 writes the weights and training state, every rank its RNG state; atomic."""
+def save_checkpoint(run: Run, window: LogWindow) -> Path:
+    """`checkpoint-STEP/`: rank 0 writes the weights and training state (with the losses logged since the last
+    metrics line), every rank its RNG state; atomic."""
     final = run.out / f"checkpoint-{run.state.step}"
+    run.state.log_window = window.snapshot()
     tmp = run_folder.tmp_dir_for(final)
 
     def write_model(folder: Path) -> None:
@@ -336,17 +369,21 @@ def save_checkpoint(run: Run) -> Path:
                                         scaler=run.scaler, run_config=run.run_config, barrier=distributed.barrier)
         if run.is_main:
             run_folder.rotate_checkpoints(run.out, run.cfg.train.save_total_limit, run.state.best_step)
-    except OSError as e:  # disk full, quota: the earlier checkpoints are untouched
+    except Exception as e:  # disk full, quota, file size limit: the earlier checkpoints are untouched
+        reason = write_failure(e)
+        if reason is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BertinoError(f"cannot write {final}: {e.strerror or e}; the earlier checkpoints are intact "
-                           f"(resume with train.resume_from_checkpoint=true once there is room)") from None
+        raise BertinoError(f"cannot write {final}: {reason}: the disk is full or a file size limit was hit; the "
+                           f"earlier checkpoints are intact (resume with train.resume_from_checkpoint=true once "
+                           f"there is room)") from None
     distributed.barrier()
     return final
 
 
-def stop_after_signal(run: Run, signum: int | None, bar) -> None:
+def stop_after_signal(run: Run, signum: int | None, bar, window: LogWindow) -> None:
     """Save a checkpoint, then exit with 128 + the signal number, as the signal itself would have."""
-    saved = save_checkpoint(run)
+    saved = save_checkpoint(run, window)
     bar.close()
     name = signal.Signals(signum).name if signum else "a signal on another rank"
     if run.is_main:
@@ -358,19 +395,26 @@ def stop_after_signal(run: Run, signum: int | None, bar) -> None:
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the end
 def finish(run: Run) -> None:
-    """A last evaluation, then `final/`: the best model's weights under load_best_model_at_end, else the last."""
-    results = evaluate(run)
-    if run.is_main:
-        best = run.out / "best"
-        if run.cfg.train.load_best_model_at_end and best.exists():
-            load_into(run.encoder.model, read_weights(best), source=str(best))
-            results = {int(d): r for d, r in read_json(best / "eval_results.json").items()}
-        save_model(run, run.out / "final", results)
-        if results:
-            print(format_table(results))
-        print(f"bertino: final model in {run.out / 'final'}", file=sys.stderr)
-    distributed.barrier()
-    distributed.cleanup()
+    """A last evaluation, then `final/`: the best model's weights under load_best_model_at_end, else the last.
+
+    The run's steps are done: a SIGTERM now lets `final/` be written and the run end normally (a second one
+    interrupts)."""
+    with StopSignal() as stop:
+        results = evaluate(run)
+        if run.is_main:
+            best = run.out / "best"
+            if run.cfg.train.load_best_model_at_end and best.exists():
+                load_into(run.encoder.model, read_weights(best), source=str(best))
+                results = {int(d): r for d, r in read_json(best / "eval_results.json").items()}
+            save_model(run, run.out / "final", results)
+            if results:
+                print(format_table(results))
+            print(f"bertino: final model in {run.out / 'final'}", file=sys.stderr)
+        distributed.barrier()
+        distributed.cleanup()
+    if stop.signum is not None and run.is_main:
+        print(f"bertino: {signal.Signals(stop.signum).name} came after the last step; the run is complete",
+              file=sys.stderr)
 
 
 def main(argv=None) -> None:

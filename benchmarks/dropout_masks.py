@@ -16,7 +16,6 @@ The per-step cost inside a training step is measured by `train_step.py --keyed` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -160,6 +160,7 @@ class SentenceEncoder(nn.Module):
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(str(out))
+        _drop_remote_code(out / "tokenizer_config.json")
         layout = Layout(out, self.pooling, self.normalize_output, self.max_seq_length, self.do_lower_case)
         write_sentence_transformers_files(out, dim=self.dim, layout=layout, version=_version(),
                                           matryoshka_dims=matryoshka_dims, model_card=model_card)
@@ -178,9 +179,31 @@ def _load_tokenizer(folder: Path, vocab_size: int):
         raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens (largest id {largest_id}) but "
                               f"the embedding matrix has {vocab_size} rows: tokenizer and weights do not belong "
                               f"together")
+    files = sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens",
+                                                                            "merges", "spiece", "sentencepiece")))
+    if len(tokenizer) < vocab_size // 2:  # a few padding rows are normal; half the table unreachable is not
+        raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the embedding matrix has "
+                              f"{vocab_size} rows: its tokenizer files are missing or wrong (found "
+                              f"{files or 'none'}); copy the base model's tokenizer files into the folder")
+    probe = "Il gatto dorme sul divano. The cat sleeps on the sofa, 2024."
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise CheckpointError(f"{folder}: the tokenizer turns ordinary text into unknown tokens only ({probe!r} → "
+                              f"{len(ids)} × {tokenizer.unk_token!r}); its files are wrong (found {files or 'none'})")
     if tokenizer.pad_token_id is None:
         raise CheckpointError(f"{folder}: the tokenizer defines no pad token")
     return tokenizer
+
+
+def _drop_remote_code(path: Path) -> None:
+    """A source model's `auto_map` points transformers at code shipped in the repo (trust_remote_code): bertino
+    never runs it, and a folder it writes must not ask anyone else to."""
+    import json
+
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.pop("auto_map", None) is not None:
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check_texts(texts) -> None:

@@ -79,12 +79,13 @@ class Loss:
     default_scale: float | None  # the similarity scale when `tasks.NAME.scale` is unset; None: the loss has none
     grad_cache: bool  # training computes it with GradCache (train.mini_batch_size texts through the encoder at once)
     card_name: str  # the sentence-transformers class it reimplements, as the model card names it
+    needs_varied_scores: bool = False  # learns only from pairs whose gold scores differ (all equal: no gradient)
 
 
 LOSSES = {
     "mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, False, "MultipleNegativesRankingLoss"),
     "cached_mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, True,
                         "CachedMultipleNegativesRankingLoss (GradCache)"),
-    "cosent": Loss(cosent_loss, "pair_score", DEFAULT_SCALE, False, "CoSENTLoss"),
+    "cosent": Loss(cosent_loss, "pair_score", DEFAULT_SCALE, False, "CoSENTLoss", needs_varied_scores=True),
     "cosine": Loss(cosine_similarity_loss, "pair_score", None, False, "CosineSimilarityLoss"),
 }

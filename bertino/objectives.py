@@ -10,7 +10,10 @@ Gathering across ranks (`gather_across_devices`): every rank's candidates are al
 (`torch.distributed.nn.functional.all_gather`), anchors stay local and labels are offset by rank · B(1+k), so every
 anchor is scored against every rank's positives and hard negatives. The gather's backward sums the gradients that
 all ranks' losses send to a rank's candidates; DDP then averages over ranks, which turns the mean of the W local
-losses into exactly the single-process loss over W·B anchors: no world-size factor is needed.
+losses into exactly the single-process loss over W·B anchors: no world-size factor is needed. Pair losses (CoSENT,
+CosineSimilarity) gather both sides and the scores, so every rank computes the same loss over all W·B pairs; the
+gather's backward then sums W identical contributions into each slice, and DDP's average divides them by W again:
+no factor there either.
 """
 
 from __future__ import annotations
@@ -60,14 +63,13 @@ class Objective:
             return self._combine([anchors, candidates], parts, labels=labels, **scale)
 
         e1, e2 = columns[0], columns[1]  # (B, D) each
-        divide = 1.0
         if world > 1:
-            # Every rank evaluates the same loss over all W·B pairs; the gather's backward sums W identical
-            # contributions, so divide by W to get the single-process gradient after DDP's average.
+            # Every rank evaluates the same loss L over all W·B pairs. The gather's backward sends each rank's slice
+            # ∂L/∂e from all W ranks' copies of L (W ∂L/∂e), and DDP's average divides by W: exactly the
+            # single-process gradient, as for MNRL. (Dividing L by W here would make it W times too small.)
             e1, e2 = torch.cat(gather_with_grad(e1)), torch.cat(gather_with_grad(e2))  # (W·B, D)
             scores = torch.cat(gather_with_grad(scores.float()))  # (W·B,)
-            divide = float(world)
-        return self._combine([e1, e2], parts, gold=scores, **scale) / divide
+        return self._combine([e1, e2], parts, gold=scores, **scale)
 
     def _combine(self, embeddings: list[torch.Tensor], parts, **kwargs) -> torch.Tensor:
         if self.dims is None:

@@ -279,7 +279,7 @@ def test_load_sts_file(tmp_path):
     ('{"query": "q", "positive": "p"}\n["q", "p"]\n', r"dev\.jsonl:2: expected a JSON object"),
     ('{"query": "q", "pos": "p"}\n', r"dev\.jsonl:1: missing key 'positive'"),
     ('{"query": 7, "positive": "p"}\n', r"dev\.jsonl:1: key 'query' must be a string, found int"),
-    ('{"query": "q", "positive": []}\n', r"dev\.jsonl:1: key 'positive' must be a string or a non-empty list"),
+    ('{"query": "q", "positive": []}\n', r"dev\.jsonl:1: key 'positive' must be a non-empty string or a non-empty list of non-empty strings, found \[\]"),
     ('{"query": "q", "positive": "p", "negative_1": null}\n', r"key 'negative_1' must be a string"),
 ])
 def test_load_ir_file_errors_name_file_line_and_key(tmp_path, content, match):

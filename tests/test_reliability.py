@@ -186,7 +186,7 @@ def test_examples_per_sec_leaves_out_evaluations_and_checkpoints(monkeypatch):
     with window.pause():
         pass
     records = []
-    run = NS(state=NS(step=1, epoch=0, batch_in_epoch=1, skipped_steps=0), steps_per_epoch=2,
+    run = NS(cfg=NS(matryoshka=None), state=NS(step=1, epoch=0, batch_in_epoch=1, skipped_steps=0), steps_per_epoch=2,
              scheduler=NS(get_last_lr=lambda: [0.1]), scaler=NS(is_enabled=lambda: False), log=NS(write=records.append))
     train.log_progress(run, window, torch.tensor(1.0), NS(set_postfix=lambda **kw: None))
     assert records[0]["examples_per_sec"] == 5.0  # 10 examples in 10 s, 8 of them evaluating
@@ -323,7 +323,7 @@ def test_incomplete_checkpoints_are_never_taken(reference, tmp_path):
     (run / "checkpoint-9" / "trainer_state.json").unlink()  # cut off before its last file
     shutil.copytree(run / "checkpoint-6", run / ".tmp-checkpoint-12")  # a temp folder is never a checkpoint
     (run / "checkpoint-6" / "rng_state_0.pt").unlink()
-    assert run_folder.resolve_resume(True, run) == run / "checkpoint-3"
+    assert run_folder.resolve_resume(True, run)[0] == run / "checkpoint-3"
     with pytest.raises(ConfigError, match=r"checkpoint-9 is not a complete checkpoint \(missing trainer_state"):
         run_folder.resolve_resume(str(run / "checkpoint-9"), run)
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
@@ -527,8 +527,8 @@ def inject(monkeypatch, bad_calls, factor=float("nan")):
     """Objective(...) is called once per step: multiply the loss of the listed (0-based) calls by `factor`."""
     original, calls = Objective.__call__, {"n": 0}
 
-    def patched(self, reps, n_columns, scores=None):
-        loss = original(self, reps, n_columns, scores)
+    def patched(self, reps, n_columns, scores=None, parts=None):
+        loss = original(self, reps, n_columns, scores, parts)
         i, calls["n"] = calls["n"], calls["n"] + 1
         return loss * factor if i in bad_calls else loss
 
@@ -623,6 +623,13 @@ def test_weights_only_from_safetensors_and_the_converter(tiny_mlm_dir, tmp_path,
     np.testing.assert_array_equal(ours.encode(["il gatto"]), original.encode(["il gatto"]))
 
 
+def seal_checksums(ckpt):
+    """Rewrite a tampered checkpoint's checksums, as someone who forges a checkpoint would."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["checksums"] = run_checkpoints.checksums(ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+
 def test_pickled_code_is_refused_everywhere(reference, tmp_path, capsys):
     PWNED.unlink(missing_ok=True)
     folder = tmp_path / "evil"
@@ -634,12 +641,15 @@ def test_pickled_code_is_refused_everywhere(reference, tmp_path, capsys):
     ckpt = tmp_path / "checkpoint-3"
     shutil.copytree(ref_run / "checkpoint-3", ckpt)
     torch.save({"state": {}, "param_groups": RunsCode()}, ckpt / "optimizer.pt")
-    line = cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}",
-                     f"train.resume_from_checkpoint={ckpt}")
-    assert f"{ckpt / 'optimizer.pt'}: cannot read with torch.load(weights_only=True)" in line
+    args = f"train.output_dir={tmp_path / 'out'}", f"train.resume_from_checkpoint={ckpt}"
+    assert "optimizer.pt: changed since it was written" in cli_error(capsys, tmp_path, cfg, *args)
+    # an attacker rewrites the checksums too: torch.load(weights_only=True) still refuses the pickle
+    seal_checksums(ckpt)
+    assert f"{ckpt / 'optimizer.pt'}: cannot read with torch.load(weights_only=True)" in cli_error(
+        capsys, tmp_path, cfg, *args)
     (ckpt / "optimizer.pt").write_bytes((ref_run / "checkpoint-3" / "optimizer.pt").read_bytes()[:100])
-    assert "optimizer.pt: cannot read" in cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}",
-                                                    f"train.resume_from_checkpoint={ckpt}")
+    seal_checksums(ckpt)
+    assert "optimizer.pt: cannot read" in cli_error(capsys, tmp_path, cfg, *args)
     assert not PWNED.exists() and not (tmp_path / "out").exists()
 
 

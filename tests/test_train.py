@@ -52,20 +52,39 @@ def test_same_seed_with_dropout_is_bitwise_reproducible(drop_dir, tmp_path):
     assert not all(torch.equal(w1[k], w3[k]) for k in w1)
 
 
-@pytest.mark.parametrize("loss,mini", [("cached_mnrl", 2), ("mnrl", 6)])
-def test_two_processes_equal_one(nodrop_dir, tmp_path, loss, mini):
-    """torchrun 2×(B/2) with gathered candidates ≡ 1 process with batch B (dropout 0: ranks' RNG streams differ)."""
+TWO_VS_ONE = {"cached_mnrl": dict(loss="cached_mnrl", mini=2), "mnrl": dict(loss="mnrl", mini=6),
+              "cached_mnrl, every graph kept": dict(loss="cached_mnrl", mini=2, budget=99),
+              "cosent": dict(loss="cosent", mini=6), "cosine": dict(loss="cosine", mini=6)}
+
+
+@pytest.mark.parametrize("case", TWO_VS_ONE)
+def test_two_processes_equal_one(nodrop_dir, tmp_path, case):
+    """torchrun 2×(B/2) with gathered candidates ≡ 1 process with batch B (dropout 0: ranks' RNG streams differ) —
+    the weights, and the logged loss and gradient norm of every step: a uniform factor on the gradient (AdamW and
+    clipping hide it in the weights) shows in the norm."""
+    loss, mini, budget = TWO_VS_ONE[case]["loss"], TWO_VS_ONE[case]["mini"], TWO_VS_ONE[case].get("budget", 0)
     w0 = weights(nodrop_dir)
-    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini)
-    base["tasks"]["retrieval"]["loss"] = loss
+    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini,
+                        grad_cache_memory_budget=budget)
+    if loss in ("cosent", "cosine"):
+        base["tasks"] = {"sts": {"dataset": str(write_jsonl(tmp_path / "sts.jsonl", sts_rows(24))),
+                                 "columns": ["sentence1", "sentence2", "score"], "loss": loss, "score_scale": 5.0}}
+    else:
+        base["tasks"]["retrieval"]["loss"] = loss
     one = dict(base, train={**base["train"], "per_device_train_batch_size": 6, "output_dir": str(tmp_path / "one")})
     two = dict(base, train={**base["train"], "per_device_train_batch_size": 3, "mini_batch_size": min(mini, 3),
                             "output_dir": str(tmp_path / "two")})
     run_train(write_config(tmp_path, one, "one.json"))
     run_train(write_config(tmp_path, two, "two.json"), nproc=2)
     diff = rel_update_diff(w0, weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final"))
-    print(f"{loss}: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
+    print(f"{case}: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
     assert diff <= 1e-3
+    task = next(iter(base["tasks"]))
+    steps_one, steps_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(steps_one) == len(steps_two) == 3
+    for a, b in zip(steps_two, steps_one):
+        for key in (f"loss/{task}", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key, a[key], b[key])
 
 
 def test_schedule_formulas_and_weight_decay_groups(tiny_model_dir):
@@ -214,3 +233,33 @@ def test_a_larger_first_pass_trains_like_the_usual_one(drop_dir, tmp_path):
         run_train(write_config(tmp_path, cfg, f"{name}.json"))
         runs[name] = weights(tmp_path / name / "final")
     assert rel_update_diff(w0, runs["larger"], runs["same"]) <= 1e-3
+
+
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tiny_model_dir, tmp_path, monkeypatch):
+    """AdamW hides a uniform gradient scale, so clipping would not show in the weights: the gradient norm the
+    optimizer sees is ≤ max_grad_norm whenever the step's norm (logged) is above it, and untouched with 0."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad.double() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for max_norm in (0.05, 0.0):
+        seen.clear()
+        out = tmp_path / f"clip{max_norm}"
+        cfg = train_config(tmp_path, tiny_model_dir, max_grad_norm=max_norm, output_dir=str(out))
+        train.main(["--config", str(write_config(tmp_path, cfg, f"c{max_norm}.json"))])
+        logged = [r["grad_norm"] for r in read_metrics(out) if "grad_norm" in r]
+        assert len(seen) == len(logged) == 3 and all(n > 0.05 for n in logged)  # clipping had work to do
+        if max_norm:
+            assert all(n <= max_norm * (1 + 1e-5) for n in seen), seen
+        else:
+            assert seen == pytest.approx(logged, rel=1e-5)

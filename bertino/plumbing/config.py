@@ -97,6 +97,7 @@ class TrainConfig:
     #                                    classic GradCache's peak memory (the last chunk's graph is kept for free)
     grad_cache_linear_tape: bool = False  # GradCache pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs instead of
     #                                       recomputing them (bertino/speedups/linear_tape.py): faster, more memory
+    ddp_timeout: int = 1800  # seconds a rank waits for the others (HF Trainer's name): a lost rank ends the job
     grad_cache_first_pass_mini_batch_size: int | None = None  # texts per chunk of GradCache's no-grad pass 1, when
     #   larger than mini_batch_size (fewer, larger forwards; needs model.dropout_masks "keyed"); null: the same
 
@@ -226,6 +227,7 @@ def _validate(cfg: Config) -> None:
                               f"{t.metric_for_best_model!r} needs at least one file in {wanted}, found none")
     require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
              "≥ 1")
+    require(t.ddp_timeout >= 1, "train.ddp_timeout", t.ddp_timeout, "≥ 1 (seconds)")
     first = t.grad_cache_first_pass_mini_batch_size
     if first is not None:
         require(first >= 1, "train.grad_cache_first_pass_mini_batch_size", first, "≥ 1 or null")

@@ -177,6 +177,9 @@ def _check_scores(task: TaskConfig, name: str, data: TaskData, raw: list) -> np.
         i = int(bad[0])
         raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: {raw[i]!r} / score_scale "
                         f"{task.score_scale} does not fit in float32")
+    if LOSSES[task.loss].needs_varied_scores and len(scaled) and (scaled == scaled[0]).all():
+        raise DataError(f"task {name!r} ({data.source}): every gold score in column {column!r} is {raw[0]!r}; "
+                        f"{task.loss!r} learns only from pairs whose scores differ, so it would train nothing")
     if task.loss == "cosine":  # CosineSimilarityLoss regresses cos(e1, e2) onto the score: it must be in [0, 1]
         bad = np.flatnonzero((scaled < 0) | (scaled > 1))
         if bad.size:

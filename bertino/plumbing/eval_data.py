@@ -108,6 +108,8 @@ def text_field(row: dict, key: str, where: str) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: key {key!r} must be a string, found {type(value).__name__} ({value!r:.60})")
+    if not value.strip():  # as training data: an empty text would be a query or document of nothing
+        raise DataError(f"{where}: key {key!r} must be a non-empty string, found {value!r}")
     return value
 
 
@@ -115,8 +117,8 @@ def _texts(row: dict, key: str, where: str) -> list[str]:
     """A string, or a non-empty list of strings (several positives for one query)."""
     value = row.get(key)
     if isinstance(value, list):
-        if not value or not all(isinstance(t, str) for t in value):
-            raise DataError(f"{where}: key {key!r} must be a string or a non-empty list of strings, "
-                            f"found {value!r:.60}")
+        if not value or not all(isinstance(t, str) and t.strip() for t in value):
+            raise DataError(f"{where}: key {key!r} must be a non-empty string or a non-empty list of non-empty "
+                            f"strings, found {value!r:.60}")
         return value
     return [text_field(row, key, where)]

@@ -121,6 +121,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, if `error` is a failed write (a full disk, a quota, a file size limit), else None.
+
+    Libraries report it their own way: OSError (ENOSPC, EFBIG, EDQUOT), torch.save's RuntimeError from its zip
+    writer ("inline_container", "PytorchStreamWriter"), safetensors' SafetensorError ("I/O error: ...")."""
+    text = str(error)
+    if isinstance(error, OSError):
+        return error.strerror or text
+    if type(error).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error:", 1)[1].strip()
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return "the file could not be written in full"
+    return None
+
+
 def publish_dir(tmp: Path, final: Path, replace: bool = True) -> None:
     """Publish the folder `tmp` as `final` with a rename, after flushing every file in it to disk.
 

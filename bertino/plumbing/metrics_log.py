@@ -87,5 +87,18 @@ class LogWindow:
         for dim, value in parts.items():
             self.losses.setdefault(f"{task}/{dim}d", []).append(value)
 
+    def snapshot(self) -> dict:
+        """The window's losses and examples as JSON data (saved with a checkpoint)."""
+        return {"losses": {k: [float(v) for v in vs] for k, vs in self.losses.items()}, "examples": self.examples}
+
+    @classmethod
+    def restore(cls, saved: dict | None) -> "LogWindow":
+        """A window holding a checkpoint's snapshot (an empty one for None): after a resume, the next metrics
+        line averages the same steps as the uninterrupted run's."""
+        if not saved:
+            return cls()
+        losses = {k: [torch.tensor(v, dtype=torch.float32) for v in vs] for k, vs in saved["losses"].items()}
+        return cls(losses=losses, examples=int(saved["examples"]))
+
     def examples_per_sec(self) -> float:
         return round(self.examples / max(time.perf_counter() - self.t0 - self.paused, 1e-9), 2)

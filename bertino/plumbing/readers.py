@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..losses import LOSSES
 from .config import TaskConfig
 from .files import open_maybe_gzip, read_json, read_jsonl, short
 
@@ -39,7 +40,7 @@ def read_columns(task: TaskConfig, base_dir=None) -> tuple[str, dict[str, list],
             values, lines = _read_json_file(path, task.columns)
             return str(path), values, lines
         if lower.endswith(TABULAR_FORMATS):
-            return str(path), _columns_of(_load_tabular(path), task.columns, str(path)), None
+            return str(path), _columns_of(_load_tabular(path, text_columns(task)), task.columns, str(path)), None
         raise DataError(f"{path}: unsupported file type; expected {SUPPORTED}")
     if lower.endswith(LINE_FORMATS + TABULAR_FORMATS) or task.dataset.startswith((".", "/", "~")):
         raise DataError(f"{task.dataset}: no such file or folder (looked at {path.resolve()})")
@@ -96,14 +97,25 @@ class _reading:
         return False
 
 
-def _load_tabular(path: Path):
-    """A .csv or .parquet file as an Arrow table (the format `datasets` stores; no cache folder is written)."""
+def text_columns(task: TaskConfig) -> tuple[str, ...]:
+    """The columns of `task` that hold texts (a pair+score task's last column is its score)."""
+    return task.columns[:2] if LOSSES[task.loss].rows == "pair_score" else task.columns
+
+
+def _load_tabular(path: Path, texts: tuple[str, ...] = ()):
+    """A .csv or .parquet file as an Arrow table (the format `datasets` stores; no cache folder is written).
+
+    A CSV's text columns are read as strings whatever they look like (a column of digits is text too)."""
+    import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
 
     try:
         if path.name.lower().endswith(".csv"):
-            return pyarrow.csv.read_csv(path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True))
+            convert = pyarrow.csv.ConvertOptions(column_types={c: pa.string() for c in texts},
+                                                 strings_can_be_null=False)
+            return pyarrow.csv.read_csv(path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+                                        convert_options=convert)
         return pyarrow.parquet.read_table(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable as such"
         raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {type(e).__name__}: {e}") from e

@@ -47,7 +47,7 @@ REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", 
 # Keys a resume may change freely: bookkeeping, and where the data lives (the fingerprint checks the rows).
 RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_checkpoint", "train.logging_steps",
                "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.load_best_model_at_end",
-               "train.metric_for_best_model", "train.max_consecutive_nonfinite"}
+               "train.metric_for_best_model", "train.max_consecutive_nonfinite", "train.ddp_timeout"}
 RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not.
 RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.grad_cache_linear_tape",
@@ -65,6 +65,8 @@ class TrainerState:
     skipped_steps: int = 0
     world_size: int = 1
     data_fingerprint: dict[str, dict] | None = None  # {task: {"rows": N, "blake2b": hex}}
+    checksums: dict[str, str] | None = None  # {file: sha256} of every other file of the checkpoint (written last)
+    log_window: dict | None = None  # the losses logged since the last metrics line: the next line averages them too
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -119,8 +121,36 @@ def save_checkpoint(tmp: Path, final: Path, *, rank: int, write_model, state: Tr
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # last: the folder is complete
+        # last: the state, with a checksum of every other file, so a resume can tell a damaged checkpoint
+        state_data = {**asdict(state), "checksums": checksums(tmp)}
+        (tmp / STATE_FILE).write_text(json.dumps(state_data, indent=2) + "\n")
         publish_dir(tmp, final)
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` but the trainer state."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        out[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return out
+
+
+def damage(ckpt: Path) -> list[str]:
+    """What is wrong with a checkpoint's files: missing, changed or truncated since it was written (by their
+    checksums in trainer_state.json; a checkpoint written before checksums existed is taken as it is)."""
+    try:
+        saved = read_json(ckpt / STATE_FILE).get("checksums")
+    except CheckpointError as e:
+        return [str(e)]
+    if not saved:
+        return []
+    now = checksums(ckpt)
+    return [f"{name}: {'missing' if name not in now else 'changed since it was written (checksum mismatch)'}"
+            for name, digest in saved.items() if now.get(name) != digest]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -141,17 +171,24 @@ def read_checkpoint(ckpt: Path) -> tuple[TrainerState, dict]:
     return TrainerState(**state_data), run_config
 
 
-def check_resume(ckpt: Path, saved: TrainerState, saved_config: dict, run_config: dict, world_size: int,
-                 fingerprint: dict) -> list[str]:
-    """Refuse a resume that could not continue the same run; return warnings for RESUME_NOT_BITWISE changes."""
+def config_changes(saved_config: dict, run_config: dict) -> tuple[list[str], list[str], dict, dict]:
+    """How a run's config differs from a checkpoint's: (changes that make it another run, as "key: old → new";
+    changes that are the same run but not bitwise; the flat old and new configs)."""
     old, new = _flatten(saved_config), _flatten(run_config)
     old = {**{k: v for k, v in key_defaults(new).items() if k not in old}, **old}  # keys added since it was saved
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
     free = [k for k in changed if k in RESUME_FREE or k.startswith("eval.")
             or (k.startswith("tasks.") and k.rsplit(".", 1)[-1] in RESUME_FREE_TASK_KEYS)]
     soft = [k for k in changed if k in RESUME_NOT_BITWISE]
-    hard = [k for k in changed if k not in free and k not in soft]
-    problems = [f"{k}: {json.dumps(old.get(k, '(absent)'))} → {json.dumps(new.get(k, '(absent)'))}" for k in hard]
+    hard = [f"{k}: {json.dumps(old.get(k, '(absent)'))} → {json.dumps(new.get(k, '(absent)'))}"
+            for k in changed if k not in free and k not in soft]
+    return hard, soft, old, new
+
+
+def check_resume(ckpt: Path, saved: TrainerState, saved_config: dict, run_config: dict, world_size: int,
+                 fingerprint: dict) -> list[str]:
+    """Refuse a resume that could not continue the same run; return warnings for RESUME_NOT_BITWISE changes."""
+    problems, soft, old, new = config_changes(saved_config, run_config)
     if saved.world_size != world_size:
         problems.append(f"world size: {saved.world_size} → {world_size} process(es)")
     for name in sorted((saved.data_fingerprint or {}).keys() & fingerprint.keys()):

@@ -21,26 +21,62 @@ from ..errors import ConfigError
 from .config import Config, config_to_dict
 from .files import publish_dir
 from .model_card import render_model_card
-from .run_checkpoints import missing_files
+from .run_checkpoints import damage, missing_files
 
 RUN_FILES = ("checkpoint-", "final", "best")  # what a run leaves that a fresh run must not overwrite
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def check_output_dir(out: Path, resuming: bool) -> None:
-    """Before anything is loaded: `out` must be creatable, and a fresh run must not overwrite an earlier one."""
+def check_output_dir(out: Path, resume_from: Path | None, model_folder: Path | None = None) -> None:
+    """Before anything is loaded: `out` must be creatable, and no run may overwrite what is not its own.
+
+    - a fresh run must not write into a folder that holds an earlier run's checkpoints or models;
+    - a resume writes only into an empty folder, the folder of the run it resumes, or a folder an earlier resume
+      of the same run started (its config.json is the checkpoint's config);
+    - no run writes into (or inside) the folder of the model it starts from.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
     parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"train.output_dir: cannot create {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"train.output_dir: cannot create {out}: {parent} is not writable")
-    if not resuming and out.is_dir():
-        earlier = sorted(p.name for p in out.iterdir() if p.name.startswith(RUN_FILES))
+    if model_folder is not None and model_folder.is_dir():
+        model, target = model_folder.resolve(), out.absolute().resolve()
+        if target == model or model in target.parents:
+            raise ConfigError(f"train.output_dir: {out} is {'inside ' if target != model else ''}the folder of the "
+                              f"model the run starts from ({model_folder}); writing there would replace its files: "
+                              f"choose another output_dir")
+    if not out.is_dir():
+        return
+    earlier = sorted(p.name for p in out.iterdir() if p.name.startswith(RUN_FILES))
+    if resume_from is None:
         if earlier:
             raise ConfigError(
                 f"train.output_dir: {out} already holds an earlier run ({', '.join(earlier[:4])}"
                 f"{' ...' if len(earlier) > 4 else ''}); continue it with train.resume_from_checkpoint=true, "
                 f"or choose another output_dir (or delete that one)")
+        return
+    if resume_from.parent.resolve() == out.resolve() or not any(out.iterdir()) or _same_run(out, resume_from):
+        return
+    found = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    raise ConfigError(f"train.output_dir: {out} holds another run ({', '.join(found[:5])}"
+                      f"{' ...' if len(found) > 5 else ''}), not the one of {resume_from}: a resume writes only into "
+                      f"an empty folder or the folder of the run it continues; choose another output_dir")
+
+
+def _same_run(out: Path, resume_from: Path) -> bool:
+    """Did an earlier resume of this checkpoint's run start `out`? (its config.json is the checkpoint's run
+    config, up to the keys a resume may change)."""
+    from .files import read_json
+    from .run_checkpoints import config_changes
+
+    if not (out / "config.json").is_file() or not (resume_from / "run_config.json").is_file():
+        return False
+    hard, _, _, _ = config_changes(read_json(resume_from / "run_config.json", ConfigError),
+                                   read_json(out / "config.json", ConfigError))
+    return not hard
 
 
 def tmp_dir_for(final: Path) -> Path:
@@ -59,16 +95,26 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
-    """`train.resume_from_checkpoint`: a folder, or true for the latest complete one in output_dir."""
+def resolve_resume(resume: str | bool | None, output_dir: Path) -> tuple[Path | None, list[str]]:
+    """`train.resume_from_checkpoint`: a folder, or true for the latest sound one in output_dir →
+    (the checkpoint, notices). Every file is checked against the checksums written with it: with true, a damaged
+    latest checkpoint is passed over for the previous one, with a notice; a damaged folder named explicitly is an
+    error that names the newest sound one."""
     if resume in (None, False, ""):
-        return None
+        return None, []
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
         found = list_checkpoints(output_dir)
         if not found:
             raise ConfigError(f"train.resume_from_checkpoint: true, but {output_dir} holds no complete "
                               f"checkpoint-*/ folder")
-        return found[-1][1]
+        notices = []
+        for _, ckpt in reversed(found):
+            problems = damage(ckpt)
+            if not problems:
+                return ckpt, notices
+            notices.append(f"{ckpt} is damaged ({'; '.join(problems)}): resuming from an earlier checkpoint")
+        raise ConfigError(f"train.resume_from_checkpoint: every checkpoint in {output_dir} is damaged: "
+                          + "; ".join(notices))
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume_from_checkpoint: no such folder {path}")
@@ -76,7 +122,13 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     if missing:
         raise ConfigError(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (missing "
                           f"{', '.join(missing)})")
-    return path
+    problems = damage(path)
+    if problems:
+        sound = [c for _, c in reversed(list_checkpoints(path.parent)) if c != path and not damage(c)]
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is damaged ({'; '.join(problems)}); "
+                          + (f"resume from {sound[0]} instead (train.resume_from_checkpoint={sound[0]})" if sound
+                             else "no other sound checkpoint is next to it"))
+    return path, []
 
 
 def rotate_checkpoints(output_dir: Path, keep: int | None, protect_step: int | None) -> None:

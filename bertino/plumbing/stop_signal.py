@@ -1,7 +1,9 @@
 """SIGTERM / SIGINT (a pre-emption notice, Ctrl-C): finish the current step, write a checkpoint, then exit.
 
 `StopSignal` sets a flag that the training loop reads after each step (where every rank agrees on it: a rank that
-stopped alone would leave the others waiting in a collective). A second signal acts as it normally would.
+stopped alone would leave the others waiting in a collective). If the other ranks never come (one is lost), a rank
+waiting for them in a collective stops a few seconds after the signal (distributed.py). A second signal acts as it
+normally would.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import os
 import signal
 import sys
 import threading
+
+from .. import distributed
 
 
 class StopSignal:
@@ -27,6 +31,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        distributed.signal_received(signum)  # a rank waiting for lost ranks gives up instead of hanging
         if os.environ.get("RANK", "0") == "0":
             print(f"\nbertino: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                   f"(send it again to stop at once)", file=sys.stderr)

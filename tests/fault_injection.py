@@ -1,0 +1,67 @@
+"""Run train.py with one fault injected, for the tests that must see how a run behaves when something goes wrong.
+
+    BERTINO_FAULT=NAME python tests/fault_injection.py --config ... [overrides]     (or under torchrun)
+
+NAME (the fault happens on rank 1 where it names a rank, else on the one process):
+    fewer-rows        rank 1 reads two rows fewer of every task (a node with a stale copy of the data)
+    other-rows        rank 1 reads the same number of rows, one of them changed
+    hang-logging      rank 1 stops for good before its first logging collective (a stuck or lost rank); it
+                      writes `hung-1` into BERTINO_FAULT_DIR first, and every rank writes `pid-RANK`
+    sigterm-after-final   the process sends itself SIGTERM right after final/ is written
+Not a test module (pytest collects test_*.py only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from bertino.plumbing import data  # noqa: E402
+
+FAULT = os.environ.get("BERTINO_FAULT", "")
+RANK = int(os.environ.get("RANK", "0"))
+OUT = Path(os.environ.get("BERTINO_FAULT_DIR", "."))
+
+if FAULT in ("fewer-rows", "other-rows") and RANK == 1:
+    load_tasks = data.load_tasks
+
+    def stale_copy(cfg, **kwargs):
+        tasks = load_tasks(cfg, **kwargs)
+        for name, task in tasks.items():
+            if FAULT == "fewer-rows":
+                tasks[name] = task.select(list(range(len(task) - 2)))
+            else:
+                task.texts[0] = tuple(t + " (edited)" for t in task.texts[0])
+        return tasks
+
+    train.load_tasks = stale_copy
+
+if FAULT == "hang-logging":
+    (OUT / f"pid-{RANK}").write_text(str(os.getpid()))
+    if RANK == 1:
+        def hang(*args, **kwargs):
+            (OUT / "hung-1").write_text("")
+            time.sleep(3600)
+
+        train.log_progress = hang
+
+if FAULT == "sigterm-after-final":
+    save_model = train.save_model
+
+    def then_sigterm(run, folder, results):
+        save_model(run, folder, results)
+        if folder.name == "final":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here
+
+    train.save_model = then_sigterm
+
+if __name__ == "__main__":
+    train.cli()
