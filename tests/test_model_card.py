@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bertino.errors import ConfigError
-from bertino.plumbing.model_card import render_model_card
+from bertino.plumbing.model_card import render_model_card, with_curves
 
 V5_RESULTS = {  # the seed card's numbers, in the shape evaluate() returns
     768: {"dev_ir": {"map@100": 0.83981, "ndcg@10": 0.86801, "mrr@10": 0.8, "accuracy@1": 0.76172,
@@ -111,3 +111,34 @@ def test_config_loss_keys_become_class_names():
     assert "1. **retrieval**: CachedMultipleNegativesRankingLoss (GradCache)" in text
     assert "2. **sts**: CoSENTLoss" in text
     assert "gao2021scaling" in text and "su2022cosent" in text
+
+
+def test_storage_vs_quality_table():
+    by_precision = {level: {dim: {"dev_ir": {"ndcg@10": value - (0.1 if dim == 128 else 0.0)}}
+                            for dim in (768, 128)}
+                    for level, value in (("float32", 0.868), ("int8", 0.861), ("binary", 0.79),
+                                         ("binary+rescore-bits", 0.84), ("binary+rescore-int8", 0.86))}
+    text = card(precision_results=json.loads(json.dumps(by_precision)), rescore=40)  # string dims, as in the file
+    section = text.split("## Storage vs quality\n\n")[1].split("\n## ")[0]
+    assert "its top 40 re-ranked by the float query" in section and "768-dim float32 vector (3072 bytes)" in section
+    assert "--precision float32,int8,binary --rescore 40`" in section
+    table = section.split("### dev_ir\n\n")[1].strip().splitlines()
+    assert table[:2] == ["| Dim | Precision | Bytes/vector | Storage | NDCG@10 |", "|---|---:|---:|---:|---:|"]
+    assert table[2:] == ["| 768 | float32 | 3072 | 100.0% | 0.8680 |", "| 768 | int8 | 768 | 25.0% | 0.8610 |",
+                         "| 768 | binary | 96 | 3.1% | 0.7900 |", "| 768 | binary+rescore-bits | 96 | 3.1% | 0.8400 |",
+                         "| 768 | binary+rescore-int8 | 864 | 28.1% | 0.8600 |",
+                         "| 128 | float32 | 512 | 16.7% | 0.7680 |", "| 128 | int8 | 128 | 4.2% | 0.7610 |",
+                         "| 128 | binary | 16 | 0.5% | 0.6900 |", "| 128 | binary+rescore-bits | 16 | 0.5% | 0.7400 |",
+                         "| 128 | binary+rescore-int8 | 144 | 4.7% | 0.7600 |"]
+    assert text.index("## Evaluation") < text.index("## Storage vs quality") < text.index("## Training details")
+    assert "## Storage vs quality" not in card() and "## Storage vs quality" not in card(precision_results={})
+
+
+def test_the_curves_link_goes_before_the_training_details_once():
+    text = with_curves(card())
+    assert text.count("## Training curves") == 1 and "![Training curves" in text and "](curves.png)" in text
+    assert text.index("## Training curves") < text.index("## Training details")
+    assert with_curves(text) == text
+    assert with_curves("# a card\n").endswith("## Training curves\n\n![Training curves: loss per task, learning "
+                                             "rate, evaluation metrics per dim](curves.png)\n\nDrawn from the run's "
+                                             "`metrics.jsonl` by `python -m bertino.plot RUN_DIR`.\n")

@@ -161,6 +161,13 @@ def test_resume_into_a_new_folder_brings_the_best_model_along(drop_dir, tmp_path
     ref = tmp_path / "ref"
     assert json.loads((ref / "checkpoint-6" / "trainer_state.json").read_text())["best_step"] == 2
     assert not same_weights(weights(ref / "final"), weights(ref / "checkpoint-9"))  # final/ is not the last model
+    # ... and its storage-vs-quality table is the best model's too (best/'s eval_results_by_precision.json)
+    by_precision = json.loads((ref / "final" / run_folder.PRECISION_RESULTS).read_text())
+    assert by_precision == json.loads((ref / "best" / run_folder.PRECISION_RESULTS).read_text())
+    final_results = json.loads((ref / "final" / "eval_results.json").read_text())
+    assert by_precision["float32"] == final_results and list(by_precision) == ["float32", "int8", "binary"]
+    assert f"| 16 | int8 | 16 | 12.5% | {by_precision['int8']['16']['dev_ir']['ndcg@10']:.4f} |" in \
+        (ref / "final" / "README.md").read_text()
 
     calls = iter(range(10**6))  # the resumed run's evaluations all score below the checkpoint's best (−0)
     run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'new'}",

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence
 from ..errors import ConfigError
 from ..evaluation import IR_METRICS, STS_METRICS
 from ..losses import LOSSES
+from ..quantization import PRECISIONS, check_precisions
 from .files import read_json, write_json
 from .typed_json import DuplicateKey, apply_overrides, build, reject_duplicate_keys, require, show, to_plain
 
@@ -29,6 +30,8 @@ SchedulerName = Literal["cosine", "linear", "constant"]
 BatchSamplerName = Literal["no_duplicates", "batch_sampler"]
 MultiDatasetSamplerName = Literal["proportional", "round_robin"]
 DropoutMasks = Literal["stream", "keyed"]
+PrecisionName = Literal[PRECISIONS]  # "float32", "int8", "binary": bertino/quantization.py
+ReportTarget = Literal["tensorboard"]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -100,6 +103,9 @@ class TrainConfig:
     ddp_timeout: int = 1800  # seconds a rank waits for the others (HF Trainer's name): a lost rank ends the job
     grad_cache_first_pass_mini_batch_size: int | None = None  # texts per chunk of GradCache's no-grad pass 1, when
     #   larger than mini_batch_size (fewer, larger forwards; needs model.dropout_masks "keyed"); null: the same
+    report_to: tuple[ReportTarget, ...] = ()  # the HF Trainer's key: ["tensorboard"] also writes metrics.jsonl's
+    #                                           scalars as TensorBoard events (pip install 'bertino[tensorboard]')
+    logging_dir: str | None = None  # the TensorBoard folder; null: output_dir/runs
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class EvalConfig:
     sts: tuple[str, ...] = ()  # STS JSONL files {"sentence1", "sentence2", "score"}
     dims: tuple[int, ...] | None = None  # truncation dims to report; None = matryoshka dims (or the full dim)
     batch_size: int = 32  # encoding batch size during evaluation
+    precision: tuple[PrecisionName, ...] = PRECISIONS  # the model card's storage-vs-quality table: retrieval with
+    #                                                     float32, int8 and binary vectors (bertino/quantization.py)
+    rescore: int | None = None  # also binary's top K re-ranked by the float query (needs "binary" in precision)
 
 
 @dataclass(frozen=True)
@@ -246,6 +255,9 @@ def _validate(cfg: Config) -> None:
         if not e.dims or any(d <= 0 for d in e.dims) or len(set(e.dims)) != len(e.dims):
             raise ConfigError(f"eval.dims: expected distinct dims > 0 (or null), found {list(e.dims)}")
     require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "≥ 1")
+    check_precisions(e.precision, e.rescore, key="eval.precision")
+    if len(set(t.report_to)) != len(t.report_to):
+        raise ConfigError(f"train.report_to: lists a target twice, found {list(t.report_to)}")
 
 
 def _check_columns(task: TaskConfig, p: str) -> None:

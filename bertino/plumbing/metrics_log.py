@@ -8,7 +8,8 @@
 
 Each line is flushed as it is written, so a killed run keeps what it logged. Non-finite numbers are written as
 null (jq and pandas read every line). A resumed run keeps the lines up to its checkpoint's step and drops the
-later ones (they are trained and logged again), so the file reads as one run.
+later ones (they are trained and logged again), so the file reads as one run. A `mirror`
+(plumbing/tensorboard_log.py's `TensorBoardLog`, for `train.report_to: ["tensorboard"]`) gets every record too.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .files import atomic_write
 class MetricsLog:
     """Append-only JSON lines; a no-op on ranks other than 0 (`enabled=False`)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, mirror=None):
+        self.path, self.enabled, self.mirror = path, enabled, mirror if enabled else None
 
     def start(self, resumed_step: int | None, checkpoint: Path | None) -> None:
         """A fresh run starts an empty log; a resumed one keeps the lines up to its step (a killed run may have
@@ -46,13 +47,22 @@ class MetricsLog:
                 if isinstance(record, dict) and record.get("step", 0) <= resumed_step:
                     kept.append(line + "\n")
         atomic_write(self.path, "".join(kept))
+        if self.mirror is not None:
+            self.mirror.start(resumed_step)
         if resumed_step is not None:
             self.write({"step": resumed_step, "event": "resumed", "checkpoint": str(checkpoint)})
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            record = _finite_or_null(record)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_finite_or_null(record)) + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.mirror is not None:
+                self.mirror.write(record)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 def _finite_or_null(value):

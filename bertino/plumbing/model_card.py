@@ -1,12 +1,14 @@
 """The `README.md` model card of a saved model, laid out like multi-sentence-BERTino V5's card.
 
     YAML front matter (library_name, pipeline_tag, base_model, tags) → title and description → usage with bertino
-    and with sentence-transformers → evaluation tables (rows: metrics, columns: dims) → training details
+    and with sentence-transformers → evaluation tables (rows: metrics, columns: dims) → storage vs quality
+    (retrieval at dims × precisions: NDCG@10 and bytes/vector) → training curves (when drawn) → training details
     (losses, Matryoshka dims/weights, hyperparameters) → citations.
 
 `results` has the shape `bertino.evaluation.evaluate` returns, {dim: {set name: {metric: value}}}; the dim keys may
 also be strings, as in the `--json` file of `evaluate.py`. A set holding "map@100" is a retrieval set, one holding
-"spearman_cosine" an STS set.
+"spearman_cosine" an STS set. `precision_results` is {precision: results} (`quantization.evaluate_precisions`, or
+`evaluate.py --precision ... --json`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Mapping, Sequence
 from ..errors import ConfigError
 from ..evaluation import metric_label
 from ..losses import LOSSES
+from ..quantization import bytes_per_vector
 
 IR_CARD_METRICS = ("map@100", "ndcg@10", "accuracy@1", "accuracy@10")  # the card's retrieval rows
 STS_CARD_METRICS = ("spearman_cosine", "pearson_cosine")
@@ -80,9 +83,11 @@ def render_model_card(
     model_id: str = "path/to/model",
     language: str | None = None,
     datasets: Mapping[str, str] | None = None,
+    precision_results: Mapping | None = None,
+    rescore: int | None = None,
 ) -> str:
     """The model card as markdown. `losses`: task name → loss description or config key ("cached_mnrl", ...);
-    `model_id`: the path or hub id the usage examples load."""
+    `model_id`: the path or hub id the usage examples load; `rescore`: the K of the binary+rescore rows."""
     losses = {task: LOSSES[loss].card_name if loss in LOSSES else loss for task, loss in losses.items()}
     dims = [int(d) for d in matryoshka_dims or []]
     weights = [float(w) for w in matryoshka_weights or []]
@@ -95,6 +100,8 @@ def render_model_card(
         base_model, dim, dims, small), _details(base_model, dim, max_seq_length), _usage(model_id, dim, small)]
     if results:
         parts.append(_evaluation(results, dim))
+    if precision_results:
+        parts.append(_storage(precision_results, dim, rescore))
     parts.append(_training(losses, dims, weights, hyperparameters, datasets))
     parts.append(_citations(losses, bool(dims)))
     return "\n\n".join(parts) + "\n"
@@ -171,6 +178,50 @@ def _evaluation(results: Mapping, dim: int) -> str:
         body = [[metric_label(m)] + [_number(results[d].get(name, {}).get(m)) for d in dims] for m in rows]
         blocks.append(f"{title}\n\n" + _table(columns, body, numeric=True))
     return "\n\n".join(blocks)
+
+
+def _storage(precision_results: Mapping, dim: int, rescore: int | None) -> str:
+    """Per retrieval set: one row per dim × precision with bytes/vector, the share of the full float32 vector and
+    NDCG@10."""
+    levels = list(precision_results)
+    by_level = {lv: {int(d): sets for d, sets in precision_results[lv].items()} for lv in levels}
+    dims = list(dict.fromkeys(d for lv in levels for d in by_level[lv]))
+    names = list(dict.fromkeys(n for lv in levels for sets in by_level[lv].values() for n in sets))
+    text = (f"## Storage vs quality\n\nRetrieval with the vectors stored at lower precision, as in a vector "
+            f"database: **int8** (per-dimension min/max of the corpus, scored by the int8 dot product), **binary** "
+            f"(sign bits, scored by Hamming distance)"
+            + (f", and binary with its top {rescore} re-ranked by the float query against the ±1 bits "
+               f"(**binary+rescore-bits**) or against int8 documents stored as well (**binary+rescore-int8**)"
+               if rescore else "")
+            + f". Storage is relative to the full {dim}-dim float32 vector ({4 * dim} bytes). Reproduce with "
+            f"`python evaluate.py --model <this folder> --ir FILE --precision {','.join(_base_levels(levels))}"
+            + (f" --rescore {rescore}" if rescore else "") + "`.")
+    blocks = [text]
+    for name in names:
+        rows = [[str(d), lv, str(bytes_per_vector(lv, d)), f"{bytes_per_vector(lv, d) / (4 * dim):.1%}",
+                 _number(by_level[lv][d][name].get("ndcg@10"))]
+                for d in dims for lv in levels if name in by_level[lv].get(d, {})]
+        blocks.append(f"### {name}\n\n" + _table(["Dim", "Precision", "Bytes/vector", "Storage", "NDCG@10"], rows,
+                                                  numeric=True))
+    return "\n\n".join(blocks)
+
+
+def _base_levels(levels: list[str]) -> list[str]:
+    return [lv for lv in levels if "+" not in lv]
+
+
+CURVES_TITLE = "## Training curves"
+
+
+def with_curves(card: str, image: str = "curves.png") -> str:
+    """The card with a link to the run's curves (`python -m bertino.plot`), before the training details; a card
+    that already links them is returned unchanged."""
+    if CURVES_TITLE in card:
+        return card
+    section = (f"{CURVES_TITLE}\n\n![Training curves: loss per task, learning rate, evaluation metrics per dim]"
+               f"({image})\n\nDrawn from the run's `metrics.jsonl` by `python -m bertino.plot RUN_DIR`.\n\n")
+    at = card.find("## Training details")
+    return card + "\n" + section.rstrip() + "\n" if at < 0 else card[:at] + section + card[at:]
 
 
 def _training(losses: Mapping[str, str], dims: list[int], weights: list[float],

@@ -47,7 +47,8 @@ REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", 
 # Keys a resume may change freely: bookkeeping, and where the data lives (the fingerprint checks the rows).
 RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_checkpoint", "train.logging_steps",
                "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.load_best_model_at_end",
-               "train.metric_for_best_model", "train.max_consecutive_nonfinite", "train.ddp_timeout"}
+               "train.metric_for_best_model", "train.max_consecutive_nonfinite", "train.ddp_timeout",
+               "train.report_to", "train.logging_dir"}
 RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not.
 RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.grad_cache_linear_tape",

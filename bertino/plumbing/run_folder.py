@@ -2,7 +2,9 @@
 
     config.json            the resolved config              metrics.jsonl    one JSON object per logged step
     checkpoint-STEP/       a complete checkpoint (run_checkpoints.py)
-    best/, final/          sentence-transformers model folders with a model card and eval_results.json
+    best/, final/          sentence-transformers model folders with a model card, eval_results.json and
+                           eval_results_by_precision.json (the card's storage-vs-quality table)
+    runs/                  TensorBoard event files (train.report_to: ["tensorboard"]; train.logging_dir moves them)
     .tmp-*, .old-*         what an interrupted write leaves; cleaned up by the next run (files.restore_half_replaced)
 
 A fresh run never writes into a folder that holds an earlier run's checkpoints or models. Every folder is written
@@ -162,8 +164,13 @@ def carry_best_model(ckpt: Path, out: Path, best_step: int | None) -> str | None
     return None
 
 
-def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, dims) -> None:
-    """`best/` or `final/`: a sentence-transformers folder with its model card and eval_results.json, atomically."""
+PRECISION_RESULTS = "eval_results_by_precision.json"  # {precision: {dim: {set: {metric: value}}}}
+
+
+def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, dims,
+                      precision_results: dict | None = None) -> None:
+    """`best/` or `final/`: a sentence-transformers folder with its model card, eval_results.json and
+    eval_results_by_precision.json, atomically."""
     card = render_model_card(
         base_model=cfg.model.name_or_path, dim=encoder.dim, max_seq_length=encoder.max_seq_length,
         matryoshka_dims=list(cfg.matryoshka.dims) if cfg.matryoshka else None,
@@ -171,10 +178,13 @@ def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, 
         losses={name: t.loss for name, t in cfg.tasks.items()},
         hyperparameters={k: v for k, v in config_to_dict(cfg.train).items()
                          if k not in ("output_dir", "resume_from_checkpoint")},
-        results=results)
+        results=results, precision_results=precision_results, rescore=cfg.eval.rescore)
     tmp = tmp_dir_for(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp, model_card=card, matryoshka_dims=list(dims))
     if results:
         (tmp / "eval_results.json").write_text(json.dumps({str(d): r for d, r in results.items()}, indent=2) + "\n")
+    if precision_results:
+        plain = {level: {str(d): r for d, r in by_dim.items()} for level, by_dim in precision_results.items()}
+        (tmp / PRECISION_RESULTS).write_text(json.dumps(plain, indent=2) + "\n")
     publish_dir(tmp, folder)

@@ -1,0 +1,179 @@
+"""`python -m bertino.plot RUN_DIR`: a run's curves, drawn from its metrics.jsonl into RUN_DIR/curves.png.
+
+    python -m bertino.plot runs/demo [--metrics ndcg@10,map@100] [--output FILE]
+
+The panels, each against the optimizer step: the loss of every task (its weighted Matryoshka total), the
+unweighted loss at each Matryoshka dim of every task that logs them, the learning rate, and for every eval set
+each chosen metric (default: ndcg@10 for retrieval sets, spearman_cosine for STS sets) with one line per dim.
+`curve_series` builds the series from the records (no drawing, so they can be checked against metrics.jsonl);
+`figure` draws them, `draw` writes the PNG. The run's model folders (final/, best/) get a copy of the image and a
+link to it in their model card. matplotlib is an optional extra (`pip install 'bertino[plots]'`), imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+from .plumbing.cli import ArgumentParser, run_cli
+from .plumbing.files import atomic_write
+from .plumbing.model_card import with_curves
+
+DEFAULT_METRICS = ("ndcg@10", "spearman_cosine")
+INSTALL = "pip install 'bertino[plots]' (or pip install matplotlib)"
+
+Series = dict[str, dict[str, tuple[list[int], list[float]]]]  # panel title → line label → (steps, values)
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's objects; a last line cut short (the run is still writing, or was killed) is left out."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (is {path.parent} a bertino run folder?)") from None
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def curve_series(records: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> Series:
+    """The plotted series, in panel order: "loss" (a line per task), "loss/TASK per dim" (a line per dim), "lr",
+    and "eval: SET METRIC" (a line per dim) for each chosen metric an eval set reports. null values are NaN."""
+    series: Series = {}
+
+    def add(panel: str, label: str, step: int, value) -> None:
+        steps, values = series.setdefault(panel, {}).setdefault(label, ([], []))
+        steps.append(step)
+        values.append(math.nan if value is None else float(value))
+
+    logged = [r for r in records if "lr" in r]
+    for r in logged:  # loss totals first, so the panels come in the order of the docstring
+        for key, value in r.items():
+            if key.startswith("loss/") and key.count("/") == 1:
+                add("loss", key.split("/")[1], r["step"], value)
+    for r in logged:
+        for key, value in r.items():
+            if key.startswith("loss/") and key.count("/") == 2:
+                _, task, dim = key.split("/")
+                add(f"loss/{task} per dim", dim, r["step"], value)
+    for r in logged:
+        add("lr", "lr", r["step"], r["lr"])
+    for r in records:
+        for dim, sets in r.get("eval", {}).items():
+            for name, values in sets.items():
+                for metric in metrics:
+                    if metric in values:
+                        add(f"eval: {name} {metric}", f"{dim}d", r["step"], values[metric])
+    return series
+
+
+def draw(series: Series, path: Path, title: str) -> None:
+    """`figure(series)` written as a PNG to `path` (atomically)."""
+    plt = require_matplotlib()
+    fig = figure(series, title)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+def figure(series: Series, title: str):
+    """One panel per series entry, in a grid of two columns; each line is one label's (steps, values)."""
+    plt = require_matplotlib()
+    if not series:
+        raise DataError(f"{title}: metrics.jsonl holds no logged step or evaluation yet: nothing to draw")
+    cols = 2 if len(series) > 1 else 1
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, series.items()):
+        for label, (steps, values) in lines.items():
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        if panel == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        else:
+            ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def require_matplotlib():
+    """matplotlib.pyplot on the file-only Agg backend, or one clear error naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(f"python -m bertino.plot needs matplotlib, which is not installed: {INSTALL}") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def link_in_model_folders(run_dir: Path, image: Path) -> list[Path]:
+    """Copy the image into the run's final/ and best/ and link it from their model cards; the folders updated."""
+    updated = []
+    for folder in (run_dir / "final", run_dir / "best"):
+        card = folder / "README.md"
+        if card.is_file():
+            shutil.copyfile(image, folder / "curves.png")
+            text = card.read_text(encoding="utf-8")
+            atomic_write(card, with_curves(text, "curves.png"))
+            updated.append(folder)
+    return updated
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m bertino.plot", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (train.output_dir)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="M,M",
+                   help=f"eval metrics to draw (default {','.join(DEFAULT_METRICS)})")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE", help="default: RUN_DIR/curves.png")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    require_matplotlib()  # before any reading: a missing extra is the first thing to know
+    series = curve_series(read_records(args.run_dir / "metrics.jsonl"), tuple(args.metrics.split(",")))
+    output = args.output or args.run_dir / "curves.png"
+    draw(series, output, title=str(args.run_dir))
+    print(f"bertino: wrote {output}", file=sys.stderr)
+    if args.output is None:
+        for folder in link_in_model_folders(args.run_dir, output):
+            print(f"bertino: linked it in {folder / 'README.md'}", file=sys.stderr)
+    return output
+
+
+def run(argv: list[str] | None = None) -> int:
+    """main() with a user's mistakes turned into one `error: ...` line on stderr and exit code 2."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
