@@ -55,6 +55,7 @@ from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
 from bertino.quantization import evaluate_precisions
 from bertino.sampler import MultiTaskBatchSampler
+from bertino.speedups.memory_fit import fit_mini_batch
 from bertino.step import Step, install_training_modules, make_objectives
 
 
@@ -151,17 +152,18 @@ def setup(cfg: Config) -> Run:
         state.data_fingerprint = fingerprint
 
     # ---- optimizer, DDP
-    optimizer = make_optimizer(encoder, train.learning_rate, train.weight_decay)
+    optimizer = make_optimizer(encoder, train.learning_rate, train.weight_decay, fused=train.adamw_fused)
     scheduler = make_scheduler(optimizer, total_steps, train.warmup_ratio, train.lr_scheduler_type)
     model = encoder
     if dist_info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
-        run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     step = Step(cfg, encoder, model, make_objectives(cfg), plan, dropout_keys, device, autocast, scaler.scale,
                 dist_info.rank, dist_info.world_size)
+    step = fit_mini_batch(step, is_main=dist_info.is_main)  # train.grad_cache_auto_mini_batch_gib (CUDA)
+    if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
+        run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
     return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device, amp_dtype=amp_dtype,
                scaler=scaler, encoder=encoder, step=step, tasks=tasks, batches=batches,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,

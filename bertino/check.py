@@ -52,6 +52,7 @@ from .plumbing.config import (
 from .plumbing.data import batch_schedule, load_tasks
 from .plumbing.files import read_json
 from .plumbing.precision import autocast_dtype
+from .speedups.memory_fit import fit_mini_batch
 from .step import Step, install_training_modules, make_objectives
 
 FP32_TOLERANCE = 1e-5  # the whole gradient; a parameter group (fewer terms, more cancellation): 10 × this
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     autocast = partial(torch.autocast, device.type, dtype=amp or torch.float32, enabled=amp is not None)
     step = Step(cfg, encoder, model, make_objectives(cfg), plan, keys, device, autocast, gc_scale,
                 dist_info.rank, dist_info.world_size)
+    step = fit_mini_batch(step, is_main=dist_info.is_main)  # as train.py: train.grad_cache_auto_mini_batch_gib
+    cfg = step.cfg
 
     if dist_info.is_main:
         print(_header(args, cfg, dist_info.world_size, device, amp, plan))
@@ -240,7 +243,8 @@ def _plain(step: Step, task_name, data, rows, k):
     cfg = step.cfg
     plain_tasks = {name: dataclasses.replace(t, loss="mnrl" if LOSSES[t.loss].grad_cache else t.loss)
                    for name, t in cfg.tasks.items()}
-    plain = dataclasses.replace(step, cfg=dataclasses.replace(cfg, tasks=plain_tasks))
+    train = dataclasses.replace(cfg.train, grad_cache_cuda_graphs=False)  # graphs route every loss via GradCache
+    plain = dataclasses.replace(step, cfg=dataclasses.replace(cfg, tasks=plain_tasks, train=train))
     return plain.forward_backward(task_name, data, rows, k)
 
 
@@ -250,12 +254,16 @@ def _same_mask_full_batch(step: Step, task_name, data, rows):
     from .batching import PackedTokenIds
     from .grad_cache import make_mini_batches
     from .objectives import column_major
+    from .speedups.static_shapes import static_mini_batches
+    from .step import static_shapes
 
     texts = column_major([data.texts[r] for r in rows])
     ids = PackedTokenIds.tokenize(step.encoder, texts)
-    batches = make_mini_batches(ids, step.cfg.train.mini_batch_size, step.encoder.tokenizer.pad_token_id, step.device)
+    pad_id, shapes = step.encoder.tokenizer.pad_token_id, static_shapes(step.cfg, step.encoder.max_seq_length)
+    batches = (static_mini_batches(ids, shapes, pad_id, step.device) if shapes.active  # the chunks GradCache ran
+               else make_mini_batches(ids, step.cfg.train.mini_batch_size, pad_id, step.device))
     with step.autocast():
-        outs = torch.cat([step.encoder(b.features) for b in batches])
+        outs = torch.cat([step.encoder(b.features)[: len(b.texts)] for b in batches])
     reps = torch.empty_like(outs)
     reps[torch.cat([b.texts for b in batches])] = outs
     scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=step.device)
@@ -318,9 +326,13 @@ def _report(k, task_name, data, rows, gc, full, low, amp, float64: bool) -> bool
 
 
 def _header(args, cfg, world, device, amp, plan) -> str:
+    t = cfg.train
     levers = [f"memory budget {plan.keep_graphs}", "free last graph" if plan.keep_last else "no kept graph",
               "sparse embedding gradients" if plan.sparse is not None else None,
-              "linear tape" if plan.tape is not None else None]
+              "linear tape" if plan.tape is not None else None,
+              f"lengths padded to multiples of {t.grad_cache_length_multiple}" if t.grad_cache_length_multiple else None,
+              f"{t.grad_cache_mini_batch_tokens} tokens per mini-batch" if t.grad_cache_mini_batch_tokens else None,
+              "CUDA graphs" + ("" if device.type == "cuda" else " (uncaptured on CPU)") if plan.graphs else None]
     first = cfg.train.grad_cache_first_pass_mini_batch_size
     return (f"bertino check: {args.config}, {args.steps} step(s), {world} process(es) on {device}, "
             f"{amp or torch.float32}, dropout {'off' if args.dropout == 'off' else 'on (' + args.dropout + ' masks)'}"

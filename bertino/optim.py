@@ -22,12 +22,14 @@ def decays(name: str) -> bool:
     return not (name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
     ]
+    if fused:  # train.adamw_fused: one kernel does the whole update of many tensors (CUDA and CPU)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     # foreach=True: one fused multi-tensor kernel per group instead of a Python loop over 100 parameters.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 

@@ -4,8 +4,10 @@
 very same code to prove, on the user's own config, that it equals one plain full-batch forward/backward. So what
 the check proves is what training does.
 
-    rows of one task ─column_major→ texts (n·B) ─tokenize once→ PackedTokenIds
-        cached loss:  mini-batches of train.mini_batch_size texts → grad_cache_step (or larger_first_pass_step)
+    rows of one task ─column_major→ texts (n·B) ─tokenize once→ PackedTokenIds ─`Step.forward_backward_ids`→
+        cached loss:  mini-batches of train.mini_batch_size texts → grad_cache_step (or larger_first_pass_step);
+                      with static shapes (train.grad_cache_length_multiple / _mini_batch_tokens) the mini-batches
+                      of speedups/static_shapes.py, and with CUDA graphs every loss takes this branch
         plain loss:   one padded forward of all texts → loss → scaled backward
     with keyed dropout masks, every forward runs with its texts' keys (seed, step, global index: keyed_dropout.py)
 """
@@ -28,9 +30,11 @@ from .objectives import Objective, column_major
 from .plumbing.config import Config
 from .plumbing.data import TaskData
 from .speedups.cpu_dropout import install_cpu_dropout
+from .speedups.cuda_graphs import GraphedChunks
 from .speedups.grad_cache_plan import GradCacheSpeedups, larger_first_pass_step
 from .speedups.linear_tape import install_linear_tape
 from .speedups.sparse_embeddings import install_sparse_embedding_grads
+from .speedups.static_shapes import StaticShapes, static_mini_batches
 
 
 def install_training_modules(encoder: SentenceEncoder, cfg: Config) -> tuple[GradCacheSpeedups, DropoutKeys | None]:
@@ -42,12 +46,20 @@ def install_training_modules(encoder: SentenceEncoder, cfg: Config) -> tuple[Gra
     if keys is None:
         install_cpu_dropout(encoder.model)  # the stream's masks, drawn faster on CPU tensors (torch's own on CUDA)
     # training-time speed-ups (speedups/): the same gradients, less time
+    graphs = GraphedChunks(encoder, keys, encoder.max_seq_length) if train.grad_cache_cuda_graphs else None
     plan = GradCacheSpeedups(keep_graphs=train.grad_cache_memory_budget,
                              keep_last=train.grad_cache_first_pass_mini_batch_size is None,
                              sparse=install_sparse_embedding_grads(encoder.model),
                              tape=install_linear_tape(encoder.model) if train.grad_cache_linear_tape else None,
-                             keys=keys)
+                             keys=keys, trim_rows=train.grad_cache_cuda_graphs, graphs=graphs)
     return plan, keys
+
+
+def static_shapes(cfg: Config, max_length: int) -> StaticShapes:
+    """The mini-batch shapes the config asks for (`StaticShapes.active` is False unless it asks for static ones)."""
+    t = cfg.train
+    return StaticShapes(max_length, t.mini_batch_size, t.grad_cache_length_multiple, t.grad_cache_mini_batch_tokens,
+                        pad_rows=t.grad_cache_cuda_graphs)
 
 
 def make_objectives(cfg: Config) -> dict[str, Objective]:
@@ -77,20 +89,30 @@ class Step:
                          parts: dict | None = None) -> torch.Tensor:
         """Encode the batch `rows` of one task at optimizer step `step`, compute its loss, backpropagate the scaled
         loss → the loss () (detached). `parts` receives the unweighted loss at each Matryoshka dim."""
-        train = self.cfg.train
         n_columns = len(data.columns)
         texts = column_major([data.texts[r] for r in rows])  # (n_columns·B,): the layout Objective reads
         scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=self.device)  # (B,)
+        ids = PackedTokenIds.tokenize(self.encoder, texts)
+        return self.forward_backward_ids(task_name, ids, n_columns, scores, step, parts)
+
+    def forward_backward_ids(self, task_name: str, ids: PackedTokenIds, n_columns: int, scores: torch.Tensor | None,
+                             step: int, parts: dict | None = None) -> torch.Tensor:
+        """`forward_backward` from the batch's token ids (T texts, column after column; scores (B,) or None)."""
+        train = self.cfg.train
 
         def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (n_columns·B, D) → ()
             return self.objectives[task_name](reps, n_columns, scores, parts)
 
-        ids = PackedTokenIds.tokenize(self.encoder, texts)
         pad_id = self.encoder.tokenizer.pad_token_id
-        keys = None
+        keys = host_keys = None
         if self.dropout_keys is not None:  # keyed masks: each text's own, by its place in the GLOBAL batch
-            index = global_text_index(n_columns, len(rows), self.rank, self.world_size)  # (T,)
-            keys = text_keys(train.seed, step, index).to(self.device)
+            index = global_text_index(n_columns, len(ids) // n_columns, self.rank, self.world_size)  # (T,)
+            host_keys = text_keys(train.seed, step, index)
+        shapes = static_shapes(self.cfg, self.encoder.max_seq_length)
+        if shapes.active and (LOSSES[self.cfg.tasks[task_name].loss].grad_cache or train.grad_cache_cuda_graphs):
+            batches = static_mini_batches(ids, shapes, pad_id, self.device, text_keys=host_keys)
+            return grad_cache_step(self.model, batches, loss_fn, self.scale, self.autocast, self.plan)
+        keys = None if host_keys is None else host_keys.to(self.device)
         if LOSSES[self.cfg.tasks[task_name].loss].grad_cache:
             batches = make_mini_batches(ids, train.mini_batch_size, pad_id, self.device, text_keys=keys)
             if train.grad_cache_first_pass_mini_batch_size is None:
@@ -99,7 +121,7 @@ class Step:
                                            text_keys=keys)
             return larger_first_pass_step(self.model, batches, first_pass, loss_fn, self.scale, self.autocast,
                                           self.plan)
-        features = {k: v.to(self.device) for k, v in ids.pad(range(len(texts)), pad_id).items()}
+        features = {k: v.to(self.device) for k, v in ids.pad(range(len(ids)), pad_id).items()}
         with self.autocast(), self.dropout_keys.use(keys) if keys is not None else contextlib.nullcontext():
             reps = self.model(features)  # (n_columns·B, D)
         loss = loss_fn(reps)

@@ -1,5 +1,6 @@
-"""The checks that need a GPU, in one short run: RNG replay of CUDA dropout, GradCache = full batch on CUDA, and the
-fp16 autocast + GradScaler path (including an overflowing step that must be skipped).
+"""The checks that need a GPU, in one short run: RNG replay of CUDA dropout, GradCache = full batch on CUDA, the
+fp16 autocast + GradScaler path (including an overflowing step that must be skipped), and the fast path (keyed
+masks, static shapes with empty rows, captured CUDA graphs: bertino/speedups/cuda_graphs.py).
 
     python scripts/cuda_checks.py --model MODEL_FOLDER [--json OUT.json]      # on a machine with CUDA
     python scripts/cuda_checks.py --model MODEL_FOLDER --device cpu           # the same logic on the CPU (dry run)
@@ -16,6 +17,16 @@ dropout (torch's own dropout on CUDA tensors), sparse embedding gradients — an
 plan, `GradCacheSpeedups` (the free last graph kept, sparse embedding gradients for every backward but the last, no
 linear tape, no memory budget). The RNG-replay check looks at classic GradCache's own snapshots (`classic_plan`:
 every mini-batch recomputed). `--fp16` also runs the fp16 checks on a CPU (dry run; on CUDA they always run).
+
+The fast path (checks named fast_path_*): keyed dropout masks, mini-batches padded to multiples of 16 tokens with
+empty rows (`StaticShapes`), passes 1 and 3 replayed as captured CUDA graphs (`GraphedChunks`). It must give
+(a) captured graphs; (b) pass-1 embeddings bitwise equal to an eager autograd forward of the same chunk and keys
+(so pass 3 replays pass 1's masks); (c) one plain full batch's gradient with dropout ON (keyed masks); (d) the
+gradient of the same code run uncaptured (the CPU fallback the tests prove); (e) fp16 + GradScaler within fp16
+accuracy, and an overflowing step skipped; (f) no host synchronisation inside the step (CUDA's sync debug mode,
+counted for the default path too); (g) under DDP (one process) the last mini-batch eager through the wrapper and
+one all-reduce carrying the whole gradient; plus (h) the memory probe of train.grad_cache_auto_mini_batch_gib
+and (i) fused AdamW = foreach AdamW. On a CPU (dry run) the same code runs uncaptured and (f) is skipped.
 """
 
 from __future__ import annotations
@@ -39,9 +50,14 @@ from bertino.grad_cache import classic_plan, forward_no_grad, grad_cache_step, m
 from bertino.losses import LOSSES  # noqa: E402
 from bertino.model import ScaledDotProductAttention  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
+from bertino.keyed_dropout import install_keyed_dropout, text_keys  # noqa: E402
+from bertino.optim import make_optimizer  # noqa: E402
 from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
+from bertino.speedups.cuda_graphs import GraphedChunks  # noqa: E402
 from bertino.speedups.grad_cache_plan import GradCacheSpeedups  # noqa: E402
+from bertino.speedups.memory_fit import choose_mini_batch_size, cuda_probe  # noqa: E402
 from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads  # noqa: E402
+from bertino.speedups.static_shapes import StaticShapes, static_mini_batches  # noqa: E402
 
 ROWS, NEGATIVES, MINI = 16, 2, 8  # 16 rows × 4 columns = 64 texts, mini-batches of 8
 N_COLUMNS = 2 + NEGATIVES
@@ -177,11 +193,162 @@ def main() -> None:
         enc.zero_grad(set_to_none=True)
         set_dropout(enc, None)
 
+    fast_path_checks(checks, args, token_ids, loss_fn, device)
+
     out = {"info": info, "checks": checks.results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     sys.exit(0 if all(r["ok"] for r in checks.results.values()) else 1)
+
+
+def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, device: torch.device) -> None:
+    """(a)–(i) of the module docstring, on a fresh copy of the model with keyed masks."""
+    import contextlib
+    import types
+    import warnings
+
+    enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).to(device).train()
+    keys = install_keyed_dropout(enc.model)
+    install_sparse_embedding_grads(enc.model)  # as train.py installs it (the graph path keeps it switched off)
+    pad_id, T = enc.tokenizer.pad_token_id, len(token_ids)
+    tk = text_keys(0, 1, torch.arange(T))
+    shapes = StaticShapes(enc.max_seq_length, MINI, length_multiple=16, pad_rows=True)
+
+    def batches():
+        return static_mini_batches(token_ids, shapes, pad_id, device, text_keys=tk)
+
+    def fast_step(chunks, model=None, scale_fn=lambda x: x, autocast=contextlib.nullcontext):
+        plan = GradCacheSpeedups(keys=keys, trim_rows=True, graphs=chunks)
+        return grad_cache_step(model or enc, batches(), loss_fn, scale_fn, autocast=autocast, plan=plan)
+
+    chunks = GraphedChunks(enc, keys, enc.max_seq_length)
+    fast_step(chunks)  # captures every shape of this batch
+    fast = grads(enc)
+    empty = sum(b.features["input_ids"].shape[0] - len(b.texts) for b in batches())
+    checks.record("fast_path_captured", chunks.capture == (device.type == "cuda") and len(chunks.again_graphs) > 0,
+                  captured=bool(chunks.capture), shapes=len(chunks.again_graphs), empty_rows=empty)
+
+    pairs = [(chunks.forward(b), _keyed_forward(enc, keys, b)) for b in batches()]
+    same = [torch.equal(a, b) for a, b in pairs]
+    checks.record("fast_path_pass1_graph_equals_eager_forward_bitwise", all(same), equal=f"{sum(same)}/{len(same)}",
+                  max_abs_diff=max(float((a - b).abs().max()) for a, b in pairs))
+
+    features = _features(token_ids, pad_id, device)
+    with keys.use(tk.to(device)):
+        loss_fn(enc(features)).backward()
+    full = grads(enc)
+    glob, per = rel_error(fast, full)
+    with keys.use(text_keys(0, 2, torch.arange(T)).to(device)):  # another step's masks: dropout is really on
+        loss_fn(enc(features)).backward()
+    other, _ = rel_error(grads(enc), full)
+    checks.record("fast_path_equals_full_batch_dropout_on_fp32", glob < 1e-4 and other > 1e-3, global_rel=glob,
+                  max_param_rel=per, other_masks_global_rel=other)
+
+    fast_step(GraphedChunks(enc, keys, enc.max_seq_length, capture=False))
+    glob, _ = rel_error(grads(enc), fast)
+    checks.record("fast_path_graphs_equal_uncaptured", glob < 1e-6, global_rel=glob)
+
+    if device.type == "cuda" or args.fp16:
+        amp = lambda: torch.autocast(device.type, dtype=torch.float16)  # noqa: E731
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
+        optimizer = torch.optim.SGD(enc.parameters(), lr=0.0)
+        loss = fast_step(chunks, scale_fn=scaler.scale, autocast=amp)
+        scaler.unscale_(optimizer)
+        glob, _ = rel_error(grads(enc), full)
+        with amp(), keys.use(tk.to(device)):
+            full16 = loss_fn(enc(features))
+        full16.backward()
+        ref16, _ = rel_error(grads(enc), full)
+        checks.record("fast_path_fp16_gradscaler_matches_fp32", glob < max(3 * ref16, 1e-3) and torch.isfinite(loss),
+                      global_rel=glob, full_batch_fp16_global_rel=ref16)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**60)
+        optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
+        before = [q.detach().clone() for q in enc.parameters()]
+        fast_step(chunks, scale_fn=scaler.scale, autocast=amp)
+        scaler.step(optimizer)
+        scaler.update()
+        untouched = all(torch.equal(a, q) for a, q in zip(before, enc.parameters()))
+        checks.record("fast_path_fp16_overflow_step_skipped", untouched and scaler.get_scale() < 2.0**60,
+                      scale_after=scaler.get_scale())
+        enc.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":  # host syncs inside the step: CUDA's sync debug mode warns at each one
+        counts = {}
+        default_plan = GradCacheSpeedups(keep_last=True, keys=keys,
+                                         sparse=next(m for m in enc.modules() if hasattr(m, "switch")).switch)
+        from bertino.grad_cache import make_mini_batches
+        for name, run in (("fast", lambda: fast_step(chunks)),
+                          ("default", lambda: grad_cache_step(enc, make_mini_batches(
+                              token_ids, MINI, pad_id, device, text_keys=tk.to(device)), loss_fn, plan=default_plan))):
+            run()  # warm: nothing left to capture or allocate
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    run()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[name] = sum("synchroniz" in str(w.message) for w in caught)
+            grads(enc)
+        checks.record("fast_path_no_host_sync", counts["fast"] == 0, fast_path_syncs=counts["fast"],
+                      default_path_syncs=counts["default"])
+
+    import torch.distributed as dist
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{tmp}/pg",
+                                rank=0, world_size=1)
+        try:
+            ddp = torch.nn.parallel.DistributedDataParallel(enc, device_ids=[device.index or 0]
+                                                            if device.type == "cuda" else None)
+            carried = []
+
+            def hook(state, bucket):
+                carried.append(bucket.buffer().clone())
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+
+            ddp.register_comm_hook(None, hook)
+            fast_step(chunks, model=ddp)
+            under_ddp = grads(enc)
+        finally:
+            dist.destroy_process_group()
+    glob, _ = rel_error(under_ddp, fast)
+    flat = torch.cat([g.flatten() for g in under_ddp.values()]).sort().values
+    sent = torch.cat(carried).float().sort().values
+    checks.record("fast_path_ddp_one_all_reduce_carries_everything", glob < 1e-5 and torch.equal(sent, flat),
+                  global_rel=glob, all_reduced=int(sent.numel()), parameters=int(flat.numel()))
+
+    if device.type == "cuda":
+        probe_step = types.SimpleNamespace(encoder=enc, device=device, dropout_keys=keys,
+                                           autocast=lambda: torch.autocast("cuda", dtype=torch.float16))
+        budget = 2.0 * 2**30
+        chosen, measured = choose_mini_batch_size(cuda_probe(probe_step), MINI, 4096, budget)
+        nxt = measured.get(2 * chosen, "not measured")
+        checks.record("auto_mini_batch_probe", measured[chosen] <= budget and (nxt is None or nxt == "not measured"
+                                                                                or nxt > budget),
+                      chosen=chosen, budget_gib=2.0, **{f"C{c}_gib": (m or -2**30) / 2**30 for c, m in measured.items()})
+
+    params = [torch.randn(1000, 100, device=device) for _ in range(3)]
+    result = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(q.clone()) for q in params]
+        opt = make_optimizer(torch.nn.ParameterList(ps), 1e-3, 0.01, fused=fused)
+        for k in range(3):
+            for q in ps:
+                q.grad = torch.sin(q.detach() * (k + 1))
+            opt.step()
+        result[fused] = torch.cat([q.detach().flatten() for q in ps])
+    err = ((result[True] - result[False]).norm() / (result[False] - torch.cat([q.flatten() for q in params])).norm())
+    checks.record("fused_adamw_equals_foreach", err.item() < 1e-5, relative_update_error=err.item())
+
+
+def _keyed_forward(enc, keys, batch) -> torch.Tensor:
+    with keys.use(batch.dropout_keys):
+        return enc(batch.features)[: len(batch.texts)].detach()  # with autograd, as pass 3 runs it
 
 
 def _replay(enc, recompute, batch) -> torch.Tensor:

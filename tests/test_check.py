@@ -45,6 +45,29 @@ def test_the_check_passes_on_a_correct_run(drop_dir, tmp_path, capsys, dropout):
     assert losses and all(abs(float(a) - float(b)) < 1e-4 for a, b in losses)
 
 
+FAST_PATH = {"buckets": ["train.grad_cache_length_multiple=8"],
+             "buckets + tokens": ["train.grad_cache_length_multiple=8", "train.grad_cache_mini_batch_tokens=48"],
+             "graphs": ["train.grad_cache_length_multiple=8", "train.grad_cache_cuda_graphs=true",
+                        "train.grad_cache_mini_batch_tokens=48"]}
+
+
+@pytest.mark.parametrize("name", FAST_PATH)
+def test_the_check_passes_on_static_shapes_and_the_graph_path(drop_dir, tmp_path, capsys, name):
+    """Both tasks (with graphs, CoSENT runs through GradCache too), float64, keyed dropout on: = the full batch."""
+    config = two_task(tmp_path, drop_dir)
+    code, out = run_check(capsys, "--config", config, *FAST_PATH[name], "--steps", 3, "--float64")
+    print(out)
+    assert code == 0 and "verdict: OK" in out, out
+    assert "lengths padded to multiples of 8" in out and ("CUDA graphs (uncaptured on CPU)" in out) == (name == "graphs")
+    assert re.search(r"overall \d\.\d\de-1[1-9]", out)
+
+
+def test_the_check_passes_on_buckets_with_stream_masks(drop_dir, tmp_path, capsys):
+    code, out = run_check(capsys, "--config", two_task(tmp_path, drop_dir), "train.grad_cache_length_multiple=8",
+                          "--dropout", "stream")
+    assert code == 0 and "verdict: OK" in out, out
+
+
 @pytest.mark.parametrize("breakage,dropout", [("no-replay", "stream"), ("cache-scale", "keyed")])
 def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, breakage, dropout):
     config = two_task(tmp_path, drop_dir)
@@ -94,6 +117,17 @@ def test_two_processes_check_against_one_at_the_global_batch(drop_dir, tmp_path,
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("6 rows × 4 columns = 24 texts") == 2
     assert "verdict: OK" in proc.stdout
+
+
+def test_two_processes_on_the_graph_path_check_against_one(drop_dir, tmp_path):
+    """The graph path under DDP (2 gloo ranks): every mini-batch but the last graphed (uncaptured on a CPU), the
+    last through the wrapper after the flush, so the one all-reduce carries the whole gradient."""
+    config = write_config(tmp_path, train_config(tmp_path, drop_dir, per_device_train_batch_size=3,
+                                                 mini_batch_size=5, gather_across_devices=True))
+    proc = torchrun_check(config, "train.grad_cache_length_multiple=8", "train.grad_cache_cuda_graphs=true",
+                          "--steps", 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "CUDA graphs" in proc.stdout and "verdict: OK" in proc.stdout
 
 
 def test_the_check_refuses_stream_masks_across_processes(drop_dir, tmp_path):

@@ -106,6 +106,16 @@ class TrainConfig:
     report_to: tuple[ReportTarget, ...] = ()  # the HF Trainer's key: ["tensorboard"] also writes metrics.jsonl's
     #                                           scalars as TensorBoard events (pip install 'bertino[tensorboard]')
     logging_dir: str | None = None  # the TensorBoard folder; null: output_dir/runs
+    grad_cache_length_multiple: int | None = None  # static shapes: each GradCache mini-batch padded to a multiple
+    #   of this many tokens (≤ model.max_seq_length), so lengths repeat step to step; null: to its longest text
+    grad_cache_mini_batch_tokens: int | None = None  # a token budget per mini-batch: at padded length L it holds
+    #   ⌊tokens / L⌋ texts (short texts in large chunks) instead of mini_batch_size; null: mini_batch_size texts
+    grad_cache_cuda_graphs: bool = False  # GradCache passes 1 and 3 replayed as CUDA graphs, one per mini-batch
+    #   shape (bertino/speedups/cuda_graphs.py; needs grad_cache_length_multiple and keyed masks; runs every task's
+    #   loss through GradCache); on a CPU the same code runs without capturing
+    grad_cache_auto_mini_batch_gib: float | None = None  # on CUDA: the largest mini-batch whose forward + backward
+    #   at max_seq_length fits in this many GiB, measured at start (bertino/speedups/memory_fit.py); null: as set
+    adamw_fused: bool = False  # AdamW's fused kernel (torch's fused=True) instead of the multi-tensor one
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,26 @@ def _validate(cfg: Config) -> None:
                               "or train.grad_cache_linear_tape; set those to 0 / false")
     require(t.grad_cache_memory_budget >= 0, "train.grad_cache_memory_budget", t.grad_cache_memory_budget,
              "≥ 0 (0 = classic GradCache's memory)")
+    for key in ("grad_cache_length_multiple", "grad_cache_mini_batch_tokens"):
+        value = getattr(t, key)
+        require(value is None or value >= 1, f"train.{key}", value, "≥ 1 or null")
+        if value is not None and first is not None:
+            raise ConfigError(f"train.{key}: static shapes cut pass 1 and pass 3 alike, so they cannot be combined "
+                              "with train.grad_cache_first_pass_mini_batch_size; set one of them to null")
+    gib = t.grad_cache_auto_mini_batch_gib
+    require(gib is None or gib > 0, "train.grad_cache_auto_mini_batch_gib", gib, "> 0 (GiB) or null")
+    if t.grad_cache_cuda_graphs:
+        if m.dropout_masks != "keyed":
+            raise ConfigError("train.grad_cache_cuda_graphs: pass 3's replay must draw pass 1's dropout masks without "
+                              "a random generator: set model.dropout_masks to \"keyed\" "
+                              f"(found {m.dropout_masks!r})")
+        if t.grad_cache_length_multiple is None:
+            raise ConfigError("train.grad_cache_cuda_graphs: graphs need mini-batch shapes that repeat: set "
+                              "train.grad_cache_length_multiple (e.g. 32)")
+        if t.grad_cache_memory_budget or t.grad_cache_linear_tape or first is not None:
+            raise ConfigError("train.grad_cache_cuda_graphs: graphed passes recompute every mini-batch, so they "
+                              "cannot be combined with train.grad_cache_memory_budget, train.grad_cache_linear_tape "
+                              "or train.grad_cache_first_pass_mini_batch_size; set those to 0 / false / null")
 
     if e.dims is not None:
         if not e.dims or any(d <= 0 for d in e.dims) or len(set(e.dims)) != len(e.dims):

@@ -21,6 +21,10 @@ order of pass 3. Classic GradCache (`grad_cache.classic_plan`) recomputes every 
 * **Keyed dropout masks** (`keys`, bertino/keyed_dropout.py): each mini-batch's forwards run with its texts' keys,
   and nothing is replayed (`Recompute(replay_rng=False)`): the masks are the same by construction. Then pass 1 may
   also run in other, larger chunks than pass 3 (`larger_first_pass_step`).
+* **Empty rows** (`trim_rows`, static_shapes.py): mini-batches padded with empty rows have their outputs cut to
+  their real texts (`TrimRows`).
+* **CUDA graphs** (`graphs`, cuda_graphs.py): every mini-batch's passes are graph replays (`GraphedChunks.plan`);
+  the levers above do not combine with it (the config refuses them).
 
 Each of these gives the gradient of classic GradCache: tests/test_speedups.py compares every combination with
 `classic_plan` (float64, 1e-10).
@@ -32,8 +36,10 @@ from torch import nn
 
 from ..grad_cache import MiniBatch, Plan, Recompute, build_cache, forward_backward, forward_no_grad
 from ..keyed_dropout import DropoutKeys, WithDropoutKeys
+from .cuda_graphs import GraphedChunks
 from .linear_tape import TapeDeck, TapeReplay
 from .sparse_embeddings import SparseGradSwitch
+from .static_shapes import TrimRows
 
 
 class KeepGraph(Recompute):
@@ -67,8 +73,10 @@ class GradCacheSpeedups:
     """A plan factory for `grad_cache.grad_cache_step`: `plan = GradCacheSpeedups(...)`; `plan(n, distributed)`."""
 
     def __init__(self, keep_graphs: int = 0, keep_last: bool = True, sparse: SparseGradSwitch | None = None,
-                 tape: TapeDeck | None = None, keys: DropoutKeys | None = None):
+                 tape: TapeDeck | None = None, keys: DropoutKeys | None = None, trim_rows: bool = False,
+                 graphs: GraphedChunks | None = None):
         self.keep_graphs, self.keep_last, self.sparse, self.tape, self.keys = keep_graphs, keep_last, sparse, tape, keys
+        self.trim_rows, self.graphs = trim_rows, graphs
 
     def kept(self, n: int, distributed: bool) -> int:
         """How many of the n mini-batches keep their pass-1 graph."""
@@ -76,6 +84,8 @@ class GradCacheSpeedups:
         return min(keep, n - 1) if distributed else keep  # ≥ 1 recomputed through the wrapper: it all-reduces
 
     def __call__(self, n: int, distributed: bool = False) -> Plan:
+        if self.graphs is not None:
+            return self.graphs.plan(n, distributed)
         m = self.kept(n, distributed)
         order = [*range(n - m, n), *range(n - m)]  # the kept graphs first: freed before anything is recomputed
         steps: list[Recompute] = []
@@ -87,6 +97,8 @@ class GradCacheSpeedups:
                 step = SparseGrads(step, self.sparse)
             if self.keys is not None:
                 step = WithDropoutKeys(step, self.keys)
+            if self.trim_rows:
+                step = TrimRows(step)
             steps.append(step)
         return Plan(steps, order)
 

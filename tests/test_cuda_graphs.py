@@ -1,0 +1,136 @@
+"""The CUDA-graph path of GradCache (bertino/speedups/cuda_graphs.py) on the CPU, where it runs uncaptured: the same
+static buffers, accumulators, flush and plan as on a GPU. It gives one plain full batch's gradient with dropout on
+(keyed masks, float64, 1e-10), pass 3 sees pass 1's masks, each shape gets one pair of graphs, the accumulators
+reach `.grad` once per step, and under DDP the last mini-batch runs through the wrapper after the flush, so the
+one all-reduce carries every mini-batch's gradient. (scripts/cuda_checks.py checks the captured graphs on a GPU.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import make_distilbert
+from helpers import CASES, SCALE, full_batch_plain, grads, max_rel_error, token_ids
+
+from bertino import SentenceEncoder
+from bertino.grad_cache import Recompute, grad_cache_step
+from bertino.keyed_dropout import install_keyed_dropout, text_keys
+from bertino.speedups.cuda_graphs import GraphedChunks, GraphedRecompute
+from bertino.speedups.grad_cache_plan import GradCacheSpeedups
+from bertino.speedups.static_shapes import StaticShapes, TrimRows, static_mini_batches
+
+
+@pytest.fixture(scope="module")
+def drop_dir(tmp_path_factory):
+    return make_distilbert(tmp_path_factory.mktemp("graphs_drop"), dropout=0.3)
+
+
+def graphed(folder, dtype=torch.float64):
+    enc = SentenceEncoder.from_pretrained(folder).to(dtype).train()
+    keys = install_keyed_dropout(enc.model)
+    chunks = GraphedChunks(enc, keys, enc.max_seq_length)
+    return enc, keys, chunks, GradCacheSpeedups(keys=keys, trim_rows=True, graphs=chunks)
+
+
+def batches_of(enc, texts, tk, C=5, tokens=None):
+    shapes = StaticShapes(enc.max_seq_length, C, length_multiple=4, mini_batch_tokens=tokens, pad_rows=True)
+    return static_mini_batches(token_ids(enc, texts), shapes, enc.tokenizer.pad_token_id, text_keys=tk)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir, case):
+    enc, keys, chunks, plan = graphed(drop_dir)
+    assert chunks.capture is None  # decided at the first chunk: on a CPU, no capture
+    texts, loss_fn = CASES[case]()
+    tk = text_keys(0, 2, torch.arange(len(texts)))
+    with keys.use(tk):
+        want = full_batch_plain(enc, texts, loss_fn)
+    empty_rows = 0
+    for C, tokens in ((8, None), (5, None), (5, 40)):
+        batches = batches_of(enc, texts, tk, C, tokens)
+        empty_rows += sum(b.features["input_ids"].shape[0] - len(b.texts) for b in batches)
+        grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, plan=plan)
+        err = max_rel_error(grads(enc), want)
+        print(f"{case}, C={C}, tokens={tokens}: graph path vs one full batch, dropout on: {err:.2e}")
+        assert err <= 1e-10, (C, tokens)
+    assert chunks.capture is False and empty_rows > 0
+    with keys.use(text_keys(0, 3, torch.arange(len(texts)))):  # dropout is on: another step's masks differ
+        assert max_rel_error(full_batch_plain(enc, texts, loss_fn), want) > 1e-3
+
+
+def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop_dir):
+    enc, keys, chunks, plan = graphed(drop_dir)
+    texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
+    tk = text_keys(0, 2, torch.arange(len(texts)))
+    batches = batches_of(enc, texts, tk)
+    for b in batches:  # pass 1's embeddings = an autograd forward of the same chunk with its keys, bitwise
+        with keys.use(b.dropout_keys):
+            eager = enc(b.features)[: len(b.texts)]
+        assert torch.equal(chunks.forward(b), eager.detach())
+    flushes = []
+    original = chunks.flush
+    chunks.flush = lambda: (flushes.append(1), original())[1]
+    grad_cache_step(enc, batches, loss_fn, plan=plan)
+    shapes = {tuple(b.features["input_ids"].shape) for b in batches}
+    assert {k[:2] for k in chunks.first_graphs} == {k[:2] for k in chunks.again_graphs} == shapes
+    assert len(shapes) < len(batches)  # shapes repeat within a step: one graph pair serves several chunks
+    assert flushes == [1] and all(a.abs().max() == 0 for a in chunks.acc)  # flushed once, accumulators zeroed
+    once = grads(enc)
+    for _ in range(2):  # two steps without zero_grad: the flush adds onto the existing .grad
+        grad_cache_step(enc, batches, loss_fn, plan=plan)
+    twice = grads(enc)
+    assert max_rel_error(twice, {n: 2 * g for n, g in once.items()}) <= 1e-12
+
+
+def test_the_graph_path_under_bf16_autocast(drop_dir):
+    """bf16 autocast on the CPU: the graph path (weight-cast cache off) equals the same static chunks eagerly."""
+    enc, keys, chunks, plan = graphed(drop_dir, torch.float32)
+    texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
+    tk = text_keys(0, 2, torch.arange(len(texts)))
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    grad_cache_step(enc, batches_of(enc, texts, tk), loss_fn, autocast=amp,
+                    plan=GradCacheSpeedups(keys=keys, keep_last=False, trim_rows=True))
+    eager = grads(enc)
+    grad_cache_step(enc, batches_of(enc, texts, tk), loss_fn, autocast=amp, plan=plan)
+    err = max_rel_error(grads(enc), eager)
+    print(f"graph path vs eager, bf16 autocast: {err:.2e}")
+    assert err <= 1e-6
+    assert {k[3] for k in chunks.first_graphs} == {torch.bfloat16}  # captured under the pass's autocast dtype
+
+
+def test_under_ddp_the_last_mini_batch_all_reduces_every_gradient(drop_dir, tmp_path):
+    """DDP (gloo, one process): every mini-batch but the last is graphed; the last runs through the wrapper,
+    outside no_sync, after the flush — so the one all-reduce of the step carries the whole gradient."""
+    enc, keys, chunks, plan = graphed(drop_dir)
+    built = plan(4, distributed=True)
+    assert [type(r) for r in built.recompute] == [GraphedRecompute] * 3 + [TrimRows]
+    assert [r.flush for r in built.recompute[:3]] == [False, False, True]
+    assert type(built.recompute[3].inner.inner) is Recompute and not built.recompute[3].inner.inner.replay_rng
+    assert all(type(r) is GraphedRecompute for r in plan(4, distributed=False).recompute)
+    texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
+    tk = text_keys(0, 2, torch.arange(len(texts)))
+    with keys.use(tk):
+        want = full_batch_plain(enc, texts, loss_fn)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(enc)
+        reduced = []
+
+        def hook(state, bucket):  # what the all-reduce carries, bucket by bucket
+            reduced.append(bucket.buffer().clone())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, hook)
+        grad_cache_step(ddp, batches_of(enc, texts, tk), loss_fn, lambda x: x * SCALE, plan=plan)
+        got = {n: p.grad.clone() for n, p in enc.named_parameters()}
+        enc.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
+    assert max_rel_error(got, want) <= 1e-10
+    carried = torch.cat(reduced)  # one all-reduce per step: as many numbers as parameters, equal to the .grad
+    assert carried.numel() == sum(p.numel() for p in enc.parameters())
+    assert torch.allclose(carried.sort().values, torch.cat([g.flatten() for g in got.values()]).sort().values,
+                          atol=0, rtol=0)
