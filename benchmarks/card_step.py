@@ -120,9 +120,14 @@ def build_model_folder(shape: str, max_length: int, out: Path, seed: int = 0) ->
 
     cfg = SHAPES[shape]
     out.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(5, cfg.vocab_size)]
+    # single characters (and their ## continuations) make every ordinary text encodable, as a real WordPiece
+    # vocabulary does (the encoder's load check refuses a tokenizer that turns text into [UNK] only); fillers up
+    # to the model's vocabulary size
+    chars = list("abcdefghijklmnopqrstuvwxyzàèéìòù0123456789.,;:!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    vocab += [f"t{i}" for i in range(len(vocab), cfg.vocab_size)]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=max_length)
+    tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"), do_lower_case=True, model_max_length=max_length)
     torch.manual_seed(seed)
     model = DistilBert(cfg)
     with torch.no_grad():  # BERT's initialisation: N(0, 0.02) matrices and tables, zero biases
