@@ -83,6 +83,29 @@ def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop
     assert max_rel_error(twice, {n: 2 * g for n, g in once.items()}) <= 1e-12
 
 
+def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_dir):
+    """A graph's static buffers outlive the step: a (C, L) shape first filled by C texts, then by C − 1 (one empty
+    row), must not let the empty row backpropagate the cache row the last text of the earlier step left there."""
+    enc, keys, chunks, plan = graphed(drop_dir)
+    texts, _ = CASES["mnrl_2_hard_negatives"]()
+    weights = torch.linspace(0.5, 2.0, 32, dtype=torch.float64)
+
+    def loss_fn(reps):  # any differentiable function of the embeddings will do
+        return (reps.pow(2).sum(-1) * weights[: len(reps)]).sum()
+
+    one_bucket = StaticShapes(enc.max_seq_length, 4, length_multiple=enc.max_seq_length, pad_rows=True)
+    for n in (8, 7):  # 2 chunks of 4 texts; then a chunk of 3 texts in 4 rows, and one of 4
+        tk = text_keys(0, n, torch.arange(n))
+        batches = static_mini_batches(token_ids(enc, texts[:n]), one_bucket, enc.tokenizer.pad_token_id,
+                                      text_keys=tk)
+        grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, plan=plan)
+        got = grads(enc)
+        with keys.use(tk):
+            want = full_batch_plain(enc, texts[:n], loss_fn)
+        assert max_rel_error(got, want) <= 1e-10, n
+    assert len(chunks.again_graphs) == 1  # one shape served both steps
+
+
 def test_the_graph_path_under_bf16_autocast(drop_dir):
     """bf16 autocast on the CPU: the graph path (weight-cast cache off) equals the same static chunks eagerly."""
     enc, keys, chunks, plan = graphed(drop_dir, torch.float32)

@@ -59,6 +59,15 @@ def test_every_text_once_in_a_small_set_of_shapes_that_repeats(name):
         assert len(seen) > 40
 
 
+def test_a_bucket_never_exceeds_the_longest_length():
+    """max_length 50 is no multiple of 16: texts of 49 and 50 tokens share a bucket of 50, never one of 64 (a
+    (C, 64) chunk of a 50-position model would index past its position table)."""
+    shapes = StaticShapes(max_length=50, mini_batch_size=6, length_multiple=16, pad_rows=True)
+    assert [shapes.bucket(n) for n in (1, 16, 17, 33, 48, 49, 50)] == [16, 16, 32, 48, 48, 50, 50]
+    lengths = np.array([3, 20, 49, 50, 50, 47])
+    assert max(L for _, L, _ in shapes.chunks(lengths)) == 50
+
+
 @pytest.fixture(scope="module")
 def drop_dir(tmp_path_factory):
     return make_distilbert(tmp_path_factory.mktemp("static_drop"), dropout=0.3)
