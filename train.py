@@ -45,7 +45,7 @@ from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
 from bertino.plumbing.config import Config, check_against_model, config_to_dict, load_config, save_config
-from bertino.plumbing.data import TaskData, batch_schedule, load_tasks
+from bertino.plumbing.data import TaskData, batch_schedule, load_run_data
 from bertino.plumbing.eval_data import load_eval_sets
 from bertino.plumbing.files import read_json, restore_half_replaced, write_failure
 from bertino.plumbing.metrics_log import LogWindow, MetricsLog
@@ -86,6 +86,7 @@ class Run:
     encoder: SentenceEncoder
     step: Step  # a batch → its loss and gradient (bertino/step.py: GradCache, the masks, the objectives)
     tasks: dict[str, TaskData]
+    holdouts: dict[str, TaskData]  # each task's held-out rows (tasks.NAME.holdout), evaluated, never trained on
     batches: MultiTaskBatchSampler
     steps_per_epoch: int
     total_steps: int
@@ -133,14 +134,15 @@ def setup(cfg: Config) -> Run:
     plan, dropout_keys = install_training_modules(encoder, cfg)
 
     # ---- data
-    tasks = load_tasks(cfg)
+    data = load_run_data(cfg)
+    tasks = data.tasks
     batches = batch_schedule(cfg, tasks, dist_info.world_size, dist_info.rank)
     steps_per_epoch = len(batches)
     fingerprint = run_checkpoints.data_fingerprint(tasks)  # saved with every checkpoint: a resume must see the rows
     if dist_info.enabled:  # before the first collective of training: ranks that read other rows would hang it
         check_same_data(distributed.gather_objects({"rows": fingerprint, "steps": steps_per_epoch}, device))
     total_steps = train.max_steps if train.max_steps > 0 else train.num_train_epochs * steps_per_epoch
-    eval_sets = load_eval_sets(cfg.eval.ir, cfg.eval.sts)
+    eval_sets = load_eval_sets(cfg.eval.ir, cfg.eval.sts, data.holdouts)
     eval_dims = list(cfg.eval.dims or (cfg.matryoshka.dims if cfg.matryoshka else [encoder.dim]))
     run_config = config_to_dict(cfg)
     state = run_checkpoints.TrainerState(world_size=dist_info.world_size, data_fingerprint=fingerprint)
@@ -165,7 +167,7 @@ def setup(cfg: Config) -> Run:
     if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
         run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
     return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device, amp_dtype=amp_dtype,
-               scaler=scaler, encoder=encoder, step=step, tasks=tasks, batches=batches,
+               scaler=scaler, encoder=encoder, step=step, tasks=tasks, holdouts=data.holdouts, batches=batches,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
                eval_dims=eval_dims, run_config=run_config, state=state, optimizer=optimizer, scheduler=scheduler,
                log=MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main, mirror=tensorboard_log(cfg, out,
@@ -219,11 +221,21 @@ def open_run_folder(run: Run) -> None:
             message = run_folder.carry_best_model(run.resume_from, run.out, run.state.best_step)
             if message:
                 warn(message)
-        print(f"bertino: {sum(len(t) for t in run.tasks.values())} rows in {len(run.tasks)} task(s), "
-              f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, {run.dist_info.world_size} process(es) "
-              f"on {run.device}, precision {run.amp_dtype or torch.float32}"
-              + (f", resuming from {run.resume_from}" if run.resume_from else ""), file=sys.stderr)
+        print(summary_line(run), file=sys.stderr)
     run.log.start(resumed_step=run.state.step if run.resume_from is not None else None, checkpoint=run.resume_from)
+
+
+def summary_line(run: Run) -> str:
+    """What the run will do, in one line: rows per task (held out, dropped), steps per epoch and in all."""
+    per_task = []
+    for name, data in run.tasks.items():
+        extra = [f"{len(run.holdouts[name])} held out"] if name in run.holdouts else []
+        extra += [f"{data.dropped_rows} dropped: short negatives lists"] if data.dropped_rows else []
+        per_task.append(f"{name} {len(data)}" + (f" ({', '.join(extra)})" if extra else ""))
+    return (f"bertino: {sum(len(t) for t in run.tasks.values())} rows in {len(run.tasks)} task(s) "
+            f"[{'; '.join(per_task)}], {run.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
+            f"{run.dist_info.world_size} process(es) on {run.device}, precision {run.amp_dtype or torch.float32}"
+            + (f", resuming from {run.resume_from}" if run.resume_from else ""))
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the loop

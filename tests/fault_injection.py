@@ -30,18 +30,18 @@ RANK = int(os.environ.get("RANK", "0"))
 OUT = Path(os.environ.get("BERTINO_FAULT_DIR", "."))
 
 if FAULT in ("fewer-rows", "other-rows") and RANK == 1:
-    load_tasks = data.load_tasks
+    load_run_data = data.load_run_data
 
     def stale_copy(cfg, **kwargs):
-        tasks = load_tasks(cfg, **kwargs)
-        for name, task in tasks.items():
+        loaded = load_run_data(cfg, **kwargs)
+        for name, task in loaded.tasks.items():
             if FAULT == "fewer-rows":
-                tasks[name] = task.select(list(range(len(task) - 2)))
+                loaded.tasks[name] = task.select(list(range(len(task) - 2)))
             else:
                 task.texts[0] = tuple(t + " (edited)" for t in task.texts[0])
-        return tasks
+        return loaded
 
-    train.load_tasks = stale_copy
+    train.load_run_data = stale_copy
 
 if FAULT == "hang-logging":
     (OUT / f"pid-{RANK}").write_text(str(os.getpid()))

@@ -139,7 +139,12 @@ def test_base_dir(tmp_path):
 
 
 def test_hub_id_goes_through_load_dataset(monkeypatch):
+    """A hub id: its snapshot through the hub cache (huggingface_hub), then datasets reads that folder."""
+    import huggingface_hub
+
     calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, repo_type=None: f"/hub-cache/{repo_id}/{repo_type}")
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
@@ -149,15 +154,17 @@ def test_hub_id_goes_through_load_dataset(monkeypatch):
     task = TaskConfig(dataset="stsb_multi_mt", config="it", columns=("sentence1", "sentence2", "score"),
                       loss="cosine", score_scale=5.0)
     msg = load_error(task, "sts")  # 6 / 5 > 1: the cosine loss needs [0, 1]
-    assert calls == [("stsb_multi_mt", "it", "train")]
+    assert calls == [("/hub-cache/stsb_multi_mt/dataset", "it", "train")]
     assert "dataset stsb_multi_mt row 0" in msg and "'score'" in msg and "score_scale" in msg
 
 
 def test_unreachable_hub_id(monkeypatch, tmp_path):
+    import huggingface_hub
+
     def offline(*args, **kwargs):
         raise ConnectionError("no internet")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     msg = load_error(TaskConfig(dataset="someone/missing", columns=("a", "b"), loss="mnrl"))
     assert "neither a local file or folder" in msg and "nor reachable on the Hugging Face hub" in msg
     assert "ConnectionError: no internet" in msg

@@ -611,23 +611,31 @@ class RunsCode:
 PWNED = Path(tempfile.gettempdir()) / f"bertino-pwned-{os.getpid()}"
 
 
-def test_weights_only_from_safetensors_and_the_converter(tiny_mlm_dir, tmp_path, capsys):
+def test_pickled_weights_load_through_a_safe_cached_copy_and_the_converter(tiny_mlm_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A folder with only pytorch_model.bin loads: converted once (weights_only) into bertino's cache, keyed by the
+    pickle's sha256, with a one-line notice; the folder itself is left untouched. The explicit converter stays."""
     from transformers import DistilBertForMaskedLM
 
+    monkeypatch.setenv("BERTINO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "bin"
     shutil.copytree(tiny_mlm_dir, folder)
     (folder / "model.safetensors").unlink()
     # the state_dict of an MLM model ties vocab_projector.weight to the word embeddings (one shared storage)
     torch.save(DistilBertForMaskedLM.from_pretrained(str(tiny_mlm_dir)).state_dict(), folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"a pickle\); bertino reads weights only from safetensors. Convert once "
-                                              r"with: python -m bertino.convert"):
-        SentenceEncoder.from_pretrained(folder)
+    original = SentenceEncoder.from_pretrained(tiny_mlm_dir).encode(["il gatto"])
+    np.testing.assert_array_equal(SentenceEncoder.from_pretrained(folder).encode(["il gatto"]), original)
+    notice = capsys.readouterr().err
+    assert notice.count("converting them once, safely") == 1 and str(tmp_path / "cache" / "converted") in notice
+    assert len(list((tmp_path / "cache" / "converted").glob("*/model.safetensors"))) == 1
+    assert not (folder / "model.safetensors").exists()  # the model folder is not written to
+    SentenceEncoder.from_pretrained(folder)  # the second load reads the cached copy: no notice
+    assert "converting" not in capsys.readouterr().err
     from bertino import convert as convert_module
 
     convert_module.main([str(folder)])  # tied MLM weights share storage: the converter copies them apart
     assert "wrote" in capsys.readouterr().out
-    ours, original = SentenceEncoder.from_pretrained(folder), SentenceEncoder.from_pretrained(tiny_mlm_dir)
-    np.testing.assert_array_equal(ours.encode(["il gatto"]), original.encode(["il gatto"]))
+    np.testing.assert_array_equal(SentenceEncoder.from_pretrained(folder).encode(["il gatto"]), original)
 
 
 def seal_checksums(ckpt):
@@ -644,6 +652,10 @@ def test_pickled_code_is_refused_everywhere(reference, tmp_path, capsys):
     torch.save({"w": torch.zeros(1), "x": RunsCode()}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="refused by torch.load"):
         convert(folder)
+    (folder / "config.json").write_text('{"model_type": "distilbert", "vocab_size": 8, "dim": 4, "n_layers": 1, '
+                                        '"n_heads": 1, "hidden_dim": 8, "max_position_embeddings": 8}')
+    with pytest.raises(CheckpointError, match="refused by torch.load"):  # the automatic conversion refuses it too
+        SentenceEncoder.from_pretrained(folder)
     ref_run, cfg = reference
     ckpt = tmp_path / "checkpoint-3"
     shutil.copytree(ref_run / "checkpoint-3", ckpt)

@@ -48,6 +48,16 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class NegativesConfig:
+    """Hard negatives taken from ONE list-valued column (nickprock/it-wiki-retrieval-synthetic-hn's
+    `hard_negatives`) instead of one column per negative: the first `count` items become negatives 1..count."""
+
+    column: str  # the source column holding a list of strings per row
+    count: int  # how many to take, from the front of each list (the miner's order: hardest first)
+    short_rows: Literal["drop", "error"] = "drop"  # a row with fewer than `count`: dropped (and counted) or an error
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     dataset: str  # local file/folder (.jsonl, .jsonl.gz, .json, .csv, .parquet, save_to_disk) or a hub id
     columns: tuple[str, ...]  # which source columns, in loss order: (anchor, positive, neg...) or (s1, s2, score)
@@ -57,6 +67,8 @@ class TaskConfig:
     scale: float | None = None  # similarity scale of mnrl/cached_mnrl/cosent; None: the loss's default (20)
     score_scale: float = 1.0  # scores are divided by this (stsb_multi_mt: 5.0 maps 0–5 to 0–1)
     balance_to: str | None = None  # up/down-sample this task to the row count of the named task
+    negatives: NegativesConfig | None = None  # retrieval: negatives from one list column, after `columns`
+    holdout: float = 0.0  # a seeded fraction of the rows kept out of training and evaluated on (the card: 0.05)
 
 
 @dataclass(frozen=True)
@@ -119,9 +131,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalDataset:
+    """An evaluation set read like a task's data (a hub id, parquet, a save_to_disk folder, JSONL)."""
+
+    dataset: str
+    columns: tuple[str, ...]  # IR: (query, positive, negative...); STS: (sentence1, sentence2, score)
+    config: str | None = None
+    split: str = "test"
+    score_scale: float = 1.0  # STS only; the correlations do not depend on it, it is accepted for symmetry
+    negatives: NegativesConfig | None = None  # IR only: negatives from one list column
+    name: str | None = None  # the set's name in tables and metrics.jsonl; default: the dataset's last part + split
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    ir: tuple[str, ...] = ()  # retrieval JSONL files {"query", "positive", "negative_*"?}
-    sts: tuple[str, ...] = ()  # STS JSONL files {"sentence1", "sentence2", "score"}
+    ir: tuple[str | EvalDataset, ...] = ()  # retrieval JSONL files {"query", "positive", "negative_*"?} or datasets
+    sts: tuple[str | EvalDataset, ...] = ()  # STS JSONL files {"sentence1", "sentence2", "score"} or datasets
     dims: tuple[int, ...] | None = None  # truncation dims to report; None = matryoshka dims (or the full dim)
     batch_size: int = 32  # encoding batch size during evaluation
     precision: tuple[PrecisionName, ...] = PRECISIONS  # the model card's storage-vs-quality table: retrieval with
@@ -184,6 +209,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{p}: task names must be non-empty and contain no '.' or '=' "
                               f"(they are addressed as tasks.NAME.key=value)")
         _check_columns(task, p)
+        _check_negatives(task.negatives, task.loss, task.columns, p)
+        require(0.0 <= task.holdout < 1.0, f"{p}.holdout", task.holdout, "in [0, 1) (a fraction of the rows)")
         require(task.scale is None or task.scale > 0, f"{p}.scale", task.scale, "> 0")
         if task.scale is not None and LOSSES[task.loss].default_scale is None:
             raise ConfigError(f"{p}.scale: the {task.loss!r} loss has no scale; remove the key (found {task.scale})")
@@ -240,10 +267,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.metric_for_best_model: unknown metric {t.metric_for_best_model!r}; valid: "
                           f"{', '.join(IR_METRICS + STS_METRICS)}")
     if t.load_best_model_at_end:
-        wanted, files = (("eval.ir", e.ir) if t.metric_for_best_model in IR_METRICS else ("eval.sts", e.sts))
-        if not files:
+        ir = t.metric_for_best_model in IR_METRICS
+        wanted, files = ("eval.ir", e.ir) if ir else ("eval.sts", e.sts)
+        holdouts = [n for n, task in cfg.tasks.items()
+                    if task.holdout > 0 and (LOSSES[task.loss].rows == "retrieval") == ir]
+        if not files and not holdouts:
             raise ConfigError(f"train.load_best_model_at_end: metric_for_best_model "
-                              f"{t.metric_for_best_model!r} needs at least one file in {wanted}, found none")
+                              f"{t.metric_for_best_model!r} needs at least one file in {wanted} (or a task with a "
+                              f"holdout), found none")
     require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
              "≥ 1")
     require(t.ddp_timeout >= 1, "train.ddp_timeout", t.ddp_timeout, "≥ 1 (seconds)")
@@ -288,6 +319,12 @@ def _validate(cfg: Config) -> None:
     check_precisions(e.precision, e.rescore, key="eval.precision")
     if len(set(t.report_to)) != len(t.report_to):
         raise ConfigError(f"train.report_to: lists a target twice, found {list(t.report_to)}")
+    for key, sets, loss in (("eval.ir", e.ir, "mnrl"), ("eval.sts", e.sts, "cosent")):
+        for i, entry in enumerate(sets):
+            if isinstance(entry, EvalDataset):
+                _check_columns(eval_task(entry, loss), f"{key}[{i}]")
+                _check_negatives(entry.negatives, loss, entry.columns, f"{key}[{i}]")
+                require(entry.score_scale > 0, f"{key}[{i}].score_scale", entry.score_scale, "> 0")
 
 
 def _check_columns(task: TaskConfig, p: str) -> None:
@@ -300,6 +337,23 @@ def _check_columns(task: TaskConfig, p: str) -> None:
     if LOSSES[task.loss].rows == "pair_score" and len(cols) != 3:
         raise ConfigError(f"{p}.columns: loss {task.loss!r} needs exactly 3 columns (sentence1, sentence2, "
                           f"score), found {len(cols)}: {list(cols)}")
+
+
+def _check_negatives(negatives: NegativesConfig | None, loss: str, columns: tuple[str, ...], p: str) -> None:
+    if negatives is None:
+        return
+    if LOSSES[loss].rows != "retrieval":
+        raise ConfigError(f"{p}.negatives: loss {loss!r} takes no hard negatives; remove the key")
+    require(negatives.count >= 1, f"{p}.negatives.count", negatives.count, "≥ 1")
+    if negatives.column in columns:
+        raise ConfigError(f"{p}.negatives.column: {negatives.column!r} is also in {p}.columns; the list column "
+                          f"is named only under negatives")
+
+
+def eval_task(entry: EvalDataset, loss: str) -> TaskConfig:
+    """An eval dataset as a task config, so that it is read and checked by exactly the code training data is."""
+    return TaskConfig(dataset=entry.dataset, columns=entry.columns, loss=loss, config=entry.config,
+                      split=entry.split, score_scale=entry.score_scale, negatives=entry.negatives)
 
 
 def check_against_model(cfg: Config, model_dim: int, max_positions: int | None = None) -> None:

@@ -7,8 +7,15 @@ Shapes: N rows, t text columns (all of a retrieval task's `columns`; the first 2
 * readers.py reads the columns from a file, a folder or the hub; errors name the file's LINE (`FILE:LINE`) or,
   for tables, the ROW.
 * Rows are checked before training starts: a bad row found after an hour of training wastes the hour.
+* `negatives: {column, count}` takes a retrieval task's hard negatives from ONE list column: the first `count`
+  items become flat columns `column[0]`, `column[1]`, ... — exactly the rows `negative_1`, `negative_2` columns
+  would give, so the sampler, mining and evaluation see the same texts. Shorter rows are dropped (and counted).
+* `holdout: f` keeps a seeded fraction of the rows out of training (the card evaluates on a 5% hold-out), before
+  balancing: `split_holdout`.
 * `balance_to` (V5: "STS dataset balanced to match retrieval dataset size") resamples one task to another's
   row count with a seeded numpy Generator, so every process and every resume gets the same rows.
+
+    read ──▶ negatives expanded, short rows dropped ──▶ rows checked ──▶ hold-out split ──▶ balance_to
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class TaskData:
     line_numbers: np.ndarray | None = None  # (N,) 1-based line of each row in a line-based file, else None
     row_ids: np.ndarray | None = None  # (N,) index of each row in the source after `select`; None = identity
     score_column: str | None = None  # the source column the scores came from (pair+score tasks only)
+    dropped_rows: int = 0  # rows dropped on reading because their negatives list was shorter than needed
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -73,6 +81,7 @@ class TaskData:
             source=self.source,
             line_numbers=None if self.line_numbers is None else self.line_numbers[indices],
             row_ids=row_ids[indices],
+            dropped_rows=self.dropped_rows,
         )
 
 
@@ -87,9 +96,26 @@ def load_task(task: TaskConfig, name: str, *, base_dir: str | os.PathLike | None
 
 
 def load_tasks(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> dict[str, TaskData]:
-    """Load every task of `cfg` and apply `balance_to` with `cfg.train.seed`."""
-    tasks = {name: load_task(task, name, base_dir=base_dir) for name, task in cfg.tasks.items()}
-    return balance_tasks(tasks, cfg.tasks, cfg.train.seed)
+    """The training rows of every task of `cfg`: hold-outs removed, then `balance_to` applied with the seed."""
+    return load_run_data(cfg, base_dir=base_dir).tasks
+
+
+@dataclass
+class RunData:
+    """What a run reads: the training rows of each task, and the rows each task holds out for evaluation."""
+
+    tasks: dict[str, TaskData]  # after the hold-out split and balance_to
+    holdouts: dict[str, TaskData]  # task name → its held-out rows (only tasks with `holdout` > 0)
+
+
+def load_run_data(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> RunData:
+    """Load every task, split off its hold-out (seeded), then balance: the targets are sizes after the split."""
+    train, held = {}, {}
+    for name, task in cfg.tasks.items():
+        train[name], holdout = split_holdout(load_task(task, name, base_dir=base_dir), task.holdout, cfg.train.seed)
+        if holdout is not None:
+            held[name] = holdout
+    return RunData(balance_tasks(train, cfg.tasks, cfg.train.seed), held)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -100,11 +126,21 @@ def _check_rows(task: TaskConfig, name: str, source: str, values: dict[str, list
                 line_numbers: np.ndarray | None) -> TaskData:
     has_score = LOSSES[task.loss].rows == "pair_score"
     text_columns = task.columns[:2] if has_score else task.columns
-    n = len(values[task.columns[0]])
-    data = TaskData(name, text_columns, [], None, source, line_numbers=line_numbers,
-                    score_column=task.columns[2] if has_score else None)
-    if n == 0:
+    if len(values[task.columns[0]]) == 0:
         raise DataError(f"task {name!r}: {source} has no rows")
+    row_ids, dropped = None, 0
+    if task.negatives is not None:
+        n = len(values[task.columns[0]])
+        values, negative_columns, row_ids = _expand_negatives(task, name, source, values, line_numbers)
+        text_columns += negative_columns
+        if row_ids is not None:  # some rows were too short: keep line numbers and row ids pointing at the source
+            dropped = n - len(row_ids)
+            line_numbers = None if line_numbers is None else line_numbers[row_ids]
+    data = TaskData(name, text_columns, [], None, source, line_numbers=line_numbers, row_ids=row_ids,
+                    score_column=task.columns[2] if has_score else None, dropped_rows=dropped)
+    if len(values[task.columns[0]]) == 0:
+        raise DataError(f"task {name!r}: {source}: every row has fewer than {task.negatives.count} items in "
+                        f"column {task.negatives.column!r}, so none is left")
 
     text_values = [values[c] for c in text_columns]  # t lists of N values
     if not _texts_are_valid(text_values, check_negatives=not has_score):
@@ -113,6 +149,38 @@ def _check_rows(task: TaskConfig, name: str, source: str, values: dict[str, list
     if has_score:
         data.scores = _check_scores(task, name, data, values[task.columns[2]])
     return data
+
+
+def _expand_negatives(task: TaskConfig, name: str, source: str, values: dict[str, list],
+                      line_numbers: np.ndarray | None) -> tuple[dict[str, list], tuple[str, ...], np.ndarray | None]:
+    """The list column of `task.negatives` → `count` flat columns named `column[0]`, `column[1]`, ...
+
+    Each row keeps the FIRST `count` items (a miner writes the hardest first). A row with fewer items is dropped
+    (short_rows "drop") or an error ("error"). Returns (values with the flat columns, their names, the kept row
+    indices into the source, or None when every row was kept)."""
+    column, count = task.negatives.column, task.negatives.count
+    lists = values.pop(column)  # N lists of strings
+    for i, items in enumerate(lists):
+        if not isinstance(items, (list, tuple)):
+            where = f"{source}:{int(line_numbers[i])}" if line_numbers is not None else f"{source} row {i}"
+            raise DataError(f"task {name!r}: {where}: column {column!r}: expected a list of strings "
+                            f"(tasks.{name}.negatives), found {short(items)}")
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))  # (N,)
+    kept = None
+    if (lengths < count).any():
+        if task.negatives.short_rows == "error":
+            i = int(np.flatnonzero(lengths < count)[0])
+            where = f"{source}:{int(line_numbers[i])}" if line_numbers is not None else f"{source} row {i}"
+            raise DataError(f"task {name!r}: {where}: column {column!r} has {lengths[i]} item(s), "
+                            f"tasks.{name}.negatives.count is {count}; set negatives.short_rows to \"drop\" to "
+                            f"skip such rows")
+        kept = np.flatnonzero(lengths >= count)  # (N_kept,)
+        values = {c: [v[i] for i in kept.tolist()] for c, v in values.items()}
+        lists = [lists[i] for i in kept.tolist()]
+    names = tuple(f"{column}[{j}]" for j in range(count))
+    for j, flat in enumerate(names):
+        values[flat] = [items[j] for items in lists]
+    return values, names, kept
 
 
 def _texts_are_valid(text_values: list[list], check_negatives: bool) -> bool:
@@ -188,6 +256,35 @@ def _check_scores(task: TaskConfig, name: str, data: TaskData, raw: list) -> np.
                             f"scores in [0, 1] after dividing by score_scale ({task.score_scale}), found "
                             f"{raw[i]!r}; set tasks.{name}.score_scale (stsb_multi_mt: 5.0)")
     return scaled
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Hold-out
+# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
+
+HOLDOUT_STREAM = zlib.crc32(b"holdout")  # a third seed word, so the hold-out draw is not balance_to's draw
+
+
+def holdout_indices(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) into n rows, both sorted: round(fraction · n) rows drawn at random
+    (at least 1 when fraction > 0). Disjoint, and together every row once."""
+    k = max(1, round(fraction * n))  # (k,) held out
+    held = np.zeros(n, dtype=bool)
+    held[rng.permutation(n)[:k]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def split_holdout(data: TaskData, fraction: float, seed: int) -> tuple[TaskData, TaskData | None]:
+    """(training rows, held-out rows or None). The draw is seeded with (seed, crc32(task name), HOLDOUT_STREAM):
+    the same rows on every run, every rank and every resume, and whatever other tasks the config has."""
+    if fraction <= 0:
+        return data, None
+    rng = np.random.default_rng([seed, zlib.crc32(data.name.encode("utf-8")), HOLDOUT_STREAM])
+    train, held = holdout_indices(len(data), fraction, rng)
+    if len(train) == 0:
+        raise DataError(f"task {data.name!r} ({data.source}): holdout {fraction} of {len(data)} rows leaves no "
+                        f"row to train on")
+    return data.select(train), data.select(held)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -13,6 +13,9 @@ to no query (unless they are some query's positive). Semantic similarity: gold s
 correlations are scale-invariant), at least 2 rows with different scores.
 
 A set is named after its file's stem ("dev.jsonl.gz" → "dev"), so the names of one run's files must differ.
+Evaluation sets may also be datasets (`EvalDataset`: a hub id such as stsb_multi_mt `it`/`dev`, parquet, a
+save_to_disk folder), read and checked by the training data's own code (data.py), and a task's hold-out
+(`tasks.NAME.holdout`) is an IR or STS set of its own, `NAME_holdout`.
 Every problem is a DataError that names the file and, where they apply, the line ("FILE:LINE") and the key.
 """
 
@@ -21,11 +24,34 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from ..errors import DataError
 from ..evaluation import IRSet, STSSet
+from .config import EvalDataset, eval_task
+from .data import TaskData, load_task
 from .files import read_jsonl
+
+
+class _IRBuilder:
+    """Collects (query, positives, negatives) rows into an IRSet: corpus ids in order of first appearance, a query
+    on several rows gets all their positives, negatives are relevant to no query (unless some query's positive)."""
+
+    def __init__(self):
+        self.corpus_ids: dict[str, int] = {}  # text → corpus id
+        self.query_ids: dict[str, int] = {}
+        self.relevant: list[set[int]] = []
+
+    def add(self, query: str, positives: Sequence[str], negatives: Sequence[str]) -> None:
+        for text in (*positives, *negatives):
+            self.corpus_ids.setdefault(text, len(self.corpus_ids))
+        if query not in self.query_ids:
+            self.query_ids[query] = len(self.query_ids)
+            self.relevant.append(set())
+        self.relevant[self.query_ids[query]].update(self.corpus_ids[t] for t in positives)
+
+    def build(self, name: str) -> IRSet:
+        return IRSet(name, list(self.query_ids), list(self.corpus_ids), self.relevant)
 
 
 def load_ir_file(path: str | os.PathLike) -> IRSet:
@@ -34,21 +60,31 @@ def load_ir_file(path: str | os.PathLike) -> IRSet:
     A query on several rows gets all their positives; negatives (`negative` / `negative_*` keys) join the corpus
     but are relevant to no query (unless they are some query's positive).
     """
-    corpus_ids: dict[str, int] = {}  # text → corpus id, in order of first appearance
-    query_ids: dict[str, int] = {}
-    relevant: list[set[int]] = []
+    builder = _IRBuilder()
     for where, row in read_rows(path):
         query = text_field(row, "query", where)
         positives = _texts(row, "positive", where)
         negative_keys = [key for key in row if key == "negative" or key.startswith("negative_")]
-        negatives = [text for key in negative_keys for text in _texts(row, key, where)]
-        for text in positives + negatives:
-            corpus_ids.setdefault(text, len(corpus_ids))
-        if query not in query_ids:
-            query_ids[query] = len(query_ids)
-            relevant.append(set())
-        relevant[query_ids[query]].update(corpus_ids[t] for t in positives)
-    return IRSet(_set_name(path), list(query_ids), list(corpus_ids), relevant)
+        builder.add(query, positives, [text for key in negative_keys for text in _texts(row, key, where)])
+    return builder.build(_set_name(path))
+
+
+def ir_set_from_rows(name: str, data: TaskData) -> IRSet:
+    """A retrieval task's checked rows (anchor, positive, negatives...) as an IRSet: the card's hold-out
+    evaluation, queries against a corpus of the rows' positives and hard negatives."""
+    builder = _IRBuilder()
+    for query, positive, *negatives in data.texts:
+        builder.add(query, [positive], negatives)
+    return builder.build(name)
+
+
+def sts_set_from_rows(name: str, data: TaskData) -> STSSet:
+    """A pair+score task's checked rows as an STSSet (the scores already divided by score_scale)."""
+    s1, s2 = (list(column) for column in zip(*data.texts))
+    if len(data) < 2 or len(set(data.scores.tolist())) < 2:
+        raise DataError(f"{data.source}: an STS set needs at least 2 rows with different scores (found "
+                        f"{len(data)} rows)")
+    return STSSet(name, s1, s2, [float(x) for x in data.scores])
 
 
 def load_sts_file(path: str | os.PathLike) -> STSSet:
@@ -69,17 +105,35 @@ def load_sts_file(path: str | os.PathLike) -> STSSet:
 
 
 def load_eval_sets(
-    ir_files: Sequence[str | os.PathLike] = (), sts_files: Sequence[str | os.PathLike] = ()
+    ir_files: Sequence[str | os.PathLike | EvalDataset] = (), sts_files: Sequence[str | os.PathLike | EvalDataset] = (),
+    holdouts: Mapping[str, TaskData] | None = None,
 ) -> tuple[list[IRSet], list[STSSet]]:
-    """Load every file before any encoding, so a bad file fails in seconds; set names must be unique."""
-    ir_sets, sts_sets = [load_ir_file(p) for p in ir_files], [load_sts_file(p) for p in sts_files]
+    """Load every set before any encoding, so a bad file fails in seconds; set names must be unique.
+
+    An entry is a JSONL file or an `EvalDataset` (a hub id, parquet, a save_to_disk folder: read by the training
+    data's readers). `holdouts` (task → held-out rows) adds one set per task, named `TASK_holdout`."""
+    ir_sets = [_load_entry(p, "mnrl") for p in ir_files]
+    sts_sets = [_load_entry(p, "cosent") for p in sts_files]
+    for task, data in (holdouts or {}).items():
+        is_ir = data.scores is None
+        (ir_sets if is_ir else sts_sets).append((ir_set_from_rows if is_ir else sts_set_from_rows)(
+            f"{task}_holdout", data))
     names = [s.name for s in ir_sets + sts_sets]
-    files = [str(p) for p in list(ir_files) + list(sts_files)]
+    files = [str(getattr(p, "dataset", p)) for p in list(ir_files) + list(sts_files)] + [
+        f"tasks.{t}.holdout" for t in holdouts or {}]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise DataError(f"two eval files share the set name {name!r} (the file's stem): "
+            raise DataError(f"two eval sets share the set name {name!r} (a file's stem, or an eval dataset's name): "
                             f"{files[names.index(name)]} and {files[i]}; rename one")
     return ir_sets, sts_sets
+
+
+def _load_entry(entry: str | os.PathLike | EvalDataset, loss: str) -> IRSet | STSSet:
+    if not isinstance(entry, EvalDataset):
+        return load_ir_file(entry) if loss == "mnrl" else load_sts_file(entry)
+    name = entry.name or f"{entry.dataset.rstrip('/').split('/')[-1]}_{entry.split}"
+    data = load_task(eval_task(entry, loss), name)
+    return ir_set_from_rows(name, data) if loss == "mnrl" else sts_set_from_rows(name, data)
 
 
 def _set_name(path: str | os.PathLike) -> str:

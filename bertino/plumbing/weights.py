@@ -9,10 +9,9 @@ Layouts that load (all end as `DistilBertModel` keys, no prefix):
 - Old files: `LayerNorm.gamma/beta` become `weight/bias`; `embeddings.position_ids` is a buffer, ignored.
 
 Safe loading: weights are read ONLY from safetensors (a flat table of tensors: nothing in it can run). A folder
-with only a pickled `pytorch_model.bin` is refused with a CheckpointError that gives the one command to convert it,
-`python -m bertino.convert FOLDER` (pickled_weights.py: it reads the .bin once with
-`torch.load(weights_only=True)`, which refuses pickled code, and writes `model.safetensors` next to it). Converting
-is an explicit step, so no training or evaluation run ever unpickles a file it was handed.
+with only a pickled `pytorch_model.bin` (indigo-ai/BERTino ships one) is read once with
+`torch.load(weights_only=True)`, which refuses pickled code, into a safetensors copy in bertino's cache, keyed by the
+pickle's sha256 (pickled_weights.py says where and why); later loads read that copy.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from .files import read_json
+from .pickled_weights import cached_safetensors, pickle_files
 
 # Keys that belong to heads or buffers we do not need, in any layout.
 _DROP = re.compile(
@@ -57,10 +57,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             state.update(_load_safetensors(folder / shard))
         return state
-    pickles = [p.name for p in (folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json") if p.exists()]
-    if pickles:
-        raise CheckpointError(f"{folder}: weights only in {pickles[0]} (a pickle); bertino reads weights only from "
-                              f"safetensors. Convert once with: python -m bertino.convert {folder}")
+    if pickle_files(folder):  # pickled weights only: their safe safetensors copy in bertino's cache
+        return _load_safetensors(cached_safetensors(folder))
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise CheckpointError(f"{folder}: no model.safetensors in the folder; found {found}")
 
