@@ -1,15 +1,23 @@
 """Evaluate a sentence encoder on retrieval (IR) and similarity (STS) files, at one or more Matryoshka dims.
 
-    python evaluate.py --model DIR [--ir FILE]... [--sts FILE]... [--dims 768,128] [--batch-size N] [--json OUT]
-                       [--precision float32,int8,binary [--rescore K]]
+    python evaluate.py --model DIR [--model DIR2 ...] [--ir FILE]... [--sts FILE]... [--config FILE]
+                       [--dims 768,128] [--batch-size N] [--json OUT] [--precision float32,int8,binary [--rescore K]]
 
 Prints a markdown table per eval set (one row per metric, one column per dim) and, with `--json OUT`, writes
 {"<dim>": {"<set name>": {"<metric>": value}}} (NaN as null); a set's name is its file's stem
-(`dev_ir.jsonl.gz` → `dev_ir`).
-With `--precision`, each retrieval set's table has one row per dim × precision instead (bytes per vector, storage
-relative to the full float32 vector, every IR metric; bertino/quantization.py says how int8 and binary vectors are
-made and scored; `--rescore K` adds binary's top K re-ranked by the float query), STS sets stay float32, and the
-JSON file gains the precision level: {"<precision>": {"<dim>": {"<set name>": {"<metric>": value}}}}.
+(`dev_ir.jsonl.gz` → `dev_ir`). `--config FILE` adds a training config's eval sets: its `eval.ir` / `eval.sts`
+and the hold-out of every task with `holdout` (the same rows training left out).
+
+Several `--model`s give the model card's "Comparison with V4" table: per eval set, a column per (model, dim), dims
+first, and after every value of the second and later models its relative change against the first model at the
+same dim, 100 · (v − v₁) / v₁ ("0.8372 (+0.48%)"). The `--json` file is then
+{"models": [...], "results": {model: {dim: {set: {metric: value}}}},
+ "relative_change_percent": {model: {dim: {set: {metric: value}}}}} (the first model has no relative change).
+
+With `--precision` (one model), each retrieval set's table has one row per dim × precision instead (bytes per
+vector, storage relative to the full float32 vector, every IR metric; bertino/quantization.py says how int8 and
+binary vectors are made and scored; `--rescore K` adds binary's top K re-ranked by the float query), STS sets stay
+float32, and the JSON file gains the precision level: {"<precision>": {"<dim>": {"<set name>": {"<metric>": value}}}}.
 `--dims` defaults to the Matryoshka dims the model folder records (`config_sentence_transformers.json`,
 key `bertino.matryoshka_dims`, written by `SentenceEncoder.save_pretrained`), else the model's full dim.
 A user's mistake (bad file, bad dims, unloadable model) prints one `error: ...` line and exits with code 2.
@@ -30,11 +38,14 @@ from bertino.plumbing.files import atomic_write, read_json
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (or pypi:NAME==VERSION, or a hub id)")
+    p.add_argument("--model", required=True, action="append", metavar="MODEL",
+                   help="model folder (or pypi:NAME==VERSION, or a hub id); repeat it to compare models")
     p.add_argument("--ir", action="append", default=[], metavar="FILE",
                    help='retrieval JSONL: {"query": ..., "positive": ...[, "negative_1": ...]} (repeatable)')
     p.add_argument("--sts", action="append", default=[], metavar="FILE",
                    help='similarity JSONL: {"sentence1": ..., "sentence2": ..., "score": ...} (repeatable)')
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a training config: evaluate on its eval sets and its tasks' hold-outs")
     p.add_argument("--dims", type=parse_dims, default=None,
                    help="comma-separated dims, e.g. 768,128 (default: the model's Matryoshka dims, else its dim)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per encoding batch (default 32)")
@@ -46,13 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with binary: also re-rank its top K by the float query, against the ±1 bits and against "
                         "the int8 documents")
     args = p.parse_args(argv)
-    if not args.ir and not args.sts:
-        raise UsageError("nothing to evaluate: give at least one --ir FILE or --sts FILE")
+    if not args.ir and not args.sts and args.config is None:
+        raise UsageError("nothing to evaluate: give at least one --ir FILE, --sts FILE or --config FILE")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rescore is not None and args.precision is None:
         raise UsageError(f"--rescore {args.rescore}: rescoring re-ranks the binary search's candidates; add "
                          f"--precision ...,binary")
+    if args.precision is not None and len(args.model) > 1:
+        raise UsageError("--precision evaluates one model at a time; give one --model")
     if args.precision is not None:
         from bertino.quantization import check_precisions
 
@@ -87,21 +100,44 @@ def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
     return dims or None
 
 
+def load_sets(args: argparse.Namespace):
+    """The eval sets of the command line, plus those of `--config` (its eval section and its tasks' hold-outs)."""
+    from bertino.plumbing.eval_data import load_eval_sets
+
+    ir, sts, holdouts = list(args.ir), list(args.sts), None
+    if args.config is not None:
+        from bertino.plumbing.config import load_config
+        from bertino.plumbing.data import load_run_data
+
+        cfg = load_config(args.config)
+        ir, sts = ir + list(cfg.eval.ir), sts + list(cfg.eval.sts)
+        holdouts = load_run_data(cfg, base_dir=None).holdouts
+    return load_eval_sets(ir, sts, holdouts)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from bertino import SentenceEncoder
     from bertino.evaluation import check_dims, embed_sets, format_table, score_sets
-    from bertino.plumbing.eval_data import load_eval_sets
     from bertino.plumbing.sources import resolve_model_path
 
     args = parse_args(argv)
     # Files first: a typo in an eval file should fail in a second, not after loading the model.
-    ir_sets, sts_sets = load_eval_sets(args.ir, args.sts)
-    model_dir = resolve_model_path(args.model)
-    encoder = SentenceEncoder.from_pretrained(model_dir)
-    dims = check_dims(args.dims or recorded_matryoshka_dims(model_dir), encoder.dim)
+    ir_sets, sts_sets = load_sets(args)
+    per_model = {}
+    for name in args.model:
+        model_dir = resolve_model_path(name)
+        encoder = SentenceEncoder.from_pretrained(model_dir)
+        dims = check_dims(args.dims or recorded_matryoshka_dims(model_dir), encoder.dim)
+        embedded = embed_sets(encoder, ir_sets, sts_sets, batch_size=args.batch_size, show_progress_bar=True)
+        per_model[name] = score_sets(embedded, ir_sets, sts_sets, dims)  # every text encoded once, at the full dim
+    if len(per_model) > 1:
+        changes = relative_changes(per_model)
+        print(comparison_table(per_model, changes), end="")
+        write_results(args.json, {"models": list(per_model), "results": per_model,
+                                  "relative_change_percent": changes})
+        return per_model
 
-    embedded = embed_sets(encoder, ir_sets, sts_sets, batch_size=args.batch_size, show_progress_bar=True)
-    results = score_sets(embedded, ir_sets, sts_sets, dims)  # every text encoded once, at the full dim
+    results = per_model[args.model[0]]
     if args.precision is None:
         print(format_table(results), end="")
         write_results(args.json, results)
@@ -121,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_results(path: Path | None, results: dict) -> None:
-    """The --json file: the keys as strings, NaN as null, written atomically."""
+    """The --json file: the keys as strings, NaN (and an undefined relative change) as null, written atomically."""
     if path is None:
         return
 
@@ -134,6 +170,45 @@ def write_results(path: Path | None, results: dict) -> None:
         atomic_write(path, json.dumps(plain(results), indent=2) + "\n")
     except OSError as e:
         raise ConfigError(f"--json {path}: cannot write the results ({e.strerror})") from None
+
+
+def relative_change(value: float, reference: float) -> float | None:
+    """100 · (value − reference) / reference: the card's "+0.48%"; None where it is undefined (0 or NaN)."""
+    if reference == 0 or math.isnan(reference) or math.isnan(value):
+        return None
+    return 100.0 * (value - reference) / reference
+
+
+def relative_changes(per_model: dict) -> dict:
+    """{model: {dim: {set: {metric: percent}}}} for every model but the first, against the first, dim by dim."""
+    first = next(iter(per_model.values()))
+    return {model: {d: {name: {m: relative_change(v, first[d][name][m]) for m, v in metrics.items()
+                               if d in first and m in first[d].get(name, {})}
+                        for name, metrics in sets.items()} for d, sets in results.items()}
+            for model, results in list(per_model.items())[1:]}
+
+
+def comparison_table(per_model: dict, changes: dict) -> str:
+    """Markdown, per set: one row per metric; columns (model, dim), dims first as in the card's comparison."""
+    from bertino.evaluation import metric_label
+
+    models = list(per_model)
+    dims = [d for d in per_model[models[0]] if all(d in r for r in per_model.values())]
+    columns = [(m, d) for d in dims for m in models]
+    blocks = []
+    for name, metrics in per_model[models[0]][dims[0]].items():
+        lines = [f"### {name}", "", "| metric | " + " | ".join(f"{m} ({d}d)" for m, d in columns) + " |",
+                 "|---" + "|---:" * len(columns) + "|"]
+        for metric in metrics:
+            cells = []
+            for m, d in columns:
+                value = per_model[m][d].get(name, {}).get(metric)
+                cell = "–" if value is None or math.isnan(value) else f"{value:.4f}"
+                change = changes.get(m, {}).get(d, {}).get(name, {}).get(metric)
+                cells.append(cell + (f" ({change:+.2f}%)" if change is not None else ""))
+            lines.append(f"| {metric_label(metric)} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
 
 
 def run(argv: list[str] | None = None) -> int:
