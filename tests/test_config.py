@@ -330,7 +330,11 @@ def test_v5_matches_the_card():
     assert cfg.model.name_or_path == "indigo-ai/BERTino"
     assert cfg.model.max_seq_length == 256  # the card does not state it; see the report / README
     r, s = cfg.tasks["retrieval"], cfg.tasks["sts"]
-    assert r.columns == ("query", "positive", "negative_1", "negative_2")  # 1 positive + 2 dense hard negatives
+    assert r.dataset == "nickprock/it-wiki-retrieval-synthetic-hn" and r.split == "train" and r.holdout == 0.05
+    assert r.columns == ("query", "positive")  # 1 positive + the first 2 dense hard negatives of the list
+    assert (r.negatives.column, r.negatives.count) == ("hard_negatives", 2)
+    (dev,) = cfg.eval.sts
+    assert (dev.dataset, dev.config, dev.split, dev.score_scale) == ("PhilipMay/stsb_multi_mt", "it", "dev", 5.0)
     assert r.loss == "cached_mnrl" and scale_of(r) == 20.0
     assert s.dataset == "PhilipMay/stsb_multi_mt" and s.config == "it" and s.split == "train"
     assert s.columns == ("sentence1", "sentence2", "similarity_score")
@@ -346,7 +350,7 @@ def test_v5_matches_the_card():
     assert t.output_dir == "runs/v5"
     assert t.load_best_model_at_end and t.metric_for_best_model == "ndcg@10"
     assert 1250 % t.eval_steps == 0 and 1250 % t.save_steps == 0  # the card's best checkpoint is step 1250
-    assert cfg.eval.ir == ("data/retrieval/dev.jsonl",)
+    assert cfg.eval.ir == ()  # the IR evaluation is the retrieval task's 5% hold-out (tasks.retrieval.holdout)
     check_against_model(cfg, 768, max_positions=512)
 
 
