@@ -98,6 +98,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     log: MetricsLog  # metrics.jsonl (and its TensorBoard mirror)
     precision_results: dict | None = None  # the last evaluation's {precision: {dim: {set: metrics}}}
+    base_results: dict | None = None  # eval.compare_base: the base model on the same sets, once per run
 
     @property
     def is_main(self) -> bool:
@@ -371,11 +372,27 @@ def best_metric_value(results: dict, metric: str, dim: int) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def base_model_results(run: Run) -> dict | None:
+    """`eval.compare_base`: the base model (`model.name_or_path`, as downloaded) on the run's eval sets, evaluated
+    the first time a card needs it (also after a resume, which loads the checkpoint, not the base)."""
+    if not run.cfg.eval.compare_base or not any(run.eval_sets):
+        return None
+    if run.base_results is None:
+        base = SentenceEncoder.from_pretrained(run.cfg.model.name_or_path,
+                                               max_seq_length=run.cfg.model.max_seq_length)
+        base.to(run.device)
+        ir_sets, sts_sets = run.eval_sets
+        embedded = embed_sets(base, ir_sets, sts_sets, batch_size=run.cfg.eval.batch_size, show_progress_bar=False)
+        run.base_results = score_sets(embedded, ir_sets, sts_sets, run.eval_dims)
+    return run.base_results
+
+
 def save_model(run: Run, folder: Path, results: dict | None) -> None:
     """best/ or final/: a sentence-transformers folder with a generated model card, written atomically."""
     try:
         run_folder.save_model_folder(run.encoder, folder, run.cfg, results, run.eval_dims,
-                                     run.precision_results if results else None)
+                                     run.precision_results if results else None,
+                                     base_results=base_model_results(run) if results else None)
     except Exception as e:
         reason = write_failure(e)
         if reason is None:

@@ -395,6 +395,43 @@ def format_table(results: dict) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def relative_change(value: float, reference: float) -> float | None:
+    """100 · (value − reference) / reference: the card's "+0.48%"; None where it is undefined (0 or NaN)."""
+    if reference == 0 or math.isnan(reference) or math.isnan(value):
+        return None
+    return 100.0 * (value - reference) / reference
+
+
+def relative_changes(per_model: dict) -> dict:
+    """{model: {dim: {set: {metric: percent}}}} for every model but the first, against the first, dim by dim."""
+    first = next(iter(per_model.values()))
+    return {model: {d: {name: {m: relative_change(v, first[d][name][m]) for m, v in metrics.items()
+                               if d in first and m in first[d].get(name, {})}
+                        for name, metrics in sets.items()} for d, sets in results.items()}
+            for model, results in list(per_model.items())[1:]}
+
+
+def comparison_table(per_model: dict, changes: dict) -> str:
+    """Markdown, per set: one row per metric; columns (model, dim), dims first as in the card's comparison."""
+    models = list(per_model)
+    dims = [d for d in per_model[models[0]] if all(d in r for r in per_model.values())]
+    columns = [(m, d) for d in dims for m in models]
+    blocks = []
+    for name, metrics in per_model[models[0]][dims[0]].items():
+        lines = [f"### {name}", "", "| metric | " + " | ".join(f"{m} ({d}d)" for m, d in columns) + " |",
+                 "|---" + "|---:" * len(columns) + "|"]
+        for metric in metrics:
+            cells = []
+            for m, d in columns:
+                value = per_model[m][d].get(name, {}).get(metric)
+                cell = "–" if value is None or math.isnan(value) else f"{value:.4f}"
+                change = changes.get(m, {}).get(d, {}).get(name, {}).get(metric)
+                cells.append(cell + (f" ({change:+.2f}%)" if change is not None else ""))
+            lines.append(f"| {metric_label(metric)} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def metric_label(metric: str) -> str:
     """"map@100" → "MAP@100", "spearman_cosine" → "Spearman Cosine" (unknown names pass through)."""
     name, at, k = metric.partition("@")

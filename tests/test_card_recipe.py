@@ -160,6 +160,9 @@ def test_v5_config_runs_end_to_end_on_the_hub_stand_ins(hf_home, tmp_path):
     assert set(evals[-1]["32"]) == {"retrieval_holdout", "sts_dev"}
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "retrieval_holdout" in card and "sts_dev" in card and "indigo-ai/BERTino" in card
+    # eval.compare_base (on in configs/v5.json): the base model beside the trained one, with relative changes
+    section = card[card.index("## Comparison with the base model"):]
+    assert "| metric | indigo-ai/BERTino (32d) | this model (32d) |" in section and "%) |" in section
 
 
 def test_step_counts_of_the_card_size_data(tmp_path):

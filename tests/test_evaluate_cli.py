@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bertino.evaluation import IR_METRICS, STS_METRICS
+from bertino.evaluation import IR_METRICS, STS_METRICS, relative_change
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +147,47 @@ def test_precision_tables_and_json(tiny_model_dir, eval_files, tmp_path, capsys)
     assert rows[("| 32", "float32")] == f"| 32 | float32 | 128 | 100.0% | {float_row} |"
     assert "### sts_dev\n\n| metric | 32d | 16d |" in out and out.split("### sts_dev")[1] == \
         plain_out.split("### sts_dev")[1]
+
+
+# ──────────────────────────────────────────────────────────────────────── several models: the card's comparison
+def test_relative_change_is_the_card_s_formula():
+    # the card's "Comparison with V4" at 128d: NDCG@10 0.8332 → 0.8372 is +0.48%, Accuracy@1 0.7145 → 0.7233 +1.23%
+    # (its MAP@100 "+0.63%" is the absolute difference 0.8065 − 0.8002; the relative change is +0.79%)
+    assert f"{relative_change(0.8372, 0.8332):+.2f}" == "+0.48"
+    assert f"{relative_change(0.7233, 0.7145):+.2f}" == "+1.23"
+    assert f"{relative_change(0.8065, 0.8002):+.2f}" == "+0.79"
+    assert relative_change(0.5, 0.0) is None and relative_change(float("nan"), 0.5) is None
+
+
+def test_two_models_print_the_relative_change_of_every_metric(tiny_model_dir, eval_files, tmp_path):
+    from conftest import make_distilbert
+
+    other = make_distilbert(tmp_path / "other", seed=5)
+    out = tmp_path / "both.json"
+    proc = run_subprocess("--model", str(tiny_model_dir), "--model", str(other), "--ir", str(eval_files["ir"]),
+                          "--sts", str(eval_files["sts"]), "--dims", "32,16", "--batch-size", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    a, b = str(tiny_model_dir), str(other)
+    assert data["models"] == [a, b] and list(data["relative_change_percent"]) == [b]
+    header = f"| metric | {a} (32d) | {b} (32d) | {a} (16d) | {b} (16d) |"
+    assert f"### dev_ir\n\n{header}\n|---|---:|---:|---:|---:|\n" in proc.stdout
+    checked = 0
+    for dim in ("32", "16"):
+        for name, metrics in data["results"][a][dim].items():
+            for metric, v1 in metrics.items():
+                v2 = data["results"][b][dim][name][metric]
+                change = data["relative_change_percent"][b][dim][name][metric]
+                if v1 in (None, 0.0) or v2 is None:
+                    assert change is None
+                    continue
+                want = 100.0 * (v2 - v1) / v1  # by hand
+                assert change == pytest.approx(want, rel=1e-12)
+                assert f"{v2:.4f} ({want:+.2f}%)" in proc.stdout
+                checked += 1
+    assert checked >= 10
+    # each model's own numbers are those of a one-model run
+    alone = tmp_path / "alone.json"
+    assert run_subprocess("--model", b, "--ir", str(eval_files["ir"]), "--sts", str(eval_files["sts"]), "--dims",
+                          "32,16", "--batch-size", "2", "--json", str(alone)).returncode == 0
+    assert json.loads(alone.read_text()) == data["results"][b]

@@ -142,3 +142,18 @@ def test_the_curves_link_goes_before_the_training_details_once():
     assert with_curves("# a card\n").endswith("## Training curves\n\n![Training curves: loss per task, learning "
                                              "rate, evaluation metrics per dim](curves.png)\n\nDrawn from the run's "
                                              "`metrics.jsonl` by `python -m bertino.plot RUN_DIR`.\n")
+
+
+def test_comparison_with_the_base_model():
+    """The card's "Comparison with V4" table, with V4's numbers as the base: this model's values carry their
+    relative change, 100 · (v − v_base) / v_base."""
+    base = {d: {name: dict(metrics) for name, metrics in sets.items()} for d, sets in V5_RESULTS.items()}
+    base[128]["dev_ir"].update({"ndcg@10": 0.8332, "accuracy@1": 0.7145})
+    text = card(base_results=base)
+    section = text[text.index("## Comparison with the base model"):]
+    assert "| metric | indigo-ai/BERTino (768d) | this model (768d) | indigo-ai/BERTino (128d) | this model (128d) |" \
+        in section
+    want = 100 * (0.83721 - 0.8332) / 0.8332  # by hand: +0.48%
+    assert f"| NDCG@10 | 0.8680 | 0.8680 (+0.00%) | 0.8332 | 0.8372 ({want:+.2f}%) |" in section
+    assert f"0.7233 ({100 * (0.72333 - 0.7145) / 0.7145:+.2f}%)" in section and "(+1.24%)" in section
+    assert "## Comparison with the base model" not in card()  # only when asked for

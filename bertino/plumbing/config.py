@@ -152,6 +152,8 @@ class EvalConfig:
     precision: tuple[PrecisionName, ...] = PRECISIONS  # the model card's storage-vs-quality table: retrieval with
     #                                                     float32, int8 and binary vectors (bertino/quantization.py)
     rescore: int | None = None  # also binary's top K re-ranked by the float query (needs "binary" in precision)
+    compare_base: bool = False  # the cards of best/ and final/ also compare the run with its base model (the
+    #                             card's "Comparison with V4" table: relative change per metric, on the same sets)
 
 
 @dataclass(frozen=True)

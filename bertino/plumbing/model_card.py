@@ -18,7 +18,7 @@ import math
 from typing import Mapping, Sequence
 
 from ..errors import ConfigError
-from ..evaluation import metric_label
+from ..evaluation import comparison_table, metric_label, relative_changes
 from ..losses import LOSSES
 from ..quantization import bytes_per_vector
 
@@ -85,9 +85,11 @@ def render_model_card(
     datasets: Mapping[str, str] | None = None,
     precision_results: Mapping | None = None,
     rescore: int | None = None,
+    base_results: Mapping | None = None,
 ) -> str:
     """The model card as markdown. `losses`: task name → loss description or config key ("cached_mnrl", ...);
-    `model_id`: the path or hub id the usage examples load; `rescore`: the K of the binary+rescore rows."""
+    `model_id`: the path or hub id the usage examples load; `rescore`: the K of the binary+rescore rows;
+    `base_results`: the base model on the same sets, for a "Comparison with the base model" table."""
     losses = {task: LOSSES[loss].card_name if loss in LOSSES else loss for task, loss in losses.items()}
     dims = [int(d) for d in matryoshka_dims or []]
     weights = [float(w) for w in matryoshka_weights or []]
@@ -100,6 +102,8 @@ def render_model_card(
         base_model, dim, dims, small), _details(base_model, dim, max_seq_length), _usage(model_id, dim, small)]
     if results:
         parts.append(_evaluation(results, dim))
+    if results and base_results:
+        parts.append(_comparison(base_model, base_results, results))
     if precision_results:
         parts.append(_storage(precision_results, dim, rescore))
     parts.append(_training(losses, dims, weights, hyperparameters, datasets))
@@ -178,6 +182,15 @@ def _evaluation(results: Mapping, dim: int) -> str:
         body = [[metric_label(m)] + [_number(results[d].get(name, {}).get(m)) for d in dims] for m in rows]
         blocks.append(f"{title}\n\n" + _table(columns, body, numeric=True))
     return "\n\n".join(blocks)
+
+
+def _comparison(base_model: str, base_results: Mapping, results: Mapping) -> str:
+    """The card's "Comparison with V4" table: the base model, then this one with its relative change."""
+    per_model = {base_model: {int(d): r for d, r in base_results.items()},
+                 "this model": {int(d): r for d, r in results.items()}}
+    return ("## Comparison with the base model\n\nThe same sets, the same dims; after each value of this model its "
+            "relative change against the base model, 100 · (v − v_base) / v_base.\n\n"
+            + comparison_table(per_model, relative_changes(per_model)).rstrip("\n"))
 
 
 def _storage(precision_results: Mapping, dim: int, rescore: int | None) -> str:

@@ -168,7 +168,7 @@ PRECISION_RESULTS = "eval_results_by_precision.json"  # {precision: {dim: {set: 
 
 
 def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, dims,
-                      precision_results: dict | None = None) -> None:
+                      precision_results: dict | None = None, base_results: dict | None = None) -> None:
     """`best/` or `final/`: a sentence-transformers folder with its model card, eval_results.json and
     eval_results_by_precision.json, atomically."""
     card = render_model_card(
@@ -178,7 +178,7 @@ def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, 
         losses={name: t.loss for name, t in cfg.tasks.items()},
         hyperparameters={k: v for k, v in config_to_dict(cfg.train).items()
                          if k not in ("output_dir", "resume_from_checkpoint")},
-        results=results, precision_results=precision_results, rescore=cfg.eval.rescore)
+        results=results, precision_results=precision_results, rescore=cfg.eval.rescore, base_results=base_results)
     tmp = tmp_dir_for(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp, model_card=card, matryoshka_dims=list(dims))
