@@ -37,6 +37,12 @@ def retrieval_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def listed_negatives(rows: list[dict]) -> list[dict]:
+    """The same rows with their negatives in one list column, `hard_negatives` (the card's dataset's layout)."""
+    return [{"query": r["query"], "positive": r["positive"], "hard_negatives": [r["negative_1"], r["negative_2"]]}
+            for r in rows]
+
+
 def sts_rows(n: int, seed: int = 0, score_key: str = "score", max_score: float = 5.0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []

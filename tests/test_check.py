@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from conftest import make_distilbert
-from helpers import ROOT, retrieval_rows, sts_rows, train_config, write_config, write_jsonl
+from helpers import ROOT, listed_negatives, retrieval_rows, sts_rows, train_config, write_config, write_jsonl
 
 from bertino import check
 
@@ -80,7 +80,7 @@ def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, b
 
 def test_the_v5_recipe_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
     """configs/v5.json with only size overrides: fp16 (bf16 or fp32 on this CPU), Matryoshka, 2 hard negatives."""
-    ret = write_jsonl(tmp_path / "retrieval.jsonl", retrieval_rows(32))
+    ret = write_jsonl(tmp_path / "retrieval.jsonl", listed_negatives(retrieval_rows(32)))  # v5: a list column
     sts = write_jsonl(tmp_path / "sts.jsonl", sts_rows(40, score_key="similarity_score"))
     code, out = run_check(capsys, "--config", ROOT / "configs" / "v5.json", f"model.name_or_path={drop_dir}",
                           f"tasks.retrieval.dataset={ret}", f"tasks.sts.dataset={sts}",

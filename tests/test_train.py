@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_distilbert
-from helpers import (ROOT, read_metrics, rel_update_diff, retrieval_rows, run_train, sts_rows, train_config,
-                     weights, write_config, write_jsonl)
+from helpers import (ROOT, listed_negatives, read_metrics, rel_update_diff, retrieval_rows, run_train, sts_rows,
+                     train_config, weights, write_config, write_jsonl)
 
 from bertino import SentenceEncoder
 from bertino.optim import decays, lr_multiplier, make_optimizer, make_scheduler, warmup_steps
@@ -134,7 +134,7 @@ def test_multi_task_steps_come_from_one_task_in_proportion(tiny_model_dir, tmp_p
 
 
 def test_v5_config_with_overrides_runs_and_writes_the_run_folder(tiny_model_dir, tmp_path):
-    ret = write_jsonl(tmp_path / "retrieval.jsonl", retrieval_rows(32))
+    ret = write_jsonl(tmp_path / "retrieval.jsonl", listed_negatives(retrieval_rows(32)))  # v5: a list column
     sts = write_jsonl(tmp_path / "sts_train.jsonl", sts_rows(40, score_key="similarity_score"))
     dev_ir = write_jsonl(tmp_path / "dev_ir.jsonl", [{"query": r["query"], "positive": r["positive"]}
                                                       for r in retrieval_rows(10, seed=1)])
