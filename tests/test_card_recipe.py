@@ -270,6 +270,26 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
     assert sts.name == "sts_dev" and len(sts.sentences1) == 12 and max(sts.scores) <= 1.0  # dev split, / 5
 
 
+def test_a_resume_keeps_the_hold_out(hf_home, tmp_path):
+    """configs/v5.json stopped after step 2 and resumed into another folder: the same hold-out rows are left out
+    and evaluated (the same numbers at step 4) and the weights end bitwise where the uninterrupted run's do."""
+    sizes = [o for o in SIZES if not o.startswith(("train.max_steps", "train.save_steps"))]
+    sizes += ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "eval.compare_base=false"]
+    config = ROOT / "configs" / "v5.json"
+    run_offline(hf_home, tmp_path, config, *sizes, f"train.output_dir={tmp_path / 'whole'}")
+    proc = run_offline(hf_home, tmp_path, config, *sizes, f"train.output_dir={tmp_path / 'resumed'}",
+                       f"train.resume_from_checkpoint={tmp_path / 'whole' / 'checkpoint-2'}")
+    assert "4 held out" in proc.stderr, proc.stderr
+
+    def holdout_evals(run):
+        return {r["step"]: r["eval"]["32"]["retrieval_holdout"] for r in read_metrics(run) if "eval" in r}
+
+    whole, resumed = holdout_evals(tmp_path / "whole"), holdout_evals(tmp_path / "resumed")
+    assert set(whole) == {2, 4} and set(resumed) == {4} and whole[4] == resumed[4]  # a new folder: its own log
+    a, b = weights(tmp_path / "whole" / "final"), weights(tmp_path / "resumed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the base model
 def test_bertino_hub_layout_loads_like_transformers(offline_hub):
     """indigo-ai/BERTino from its hub files (pickled MLM weights, vocab.txt): the same embeddings as transformers'
