@@ -40,6 +40,8 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 SIZES = ["model.max_seq_length=32", "matryoshka.dims=[32,16,8,4]", "eval.dims=[32,4]",
          "train.per_device_train_batch_size=8", "train.mini_batch_size=8", "train.max_steps=3", "train.fp16=false",
          "train.save_steps=0", "train.logging_steps=1"]
+RUN_SIZES = [o for o in SIZES if not o.startswith(("train.max_steps", "train.save_steps"))] + [
+    "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2"]
 
 
 def snapshot(hub: Path, kind: str, repo_id: str) -> Path:
@@ -146,19 +148,27 @@ def run_offline(home: Path, tmp: Path, config: Path, *overrides: str):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── one command
-def test_v5_config_runs_end_to_end_on_the_hub_stand_ins(hf_home, tmp_path):
-    """`python train.py --config configs/v5.json` + size overrides: trains, evaluates on the hold-out and the STS
-    dev set, writes the model card; the summary line gives rows, hold-out, dropped rows, steps per epoch, total."""
-    proc = run_offline(hf_home, tmp_path, ROOT / "configs" / "v5.json", *SIZES,
-                       f"train.output_dir={tmp_path / 'run'}")
+@pytest.fixture(scope="module")
+def v5_run(hf_home, tmp_path_factory):
+    """`python train.py --config configs/v5.json` + size overrides, 4 steps, a checkpoint and an evaluation every
+    2 → (the run folder, its stderr)."""
+    tmp = tmp_path_factory.mktemp("v5_run")
+    proc = run_offline(hf_home, tmp, ROOT / "configs" / "v5.json", *RUN_SIZES, f"train.output_dir={tmp / 'run'}")
+    return tmp / "run", proc
+
+
+def test_v5_config_runs_end_to_end_on_the_hub_stand_ins(v5_run):
+    """configs/v5.json + size overrides: trains, evaluates on the hold-out and the STS dev set, writes the model
+    card; the summary line gives rows, hold-out, dropped rows, steps per epoch, total."""
+    run, proc = v5_run
     # 80 rows, 8 with one negative only → 72; 5% hold-out → round(3.6) = 4 held out, 68 trained on;
     # STS (30 rows) balanced to 68. Steps/epoch: ceil(68/8) + ceil(68/8) = 18.
     assert "retrieval 68 (4 held out, 8 dropped: short negatives lists); sts 68" in proc.stderr, proc.stderr
-    assert "18 steps/epoch, 3 steps" in proc.stderr
+    assert "18 steps/epoch, 4 steps" in proc.stderr
     assert "converting them once, safely" in proc.stderr  # the pickle → the cache, with its notice
-    evals = [r["eval"] for r in read_metrics(tmp_path / "run") if "eval" in r]
+    evals = [r["eval"] for r in read_metrics(run) if "eval" in r]
     assert set(evals[-1]["32"]) == {"retrieval_holdout", "sts_dev"}
-    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    card = (run / "final" / "README.md").read_text()
     assert "retrieval_holdout" in card and "sts_dev" in card and "indigo-ai/BERTino" in card
     # eval.compare_base (on in configs/v5.json): the base model beside the trained one, with relative changes
     section = card[card.index("## Comparison with the base model"):]
@@ -270,23 +280,21 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
     assert sts.name == "sts_dev" and len(sts.sentences1) == 12 and max(sts.scores) <= 1.0  # dev split, / 5
 
 
-def test_a_resume_keeps_the_hold_out(hf_home, tmp_path):
-    """configs/v5.json stopped after step 2 and resumed into another folder: the same hold-out rows are left out
-    and evaluated (the same numbers at step 4) and the weights end bitwise where the uninterrupted run's do."""
-    sizes = [o for o in SIZES if not o.startswith(("train.max_steps", "train.save_steps"))]
-    sizes += ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "eval.compare_base=false"]
-    config = ROOT / "configs" / "v5.json"
-    run_offline(hf_home, tmp_path, config, *sizes, f"train.output_dir={tmp_path / 'whole'}")
-    proc = run_offline(hf_home, tmp_path, config, *sizes, f"train.output_dir={tmp_path / 'resumed'}",
-                       f"train.resume_from_checkpoint={tmp_path / 'whole' / 'checkpoint-2'}")
+def test_a_resume_keeps_the_hold_out(hf_home, v5_run, tmp_path):
+    """The v5 run resumed from its step-2 checkpoint into another folder: the same hold-out rows are left out and
+    evaluated (the same numbers at step 4) and the weights end bitwise where the uninterrupted run's do."""
+    whole_run, _ = v5_run
+    proc = run_offline(hf_home, tmp_path, ROOT / "configs" / "v5.json", *RUN_SIZES,
+                       f"train.output_dir={tmp_path / 'resumed'}",
+                       f"train.resume_from_checkpoint={whole_run / 'checkpoint-2'}")
     assert "4 held out" in proc.stderr, proc.stderr
 
     def holdout_evals(run):
         return {r["step"]: r["eval"]["32"]["retrieval_holdout"] for r in read_metrics(run) if "eval" in r}
 
-    whole, resumed = holdout_evals(tmp_path / "whole"), holdout_evals(tmp_path / "resumed")
+    whole, resumed = holdout_evals(whole_run), holdout_evals(tmp_path / "resumed")
     assert set(whole) == {2, 4} and set(resumed) == {4} and whole[4] == resumed[4]  # a new folder: its own log
-    a, b = weights(tmp_path / "whole" / "final"), weights(tmp_path / "resumed" / "final")
+    a, b = weights(whole_run / "final"), weights(tmp_path / "resumed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
