@@ -51,13 +51,19 @@ def report(name: str, n_queries: int, n_corpus: int, baseline: float, seconds: f
 
 
 # ================================================================================================ variants
-def run_metrics(args) -> None:
-    """Random unit-ish embeddings; each query is a noisy copy of its one relevant passage."""
+def random_retrieval(args):
+    """Random embeddings, each query a noisy copy of its one relevant passage → queries (Q, D), corpus (N, D),
+    relevant [{id}] (seeded: every variant sees the same data)."""
     g = torch.Generator().manual_seed(0)
     corpus = torch.randn(args.corpus, args.dim, generator=g)  # (N, D) float32
     relevant_ids = torch.randint(0, args.corpus, (args.queries,), generator=g)  # (Q,)
     queries = corpus[relevant_ids] + 8.0 * torch.randn(args.queries, args.dim, generator=g)  # (Q, D)
-    relevant = [{int(i)} for i in relevant_ids]
+    return queries, corpus, [{int(i)} for i in relevant_ids]
+
+
+def run_metrics(args) -> None:
+    """`ir_metrics` on `random_retrieval`'s data."""
+    queries, corpus, relevant = random_retrieval(args)
     baseline = peak_rss_mb()
     start = time.perf_counter()
     metrics = ir_metrics(queries, corpus, relevant, chunk_size=args.chunk_size)
@@ -71,11 +77,7 @@ def run_quantized(args) -> None:
     from bertino.evaluation import ranking_metrics
     from bertino.quantization import PRECISIONS, QuantizedIndex, result_levels
 
-    g = torch.Generator().manual_seed(0)
-    corpus = torch.randn(args.corpus, args.dim, generator=g)  # (N, D) float32
-    relevant_ids = torch.randint(0, args.corpus, (args.queries,), generator=g)  # (Q,)
-    queries = corpus[relevant_ids] + 8.0 * torch.randn(args.queries, args.dim, generator=g)  # (Q, D)
-    relevant = [{int(i)} for i in relevant_ids]
+    queries, corpus, relevant = random_retrieval(args)
     baseline = peak_rss_mb()
     start = time.perf_counter()
     index = QuantizedIndex(queries, corpus, chunk_size=args.chunk_size, rescore=args.rescore)

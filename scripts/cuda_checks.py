@@ -181,15 +181,9 @@ def main() -> None:
                       global_rel=glob, full_batch_fp16_global_rel=ref16, loss=float(loss))
 
         # an overflowing scale: the step is skipped (weights untouched), the scale backs off
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**60)
-        optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
-        before = [q.detach().clone() for q in enc.parameters()]
-        grad_cache_step(enc, mbs, loss_fn, scaler.scale, autocast=autocast, plan=plan)
-        scaler.step(optimizer)
-        scaler.update()
-        untouched = all(torch.equal(a, q) for a, q in zip(before, enc.parameters()))
-        checks.record("fp16_overflow_step_skipped", untouched and scaler.get_scale() < 2.0**60,
-                      scale_after=scaler.get_scale())
+        untouched, scale = overflowing_step(enc, device, lambda scale_fn: grad_cache_step(
+            enc, mbs, loss_fn, scale_fn, autocast=autocast, plan=plan))
+        checks.record("fp16_overflow_step_skipped", untouched and scale < OVERFLOW_SCALE, scale_after=scale)
         enc.zero_grad(set_to_none=True)
         set_dropout(enc, None)
 
@@ -200,6 +194,21 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     sys.exit(0 if all(r["ok"] for r in checks.results.values()) else 1)
+
+
+OVERFLOW_SCALE = 2.0**60  # a GradScaler scale that overflows fp16 gradients at once
+
+
+def overflowing_step(enc, device: torch.device, backward) -> tuple[bool, float]:
+    """`backward(scale_fn)` under a GradScaler whose scale overflows, then the scaler's step → (the weights are
+    untouched, the scale after the update): the step must be skipped and the scale must back off."""
+    scaler = torch.amp.GradScaler(device.type, init_scale=OVERFLOW_SCALE)
+    optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
+    before = [q.detach().clone() for q in enc.parameters()]
+    backward(scaler.scale)
+    scaler.step(optimizer)
+    scaler.update()
+    return all(torch.equal(a, q) for a, q in zip(before, enc.parameters())), scaler.get_scale()
 
 
 def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, device: torch.device) -> None:
@@ -262,15 +271,10 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
         ref16, _ = rel_error(grads(enc), full)
         checks.record("fast_path_fp16_gradscaler_matches_fp32", glob < max(3 * ref16, 1e-3) and torch.isfinite(loss),
                       global_rel=glob, full_batch_fp16_global_rel=ref16)
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**60)
-        optimizer = torch.optim.SGD(enc.parameters(), lr=1.0)
-        before = [q.detach().clone() for q in enc.parameters()]
-        fast_step(chunks, scale_fn=scaler.scale, autocast=amp)
-        scaler.step(optimizer)
-        scaler.update()
-        untouched = all(torch.equal(a, q) for a, q in zip(before, enc.parameters()))
-        checks.record("fast_path_fp16_overflow_step_skipped", untouched and scaler.get_scale() < 2.0**60,
-                      scale_after=scaler.get_scale())
+        untouched, scale = overflowing_step(enc, device, lambda scale_fn: fast_step(chunks, scale_fn=scale_fn,
+                                                                                    autocast=amp))
+        checks.record("fast_path_fp16_overflow_step_skipped", untouched and scale < OVERFLOW_SCALE,
+                      scale_after=scale)
         enc.zero_grad(set_to_none=True)
 
     if device.type == "cuda":  # host syncs inside the step: CUDA's sync debug mode warns at each one
