@@ -97,7 +97,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     log: MetricsLog  # metrics.jsonl (and its TensorBoard mirror)
-    precision_results: dict | None = None  # the last evaluation's {precision: {dim: {set: metrics}}}
+    precision_results: dict | None = None  # {precision: {dim: {set: metrics}}} for the card being written
     base_results: dict | None = None  # eval.compare_base: the base model on the same sets, once per run
 
     @property
@@ -344,10 +344,11 @@ def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> N
                     lr=f"{record['lr']:.2e}", ex_s=record["examples_per_sec"])
 
 
-def evaluate(run: Run) -> dict | None:
+def evaluate(run: Run, final: bool = False) -> dict | None:
     """Rank 0 evaluates (the others wait at the barrier) → {dim: {set: {metric: value}}}. A new best score of
-    `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/, with
-    the retrieval sets also scored at `eval.precision` for its card's storage-vs-quality table."""
+    `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/. For the
+    cards' storage-vs-quality table the retrieval sets are also scored at `eval.precision` — only when a card will
+    be written (a new best, or `final`), since no log holds those numbers."""
     state, results = run.state, None
     if run.is_main and any(run.eval_sets):
         ir_sets, sts_sets = run.eval_sets
@@ -356,10 +357,12 @@ def evaluate(run: Run) -> dict | None:
         results = score_sets(embedded, ir_sets, sts_sets, run.eval_dims)
         run.encoder.train()
         run.log.write({"step": state.step, "eval": {str(d): r for d, r in results.items()}})
-        run.precision_results = evaluate_precisions(embedded, ir_sets, run.eval_dims, run.cfg.eval.precision,
-                                                    run.cfg.eval.rescore, float_results=results)
         score = best_metric_value(results, run.cfg.train.metric_for_best_model, max(run.eval_dims))
-        if score is not None and (state.best_metric is None or score > state.best_metric):
+        new_best = score is not None and (state.best_metric is None or score > state.best_metric)
+        run.precision_results = (evaluate_precisions(embedded, ir_sets, run.eval_dims, run.cfg.eval.precision,
+                                                     run.cfg.eval.rescore, float_results=results)
+                                 if new_best or final else None)
+        if new_best:
             state.best_metric, state.best_step = score, state.step
             save_model(run, run.out / "best", results)
     distributed.barrier()
@@ -450,7 +453,7 @@ def finish(run: Run) -> None:
     The run's steps are done: a SIGTERM now lets `final/` be written and the run end normally (a second one
     interrupts)."""
     with StopSignal() as stop:
-        results = evaluate(run)
+        results = evaluate(run, final=True)
         if run.is_main:
             best = run.out / "best"
             if run.cfg.train.load_best_model_at_end and best.exists():
