@@ -8,6 +8,8 @@ One training step, in the order things happen:
     batch of ONE task (rows) → all its texts tokenized once
     cached loss:  GradCache pass 1 (no grad, autocast) → pass 2 (loss, scaled cache) → pass 3 (recompute, backward)
     plain loss:   one forward of the batch (autocast) → scaled loss → backward
+    (bertino/step.py; the speed-ups of the config's `speedups` section switch parts of the passes: `null` runs the
+    textbook, bertino/grad_cache.py)
     unscale_ → clip → optimizer step (skipped on a non-finite loss or gradient) → scaler update → scheduler step
 
 Reliability, in the order it happens:
@@ -25,13 +27,11 @@ Reliability, in the order it happens:
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import signal
 import sys
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from bertino import SentenceEncoder, distributed
+from bertino.build import build_step, start_process
 from bertino.errors import BertinoError, DataError
 from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets
 from bertino.optim import make_optimizer, make_scheduler
@@ -49,14 +50,12 @@ from bertino.plumbing.data import TaskData, batch_schedule, load_run_data
 from bertino.plumbing.eval_data import load_eval_sets
 from bertino.plumbing.files import read_json, restore_half_replaced, write_failure
 from bertino.plumbing.metrics_log import LogWindow, MetricsLog
-from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
 from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
 from bertino.quantization import evaluate_precisions
 from bertino.sampler import MultiTaskBatchSampler
-from bertino.speedups.memory_fit import fit_mini_batch
-from bertino.step import Step, install_training_modules, make_objectives
+from bertino.step import Step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,9 +81,8 @@ class Run:
     dist_info: distributed.DistInfo
     device: torch.device
     amp_dtype: torch.dtype | None  # None: fp32, no autocast
-    scaler: torch.amp.GradScaler
     encoder: SentenceEncoder
-    step: Step  # a batch → its loss and gradient (bertino/step.py: GradCache, the masks, the objectives)
+    step: Step  # a batch → its loss and gradient (bertino/step.py: GradCache, the masks, the speed-ups, the scaler)
     tasks: dict[str, TaskData]
     holdouts: dict[str, TaskData]  # each task's held-out rows (tasks.NAME.holdout), evaluated, never trained on
     batches: MultiTaskBatchSampler
@@ -104,6 +102,10 @@ class Run:
     def is_main(self) -> bool:
         return self.dist_info.is_main
 
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.step.scaler  # fp16's loss scaling (the identity otherwise): the cache carries its scale
+
 
 def setup(cfg: Config) -> Run:
     """Check everything and build the run (model, data, optimizer, state) without touching the run folder."""
@@ -116,23 +118,17 @@ def setup(cfg: Config) -> Run:
         saved_state, saved_config = run_checkpoints.read_checkpoint(resume_from)
     if "tensorboard" in train.report_to:
         require_tensorboard()  # on every rank: a missing extra stops them all here, before anything is written
-    dist_info, device = distributed.setup(timeout=train.ddp_timeout)
+    process = start_process(cfg)  # torchrun (train.ddp_timeout), every generator seeded, the autocast dtype
+    dist_info, device = process.dist_info, process.device
     for notice in notices:
         warn(notice, dist_info.is_main)
-    random.seed(train.seed)
-    np.random.seed(train.seed)
-    torch.manual_seed(train.seed)
-    amp_dtype = precision(cfg, device, dist_info.is_main)
-    # nanoGPT's trick: one code path, the scaler is a no-op unless fp16.
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp_dtype == torch.float16))
 
     # ---- model: a resume loads the checkpoint's own folder (its weights, config and tokenizer belong together)
     encoder = SentenceEncoder.from_pretrained(resume_from or cfg.model.name_or_path,
                                               max_seq_length=cfg.model.max_seq_length)
     check_against_model(cfg, encoder.dim, encoder.model.config.max_position_embeddings)
-    encoder.to(device).train()
-    # the dropout masks (stream or keyed) and the speed-ups the config asks for, installed into the model
-    plan, dropout_keys = install_training_modules(encoder, cfg)
+    # the step: dropout masks, the speed-ups of cfg.speedups, DDP, autocast, GradScaler (bertino/build.py)
+    step = build_step(cfg, encoder, process)
 
     # ---- data
     data = load_run_data(cfg)
@@ -154,22 +150,15 @@ def setup(cfg: Config) -> Run:
         state = saved_state
         state.data_fingerprint = fingerprint
 
-    # ---- optimizer, DDP
-    optimizer = make_optimizer(encoder, train.learning_rate, train.weight_decay, fused=train.adamw_fused)
+    # ---- optimizer
+    optimizer = make_optimizer(encoder, train.learning_rate, train.weight_decay,
+                               fused=cfg.speedups is not None and cfg.speedups.adamw_fused)
     scheduler = make_scheduler(optimizer, total_steps, train.warmup_ratio, train.lr_scheduler_type)
-    model = encoder
-    if dist_info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    step = Step(cfg, encoder, model, make_objectives(cfg), plan, dropout_keys, device, autocast, scaler.scale,
-                dist_info.rank, dist_info.world_size)
-    step = fit_mini_batch(step, is_main=dist_info.is_main)  # train.grad_cache_auto_mini_batch_gib (CUDA)
     if resume_from is not None:  # last: restoring the RNG must be the final thing before the first step
-        run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, scaler)
-    return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device, amp_dtype=amp_dtype,
-               scaler=scaler, encoder=encoder, step=step, tasks=tasks, holdouts=data.holdouts, batches=batches,
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
+        run_checkpoints.restore_training_state(resume_from, dist_info.rank, optimizer, scheduler, step.scaler)
+    return Run(cfg=cfg, out=out, resume_from=resume_from, dist_info=dist_info, device=device,
+               amp_dtype=process.amp_dtype, encoder=encoder, step=step, tasks=tasks, holdouts=data.holdouts,
+               batches=batches, steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
                eval_dims=eval_dims, run_config=run_config, state=state, optimizer=optimizer, scheduler=scheduler,
                log=MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main, mirror=tensorboard_log(cfg, out,
                                                                                                       dist_info)))
@@ -180,14 +169,6 @@ def tensorboard_log(cfg: Config, out: Path, dist_info: distributed.DistInfo) -> 
     if "tensorboard" not in cfg.train.report_to or not dist_info.is_main:
         return None
     return TensorBoardLog(Path(cfg.train.logging_dir) if cfg.train.logging_dir else out / "runs")
-
-
-def precision(cfg: Config, device: torch.device, is_main: bool) -> torch.dtype | None:
-    """The autocast dtype (None: fp32): bertino/plumbing/precision.py's rule for train.fp16 / train.bf16."""
-    dtype, warning = autocast_dtype(cfg.train.fp16, cfg.train.bf16, device)
-    if warning:
-        warn(warning, is_main)
-    return dtype
 
 
 def check_same_data(per_rank: list[dict]) -> None:
@@ -252,7 +233,7 @@ def train_loop(run: Run) -> None:
         while state.step < run.total_steps:
             epoch, index, task_name, rows = next(batches)
             parts = {}  # the unweighted loss at each Matryoshka dim
-            loss = run.step.forward_backward(task_name, run.tasks[task_name], rows, state.step, parts)
+            loss = run.step.loss_and_gradient(task_name, run.tasks[task_name], rows, state.step, parts)
             result = optimizer_step(run, loss)
             state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, index + 1
             if result.taken:

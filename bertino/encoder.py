@@ -25,6 +25,7 @@ from torch import nn
 
 from .batching import PackedTokenIds, length_sorted_batches
 from .errors import BertinoError, CheckpointError
+from .keyed_dropout import use_keys
 from .model import DistilBert, EncoderConfig, mean_pool
 from .plumbing.model_folder import POOLING_MODES, Layout, read_layout, write_sentence_transformers_files
 
@@ -97,9 +98,13 @@ class SentenceEncoder(nn.Module):
                               return_token_type_ids=False, return_attention_mask=False)["input_ids"]
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """features (B, L) → sentence embeddings (B, D)."""
+        """features: input_ids, attention_mask (B, L) → sentence embeddings (B, D).
+
+        With keyed dropout masks (keyed_dropout.py), `features["dropout_keys"]` (B,) are the texts' keys: like the
+        attention mask, they travel with the input, so any chunk of the texts gets the same masks."""
         mask = features["attention_mask"]
-        hidden = self.model(features["input_ids"], mask)  # (B, L, D)
+        with use_keys(self.model, features.get("dropout_keys")):
+            hidden = self.model(features["input_ids"], mask)  # (B, L, D)
         if self.pooling == "mean":
             emb = mean_pool(hidden, mask)  # (B, D)
         elif self.pooling == "cls":

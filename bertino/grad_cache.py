@@ -11,17 +11,17 @@ depends on θ only through the embeddings e = f_θ(x) (T, D), and the chain rule
 
 so three passes give the exact full-batch gradient:
 
-  1. `forward_no_grad`  — embed every mini-batch without autograd; snapshot the RNG first (`RandContext`).
+  1. `forward_no_grad`  — embed every mini-batch without autograd; snapshot the RNG first (`RandContext`) and
+                          return the snapshots: they are what pass 3 needs from pass 1.
   2. `build_cache`      — the loss on the detached embeddings, backpropagated to them only: g = ∂(scale · L)/∂e.
                           Everything the loss does ends up in g: Matryoshka weights, a GradScaler's loss scale,
                           the all-gather of candidates across ranks.
   3. `forward_backward` — re-run each mini-batch WITH autograd, replaying its RNG snapshot so dropout draws the
                           same masks, and backpropagate ⟨e_chunk, g_chunk⟩: its gradient is J_chunkᵀ g_chunk.
 
-The seam: how pass 1 runs a mini-batch and how pass 3 gets its graph back is a `Recompute` object, one per
-mini-batch, gathered with the order of pass 3 in a `Plan`. This file holds the classic one (recompute everything);
-bertino/speedups/grad_cache_plan.py holds the faster ones (keep some graphs, sparse embedding gradients, replay
-recorded linear outputs), each proven to give the same gradient.
+This file is the textbook and nothing else. The speed-ups (keep some graphs instead of recomputing them, sparse
+embedding gradients, replay recorded linear outputs, CUDA graphs, a larger first pass) are the same three passes
+with switches, written out side by side with these in bertino/speedups/fast_grad_cache.py.
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from torch import nn
 from .batching import PackedTokenIds, length_sorted_batches
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # embeddings (T, D) → loss (), or a loss → its scaled value
+Autocast = Callable[[], ContextManager]  # e.g. partial(torch.autocast, "cuda", dtype=torch.float16)
 
 
 @dataclass
 class MiniBatch:
-    features: dict[str, torch.Tensor]  # input_ids, attention_mask (C, L), padded to this mini-batch's longest text
+    features: dict[str, torch.Tensor]  # input_ids, attention_mask (C, L), padded to this mini-batch's longest text;
+    #                                    with keyed dropout masks also dropout_keys (C,) (keyed_dropout.py)
     texts: torch.Tensor  # (C,) which texts of the logical batch these are
-    dropout_keys: torch.Tensor | None = None  # (C,) their keyed-dropout keys (keyed_dropout.py), if masks are keyed
 
 
 def make_mini_batches(ids: PackedTokenIds, size: int, pad_id: int, device="cpu",
@@ -51,13 +52,16 @@ def make_mini_batches(ids: PackedTokenIds, size: int, pad_id: int, device="cpu",
 
     A mini-batch of short queries then pads to a short length, not to the longest passage of the batch. The one
     smaller mini-batch (when size does not divide T) comes first, so the LAST one is a full one of the longest
-    texts: the graph a plan can keep for free. The loss never sees this order (`texts` maps it back).
+    texts: the graph the fast path can keep for free. The loss never sees this order (`texts` maps it back).
+    `text_keys` (T,): the texts' keyed-dropout keys, if the masks are keyed; each mini-batch carries its own.
     """
     batches = []
     for rows in length_sorted_batches(ids.lengths, size, shortest_first=True):
         features = {k: v.to(device, non_blocking=True) for k, v in ids.pad(rows, pad_id).items()}
         texts = torch.as_tensor(rows, device=device)
-        batches.append(MiniBatch(features, texts, None if text_keys is None else text_keys.to(device)[texts]))
+        if text_keys is not None:
+            features["dropout_keys"] = text_keys.to(device)[texts]  # (C,)
+        batches.append(MiniBatch(features, texts))
     return batches
 
 
@@ -88,46 +92,38 @@ class RandContext:
         self._fork = None
 
 
-class Recompute:
-    """Classic GradCache for one mini-batch: pass 1 keeps no graph, pass 3 runs the forward again. With dropout
-    drawn from the random stream, pass 1 snapshots the RNG and pass 3 replays it, so both see the same masks; with
-    keyed masks (keyed_dropout.py) the masks are the same by construction and `replay_rng=False` skips it."""
-
-    def __init__(self, replay_rng: bool = True):
-        self.replay_rng = replay_rng
-
-    def first(self, module: nn.Module, batch: MiniBatch) -> torch.Tensor:
-        if self.replay_rng:
-            self.rng = RandContext(next(module.parameters()).device)  # BEFORE the forward that draws the masks
-        with torch.no_grad():
-            return module(batch.features)  # (C, D)
-
-    def again(self, model: nn.Module, batch: MiniBatch) -> torch.Tensor:
-        with self.rng if self.replay_rng else contextlib.nullcontext():
-            return model(batch.features)  # (C, D), with autograd, the same dropout masks as pass 1
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (pass 1 runs it: no gradient to synchronise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-@dataclass
-class Plan:
-    recompute: list[Recompute]  # one per mini-batch
-    backward_order: list[int]  # the order in which pass 3 visits the mini-batches
+def no_sync(model: nn.Module, skip: bool) -> ContextManager:
+    """DDP's `no_sync()` when `skip` (gradients accumulate locally, no all-reduce), else nothing."""
+    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-def classic_plan(n: int, distributed: bool = False) -> Plan:
-    return Plan([Recompute() for _ in range(n)], list(range(n)))
+def in_text_order(outputs: list[torch.Tensor], batches: list[MiniBatch]) -> torch.Tensor:
+    """The mini-batches' outputs (each (C, D)) → one (T, D) tensor whose row t is text t."""
+    stacked = torch.cat(outputs)  # (T, D), mini-batch order
+    reps = torch.empty_like(stacked)
+    reps[torch.cat([b.texts for b in batches])] = stacked
+    return reps
 
 
-def forward_no_grad(module: nn.Module, batches: list[MiniBatch], plan: Plan, autocast=contextlib.nullcontext
-                    ) -> torch.Tensor:
-    """Pass 1: every mini-batch's embeddings, detached, back in text order → (T, D).
+def forward_no_grad(module: nn.Module, batches: list[MiniBatch], autocast: Autocast = contextlib.nullcontext
+                    ) -> tuple[torch.Tensor, list[RandContext]]:
+    """Pass 1: every mini-batch's embeddings, detached, in text order (T, D), and the RNG state each forward
+    started from (one per mini-batch: pass 3 replays them).
 
     One `autocast()` context spans the pass, so autocast casts each weight to low precision once per pass.
     """
-    with autocast():
-        outputs = torch.cat([r.first(module, b).detach() for r, b in zip(plan.recompute, batches)])  # (T, D)
-    reps = torch.empty_like(outputs)  # (T, D), text order
-    reps[torch.cat([b.texts for b in batches])] = outputs
-    return reps
+    device = next(module.parameters()).device
+    outputs, rng_states = [], []
+    with autocast(), torch.no_grad():
+        for batch in batches:
+            rng_states.append(RandContext(device))  # BEFORE the forward that draws the masks
+            outputs.append(module(batch.features))  # (C, D)
+    return in_text_order(outputs, batches), rng_states
 
 
 def build_cache(loss_fn: LossFn, reps: torch.Tensor, scale_fn: LossFn = lambda loss: loss
@@ -144,34 +140,30 @@ def build_cache(loss_fn: LossFn, reps: torch.Tensor, scale_fn: LossFn = lambda l
     return loss.detach(), reps.grad  # (), (T, D)
 
 
-def forward_backward(model: nn.Module, batches: list[MiniBatch], cache: torch.Tensor, plan: Plan,
-                     autocast=contextlib.nullcontext) -> None:
+def forward_backward(model: nn.Module, batches: list[MiniBatch], cache: torch.Tensor,
+                     rng_states: list[RandContext], autocast: Autocast = contextlib.nullcontext) -> None:
     """Pass 3: accumulate Σ_chunks J_chunkᵀ g_chunk into the parameters' `.grad`.
 
     `model` may be a DistributedDataParallel wrapper: every backward but the last runs under `no_sync()`, so the
     gradients are all-reduced once, in the last backward (not once per mini-batch: slow, and it can hang).
     """
-    last = plan.backward_order[-1]
     with autocast():
-        for i in plan.backward_order:
-            with model.no_sync() if i != last and hasattr(model, "no_sync") else contextlib.nullcontext():
-                out = plan.recompute[i].again(model, batches[i])  # (C, D)
+        for i, (batch, rng) in enumerate(zip(batches, rng_states)):
+            with no_sync(model, i < len(batches) - 1):
+                with rng:  # pass 1's RNG state: dropout draws pass 1's masks
+                    out = model(batch.features)  # (C, D), with autograd
                 # ∂⟨out, g⟩/∂θ = J_θᵀ g: backward with the cached gradient as the output gradient.
-                out.backward(gradient=cache[batches[i].texts].to(out.dtype))
+                out.backward(gradient=cache[batch.texts].to(out.dtype))
 
 
-def grad_cache_step(model: nn.Module, batches: list[MiniBatch], loss_fn: LossFn, scale_fn: LossFn = lambda loss: loss,
-                    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                    plan: Callable[[int, bool], Plan] = classic_plan) -> torch.Tensor:
+def grad_cache_step(model: nn.Module, batches: list[MiniBatch], loss_fn: LossFn,
+                    scale_fn: LossFn = lambda loss: loss, autocast: Autocast = contextlib.nullcontext
+                    ) -> torch.Tensor:
     """The three passes → the loss (detached, unscaled); the gradient is left in the parameters' `.grad`.
 
-    `model`: the encoder, or DistributedDataParallel around it (pass 1 runs the module inside it: no gradient
-    to synchronise). `plan(n_mini_batches, distributed)` says how each mini-batch is recomputed.
+    `model`: the encoder, or DistributedDataParallel around it (pass 1 runs the module inside it).
     """
-    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
-    module = model.module if distributed else model
-    steps = plan(len(batches), distributed)
-    reps = forward_no_grad(module, batches, steps, autocast)
-    loss, cache = build_cache(loss_fn, reps, scale_fn)
-    forward_backward(model, batches, cache, steps, autocast)
+    reps, rng_states = forward_no_grad(unwrap(model), batches, autocast)  # pass 1
+    loss, cache = build_cache(loss_fn, reps, scale_fn)  # pass 2
+    forward_backward(model, batches, cache, rng_states, autocast)  # pass 3
     return loss

@@ -40,7 +40,9 @@ one compare per element, in cache-sized blocks of texts.
 
 How it is wired: `install_keyed_dropout(model)` replaces the model's dropout sites with `KeyedDropout` and its
 attention with `KeyedAttention` (written out: SDPA cannot take a given mask), all reading the current texts' keys
-from one `DropoutKeys`; `with keys.use(text_keys):` sets them for a forward. In eval mode nothing is dropped.
+from one `DropoutKeys`, which it also hangs on the model as `model.dropout_keys`. The keys travel with the input,
+as the attention mask does: `SentenceEncoder.forward(features)` runs the model inside `use_keys(model,
+features["dropout_keys"])`. In eval mode nothing is dropped.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .grad_cache import MiniBatch, Recompute
 from .model import DistilBert, ScaledDotProductAttention
 
 
@@ -195,7 +196,8 @@ class KeyedAttention(ScaledDotProductAttention):
 
 
 def install_keyed_dropout(model: DistilBert) -> DropoutKeys:
-    """Replace every dropout site of the DistilBERT with its keyed version, on one new `DropoutKeys`."""
+    """Replace every dropout site of the DistilBERT with its keyed version, on one new `DropoutKeys` (also kept as
+    `model.dropout_keys`, where `use_keys` finds it)."""
     keys = DropoutKeys(model.config.max_position_embeddings)
     emb = model.embeddings
     emb.dropout = KeyedDropout(emb.dropout.p, 0, keys)
@@ -203,19 +205,15 @@ def install_keyed_dropout(model: DistilBert) -> DropoutKeys:
         base = SITES_PER_LAYER * layer
         block.attention.attend = KeyedAttention(block.attention.attend.p, base + 1, keys)
         block.ffn.dropout = KeyedDropout(block.ffn.dropout.p, base + 3, keys)
+    model.dropout_keys = keys
     return keys
 
 
-class WithDropoutKeys(Recompute):
-    """Any GradCache `Recompute`, its forwards run with the mini-batch's texts' keys (`MiniBatch.dropout_keys`)."""
-
-    def __init__(self, inner: Recompute, keys: DropoutKeys):
-        self.inner, self.keys = inner, keys
-
-    def first(self, module: nn.Module, batch: MiniBatch) -> torch.Tensor:
-        with self.keys.use(batch.dropout_keys):
-            return self.inner.first(module, batch)
-
-    def again(self, model: nn.Module, batch: MiniBatch) -> torch.Tensor:
-        with self.keys.use(batch.dropout_keys):
-            return self.inner.again(model, batch)
+def use_keys(model: nn.Module, text_keys: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """The context in which `model`'s forward drops with the masks of these texts (B,); nothing when None."""
+    if text_keys is None:
+        return contextlib.nullcontext()
+    keys = getattr(model, "dropout_keys", None)
+    if keys is None:
+        raise RuntimeError("dropout_keys given, but the model has no keyed dropout masks (install_keyed_dropout)")
+    return keys.use(text_keys)

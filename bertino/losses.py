@@ -23,7 +23,7 @@ which rows it takes, its default scale, whether training computes it with GradCa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +71,38 @@ def cosine_similarity_loss(e1: torch.Tensor, e2: torch.Tensor, gold: torch.Tenso
 
 
 @dataclass(frozen=True)
+class RowShape:
+    """What one row of a loss's data holds: the one place that says it (config checks, readers, objectives)."""
+
+    name: str
+    columns: str  # how the columns read, for messages
+    scored: bool  # the last column is a gold score, not a text
+    min_columns: int
+    max_columns: int | None  # None: any number of hard-negative columns may follow
+
+    def text_columns(self, columns: tuple[str, ...]) -> tuple[str, ...]:
+        """The columns that hold texts (not the score)."""
+        return columns[:-1] if self.scored else columns
+
+    def column_problem(self, columns: tuple[str, ...]) -> str | None:
+        """Why `columns` cannot be this shape's columns, or None."""
+        n, hi = len(columns), self.max_columns
+        if n < self.min_columns or (hi is not None and n > hi):
+            count = f"exactly {hi}" if hi == self.min_columns else f"≥ {self.min_columns}"
+            return f"needs {count} columns ({self.columns}), found {n}: {list(columns)}"
+        return None
+
+
+RETRIEVAL = RowShape("retrieval", "anchor, positive, negatives...", scored=False, min_columns=2, max_columns=None)
+PAIR_SCORE = RowShape("pair_score", "sentence1, sentence2, score", scored=True, min_columns=3, max_columns=3)
+
+
+@dataclass(frozen=True)
 class Loss:
     """One config loss name, and what it means."""
 
     fn: Callable[..., torch.Tensor]
-    rows: Literal["retrieval", "pair_score"]  # (anchor, positive, negatives...) or (sentence1, sentence2, score)
+    rows: RowShape  # RETRIEVAL (anchor, positive, negatives...) or PAIR_SCORE (sentence1, sentence2, score)
     default_scale: float | None  # the similarity scale when `tasks.NAME.scale` is unset; None: the loss has none
     grad_cache: bool  # training computes it with GradCache (train.mini_batch_size texts through the encoder at once)
     card_name: str  # the sentence-transformers class it reimplements, as the model card names it
@@ -83,9 +110,9 @@ class Loss:
 
 
 LOSSES = {
-    "mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, False, "MultipleNegativesRankingLoss"),
-    "cached_mnrl": Loss(mnrl_loss, "retrieval", DEFAULT_SCALE, True,
+    "mnrl": Loss(mnrl_loss, RETRIEVAL, DEFAULT_SCALE, False, "MultipleNegativesRankingLoss"),
+    "cached_mnrl": Loss(mnrl_loss, RETRIEVAL, DEFAULT_SCALE, True,
                         "CachedMultipleNegativesRankingLoss (GradCache)"),
-    "cosent": Loss(cosent_loss, "pair_score", DEFAULT_SCALE, False, "CoSENTLoss", needs_varied_scores=True),
-    "cosine": Loss(cosine_similarity_loss, "pair_score", None, False, "CosineSimilarityLoss"),
+    "cosent": Loss(cosent_loss, PAIR_SCORE, DEFAULT_SCALE, False, "CoSENTLoss", needs_varied_scores=True),
+    "cosine": Loss(cosine_similarity_loss, PAIR_SCORE, None, False, "CosineSimilarityLoss"),
 }

@@ -54,7 +54,7 @@ class Objective:
         scale = {} if self.loss.default_scale is None else {
             "scale": self.loss.default_scale if self.scale is None else self.scale}
 
-        if self.loss.rows == "retrieval":
+        if not self.loss.rows.scored:  # retrieval rows (anchor, positive, negatives...)
             anchors, candidates = columns[0], torch.cat(columns[1:])  # (B, D), (B(1+k), D)
             labels = torch.arange(B, device=reps.device)  # (B,)
             if world > 1:

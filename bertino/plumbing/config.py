@@ -13,7 +13,9 @@ The resolved config is written to every run folder with `save_config`; `load_con
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -22,6 +24,7 @@ from ..errors import ConfigError
 from ..evaluation import IR_METRICS, STS_METRICS
 from ..losses import LOSSES
 from ..quantization import PRECISIONS, check_precisions
+from ..speedups.settings import SpeedupsConfig, check_speedups
 from .files import read_json, write_json
 from .typed_json import DuplicateKey, apply_overrides, build, reject_duplicate_keys, require, show, to_plain
 
@@ -108,26 +111,10 @@ class TrainConfig:
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, true = latest in output_dir, null = no
     max_consecutive_nonfinite: int = 10  # stop after this many skipped steps in a row with a NaN/inf loss or
     #                                     gradient (fp16 gradient overflows, which the GradScaler handles, do not count)
-    grad_cache_memory_budget: int = 0  # mini-batches whose autograd graph is kept instead of recomputed; 0 =
-    #                                    classic GradCache's peak memory (the last chunk's graph is kept for free)
-    grad_cache_linear_tape: bool = False  # GradCache pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs instead of
-    #                                       recomputing them (bertino/speedups/linear_tape.py): faster, more memory
     ddp_timeout: int = 1800  # seconds a rank waits for the others (HF Trainer's name): a lost rank ends the job
-    grad_cache_first_pass_mini_batch_size: int | None = None  # texts per chunk of GradCache's no-grad pass 1, when
-    #   larger than mini_batch_size (fewer, larger forwards; needs model.dropout_masks "keyed"); null: the same
     report_to: tuple[ReportTarget, ...] = ()  # the HF Trainer's key: ["tensorboard"] also writes metrics.jsonl's
     #                                           scalars as TensorBoard events (pip install 'bertino[tensorboard]')
     logging_dir: str | None = None  # the TensorBoard folder; null: output_dir/runs
-    grad_cache_length_multiple: int | None = None  # static shapes: each GradCache mini-batch padded to a multiple
-    #   of this many tokens (≤ model.max_seq_length), so lengths repeat step to step; null: to its longest text
-    grad_cache_mini_batch_tokens: int | None = None  # a token budget per mini-batch: at padded length L it holds
-    #   ⌊tokens / L⌋ texts (short texts in large chunks) instead of mini_batch_size; null: mini_batch_size texts
-    grad_cache_cuda_graphs: bool = False  # GradCache passes 1 and 3 replayed as CUDA graphs, one per mini-batch
-    #   shape (bertino/speedups/cuda_graphs.py; needs grad_cache_length_multiple and keyed masks; runs every task's
-    #   loss through GradCache); on a CPU the same code runs without capturing
-    grad_cache_auto_mini_batch_gib: float | None = None  # on CUDA: the largest mini-batch whose forward + backward
-    #   at max_seq_length fits in this many GiB, measured at start (bertino/speedups/memory_fit.py); null: as set
-    adamw_fused: bool = False  # AdamW's fused kernel (torch's fused=True) instead of the multi-tensor one
 
 
 @dataclass(frozen=True)
@@ -163,6 +150,8 @@ class Config:
     matryoshka: MatryoshkaConfig | None = None  # None: plain training at the full dim
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    speedups: SpeedupsConfig | None = field(default_factory=SpeedupsConfig)  # None: the textbook, nothing installed
+    #                                   (bertino/speedups/settings.py: every switch, its default and its cost)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -178,13 +167,60 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     return config_from_dict(apply_overrides(data, overrides), source=str(path))
 
 
-def config_from_dict(data: Any, source: str = "config") -> Config:
-    """Build and validate a `Config` from plain JSON data (as `config_to_dict` produces)."""
+def config_from_dict(data: Any, source: str = "config", notices: list[str] | None = None) -> Config:
+    """Build and validate a `Config` from plain JSON data (as `config_to_dict` produces).
+
+    Keys that moved (`MOVED_KEYS`) are read at their new place; each one found adds a notice to `notices`, or, when
+    None, prints it (process rank 0 only)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object, found {show(data)}")
+    data, moved = move_old_keys(data)
+    for message in moved:
+        if notices is not None:
+            notices.append(message)
+        elif os.environ.get("RANK", "0") == "0":
+            print(f"notice: {message}", file=sys.stderr)
     cfg = build(Config, data, "")
     _validate(cfg)
     return cfg
+
+
+# Keys that moved, old → new: they keep working (in configs, overrides and old run folders), with a notice.
+MOVED_KEYS = {
+    "train.grad_cache_memory_budget": "speedups.memory_budget",
+    "train.grad_cache_linear_tape": "speedups.linear_tape",
+    "train.grad_cache_first_pass_mini_batch_size": "speedups.first_pass_mini_batch_size",
+    "train.grad_cache_length_multiple": "speedups.length_multiple",
+    "train.grad_cache_mini_batch_tokens": "speedups.mini_batch_tokens",
+    "train.grad_cache_cuda_graphs": "speedups.cuda_graphs",
+    "train.grad_cache_auto_mini_batch_gib": "speedups.auto_mini_batch_gib",
+    "train.adamw_fused": "speedups.adamw_fused",
+}
+
+
+def move_old_keys(data: dict) -> tuple[dict, list[str]]:
+    """`data` with every key of `MOVED_KEYS` at its new place (a copy if any moved) → (data, one notice per key)."""
+    found = [old for old in MOVED_KEYS if old.split(".")[1] in (data.get("train") or {})]
+    if not found:
+        return data, []
+    data, notices = copy.deepcopy(data), []
+    defaults = SpeedupsConfig()
+    for old in found:
+        new = MOVED_KEYS[old]
+        section, key = new.split(".")
+        value = data["train"].pop(old.split(".")[1])
+        if data.get(section, {}) is None:  # "speedups": null, the textbook: an old key may only ask for nothing
+            if value != getattr(defaults, key):
+                raise ConfigError(f"{old} (now {new}) is {show(value)}, but speedups is null (the textbook, no "
+                                  f"speed-up); drop one of them")
+            continue
+        target = data.setdefault(section, {})
+        if key in target and target[key] != value:
+            raise ConfigError(f"{old} and {new} are the same key (it moved) and disagree: {show(value)} vs "
+                              f"{show(target[key])}; keep {new}")
+        target[key] = value
+        notices.append(f"{old} is now {new} (the old key still works)")
+    return data, notices
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -199,13 +235,21 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    """Cross-field checks that a type hint cannot express. Each message names the offending key."""
-    m, t, e = cfg.model, cfg.train, cfg.eval
-    require(m.max_seq_length >= 1, "model.max_seq_length", m.max_seq_length, "≥ 1")
+    """Cross-field checks that a type hint cannot express, section by section. Each message names the key."""
+    require(cfg.model.max_seq_length >= 1, "model.max_seq_length", cfg.model.max_seq_length, "≥ 1")
+    _validate_tasks(cfg.tasks)
+    if cfg.matryoshka is not None:
+        _validate_matryoshka(cfg.matryoshka)
+    _validate_train(cfg)
+    _validate_eval(cfg.eval)
+    if cfg.speedups is not None:
+        check_speedups(cfg.speedups, cfg.model.dropout_masks)  # where the speed-ups live: speedups/settings.py
 
-    if not cfg.tasks:
+
+def _validate_tasks(tasks: dict[str, TaskConfig]) -> None:
+    if not tasks:
         raise ConfigError("tasks: at least one task is needed, found an empty object")
-    for name, task in cfg.tasks.items():
+    for name, task in tasks.items():
         p = f"tasks.{name}"
         if not name or "." in name or "=" in name:
             raise ConfigError(f"{p}: task names must be non-empty and contain no '.' or '=' "
@@ -217,110 +261,81 @@ def _validate(cfg: Config) -> None:
         if task.scale is not None and LOSSES[task.loss].default_scale is None:
             raise ConfigError(f"{p}.scale: the {task.loss!r} loss has no scale; remove the key (found {task.scale})")
         require(task.score_scale > 0, f"{p}.score_scale", task.score_scale, "> 0")
-        if task.score_scale != 1.0 and LOSSES[task.loss].rows == "retrieval":
+        if task.score_scale != 1.0 and not LOSSES[task.loss].rows.scored:
             raise ConfigError(f"{p}.score_scale: loss {task.loss!r} uses no scores; remove the key "
                               f"(found {task.score_scale})")
-        if task.balance_to is not None:
-            target = task.balance_to
-            if target == name:
-                raise ConfigError(f"{p}.balance_to: a task cannot be balanced to itself ({target!r})")
-            if target not in cfg.tasks:
-                raise ConfigError(f"{p}.balance_to: no task named {target!r}; tasks are: {', '.join(cfg.tasks)}")
-            if cfg.tasks[target].balance_to is not None:
-                raise ConfigError(f"{p}.balance_to: {target!r} is itself balanced (to "
-                                  f"{cfg.tasks[target].balance_to!r}); point balance_to at an unbalanced task")
+        target = task.balance_to
+        if target is None:
+            continue
+        if target == name:
+            raise ConfigError(f"{p}.balance_to: a task cannot be balanced to itself ({target!r})")
+        if target not in tasks:
+            raise ConfigError(f"{p}.balance_to: no task named {target!r}; tasks are: {', '.join(tasks)}")
+        if tasks[target].balance_to is not None:
+            raise ConfigError(f"{p}.balance_to: {target!r} is itself balanced (to {tasks[target].balance_to!r}); "
+                              f"point balance_to at an unbalanced task")
 
-    if cfg.matryoshka is not None:
-        dims, weights = cfg.matryoshka.dims, cfg.matryoshka.weights
-        if not dims:
-            raise ConfigError("matryoshka.dims: need at least one dim (use \"matryoshka\": null for plain training)")
-        if len(dims) != len(weights):
-            raise ConfigError(f"matryoshka.weights: one weight per dim is needed; found {len(dims)} dims "
-                              f"{list(dims)} and {len(weights)} weights {list(weights)}")
-        if any(d <= 0 for d in dims):
-            raise ConfigError(f"matryoshka.dims: every dim must be > 0, found {list(dims)}")
-        if any(a <= b for a, b in zip(dims, dims[1:])):
-            raise ConfigError(f"matryoshka.dims: must be strictly descending (e.g. [768, 512, 256, 128]), "
-                              f"found {list(dims)}")
-        if any(w < 0 for w in weights):
-            raise ConfigError(f"matryoshka.weights: every weight must be ≥ 0, found {list(weights)}")
-        if sum(weights) == 0:
-            raise ConfigError(f"matryoshka.weights: at least one weight must be > 0, found {list(weights)}")
 
-    require(t.per_device_train_batch_size >= 1, "train.per_device_train_batch_size",
-             t.per_device_train_batch_size, "≥ 1")
-    require(t.mini_batch_size >= 1, "train.mini_batch_size", t.mini_batch_size, "≥ 1 (texts per mini-batch)")
-    require(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", t.max_steps, "-1 (use epochs) or ≥ 1")
-    require(t.max_steps != -1 or t.num_train_epochs >= 1, "train.num_train_epochs", t.num_train_epochs,
-             "≥ 1 when max_steps is -1")
-    require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
-    require(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "in [0, 1]")
-    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "≥ 0")
-    require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "≥ 0 (0 disables clipping)")
+def _validate_matryoshka(m: MatryoshkaConfig) -> None:
+    dims, weights = m.dims, m.weights
+    if not dims:
+        raise ConfigError("matryoshka.dims: need at least one dim (use \"matryoshka\": null for plain training)")
+    if len(dims) != len(weights):
+        raise ConfigError(f"matryoshka.weights: one weight per dim is needed; found {len(dims)} dims "
+                          f"{list(dims)} and {len(weights)} weights {list(weights)}")
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"matryoshka.dims: every dim must be > 0, found {list(dims)}")
+    if any(a <= b for a, b in zip(dims, dims[1:])):
+        raise ConfigError(f"matryoshka.dims: must be strictly descending (e.g. [768, 512, 256, 128]), "
+                          f"found {list(dims)}")
+    if any(w < 0 for w in weights):
+        raise ConfigError(f"matryoshka.weights: every weight must be ≥ 0, found {list(weights)}")
+    if sum(weights) == 0:
+        raise ConfigError(f"matryoshka.weights: at least one weight must be > 0, found {list(weights)}")
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    for key, ok, expected in (
+            ("per_device_train_batch_size", t.per_device_train_batch_size >= 1, "≥ 1"),
+            ("mini_batch_size", t.mini_batch_size >= 1, "≥ 1 (texts per mini-batch)"),
+            ("max_steps", t.max_steps == -1 or t.max_steps >= 1, "-1 (use epochs) or ≥ 1"),
+            ("num_train_epochs", t.max_steps != -1 or t.num_train_epochs >= 1, "≥ 1 when max_steps is -1"),
+            ("learning_rate", t.learning_rate > 0, "> 0"),
+            ("warmup_ratio", 0.0 <= t.warmup_ratio <= 1.0, "in [0, 1]"),
+            ("weight_decay", t.weight_decay >= 0, "≥ 0"),
+            ("max_grad_norm", t.max_grad_norm >= 0, "≥ 0 (0 disables clipping)"),
+            ("seed", t.seed >= 0, "≥ 0"),
+            ("logging_steps", t.logging_steps >= 1, "≥ 1"),
+            ("eval_steps", t.eval_steps >= 0, "≥ 0 (0 = only at the end)"),
+            ("save_steps", t.save_steps >= 0, "≥ 0 (0 = only the final model)"),
+            ("save_total_limit", t.save_total_limit is None or t.save_total_limit >= 1, "null or ≥ 1"),
+            ("max_consecutive_nonfinite", t.max_consecutive_nonfinite >= 1, "≥ 1"),
+            ("ddp_timeout", t.ddp_timeout >= 1, "≥ 1 (seconds)")):
+        require(ok, f"train.{key}", getattr(t, key), expected)
     if t.fp16 and t.bf16 is True:
         raise ConfigError("train.fp16 and train.bf16: choose at most one mixed-precision mode, found both true")
-    require(t.seed >= 0, "train.seed", t.seed, "≥ 0")
-    require(t.logging_steps >= 1, "train.logging_steps", t.logging_steps, "≥ 1")
-    require(t.eval_steps >= 0, "train.eval_steps", t.eval_steps, "≥ 0 (0 = only at the end)")
-    require(t.save_steps >= 0, "train.save_steps", t.save_steps, "≥ 0 (0 = only the final model)")
-    require(t.save_total_limit is None or t.save_total_limit >= 1, "train.save_total_limit",
-             t.save_total_limit, "null or ≥ 1")
     if t.metric_for_best_model not in IR_METRICS + STS_METRICS:
         raise ConfigError(f"train.metric_for_best_model: unknown metric {t.metric_for_best_model!r}; valid: "
                           f"{', '.join(IR_METRICS + STS_METRICS)}")
     if t.load_best_model_at_end:
         ir = t.metric_for_best_model in IR_METRICS
-        wanted, files = ("eval.ir", e.ir) if ir else ("eval.sts", e.sts)
-        holdouts = [n for n, task in cfg.tasks.items()
-                    if task.holdout > 0 and (LOSSES[task.loss].rows == "retrieval") == ir]
+        wanted, files = ("eval.ir", cfg.eval.ir) if ir else ("eval.sts", cfg.eval.sts)
+        holdouts = [n for n, task in cfg.tasks.items() if task.holdout > 0 and LOSSES[task.loss].rows.scored != ir]
         if not files and not holdouts:
             raise ConfigError(f"train.load_best_model_at_end: metric_for_best_model "
                               f"{t.metric_for_best_model!r} needs at least one file in {wanted} (or a task with a "
                               f"holdout), found none")
-    require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
-             "≥ 1")
-    require(t.ddp_timeout >= 1, "train.ddp_timeout", t.ddp_timeout, "≥ 1 (seconds)")
-    first = t.grad_cache_first_pass_mini_batch_size
-    if first is not None:
-        require(first >= 1, "train.grad_cache_first_pass_mini_batch_size", first, "≥ 1 or null")
-        if m.dropout_masks != "keyed":
-            raise ConfigError("train.grad_cache_first_pass_mini_batch_size: pass 1 in other chunks than pass 3 needs "
-                              "dropout masks that do not depend on the chunk: set model.dropout_masks to \"keyed\" "
-                              f"(found {m.dropout_masks!r})")
-        if t.grad_cache_memory_budget or t.grad_cache_linear_tape:
-            raise ConfigError("train.grad_cache_first_pass_mini_batch_size: a separate first pass recomputes every "
-                              "mini-batch in pass 3, so it cannot be combined with train.grad_cache_memory_budget "
-                              "or train.grad_cache_linear_tape; set those to 0 / false")
-    require(t.grad_cache_memory_budget >= 0, "train.grad_cache_memory_budget", t.grad_cache_memory_budget,
-             "≥ 0 (0 = classic GradCache's memory)")
-    for key in ("grad_cache_length_multiple", "grad_cache_mini_batch_tokens"):
-        value = getattr(t, key)
-        require(value is None or value >= 1, f"train.{key}", value, "≥ 1 or null")
-        if value is not None and first is not None:
-            raise ConfigError(f"train.{key}: static shapes cut pass 1 and pass 3 alike, so they cannot be combined "
-                              "with train.grad_cache_first_pass_mini_batch_size; set one of them to null")
-    gib = t.grad_cache_auto_mini_batch_gib
-    require(gib is None or gib > 0, "train.grad_cache_auto_mini_batch_gib", gib, "> 0 (GiB) or null")
-    if t.grad_cache_cuda_graphs:
-        if m.dropout_masks != "keyed":
-            raise ConfigError("train.grad_cache_cuda_graphs: pass 3's replay must draw pass 1's dropout masks without "
-                              "a random generator: set model.dropout_masks to \"keyed\" "
-                              f"(found {m.dropout_masks!r})")
-        if t.grad_cache_length_multiple is None:
-            raise ConfigError("train.grad_cache_cuda_graphs: graphs need mini-batch shapes that repeat: set "
-                              "train.grad_cache_length_multiple (e.g. 32)")
-        if t.grad_cache_memory_budget or t.grad_cache_linear_tape or first is not None:
-            raise ConfigError("train.grad_cache_cuda_graphs: graphed passes recompute every mini-batch, so they "
-                              "cannot be combined with train.grad_cache_memory_budget, train.grad_cache_linear_tape "
-                              "or train.grad_cache_first_pass_mini_batch_size; set those to 0 / false / null")
+    if len(set(t.report_to)) != len(t.report_to):
+        raise ConfigError(f"train.report_to: lists a target twice, found {list(t.report_to)}")
 
+
+def _validate_eval(e: EvalConfig) -> None:
     if e.dims is not None:
         if not e.dims or any(d <= 0 for d in e.dims) or len(set(e.dims)) != len(e.dims):
             raise ConfigError(f"eval.dims: expected distinct dims > 0 (or null), found {list(e.dims)}")
     require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "≥ 1")
     check_precisions(e.precision, e.rescore, key="eval.precision")
-    if len(set(t.report_to)) != len(t.report_to):
-        raise ConfigError(f"train.report_to: lists a target twice, found {list(t.report_to)}")
     for key, sets, loss in (("eval.ir", e.ir, "mnrl"), ("eval.sts", e.sts, "cosent")):
         for i, entry in enumerate(sets):
             if isinstance(entry, EvalDataset):
@@ -333,18 +348,15 @@ def _check_columns(task: TaskConfig, p: str) -> None:
     cols = task.columns
     if any(not c for c in cols) or len(set(cols)) != len(cols):
         raise ConfigError(f"{p}.columns: column names must be non-empty and distinct, found {list(cols)}")
-    if LOSSES[task.loss].rows == "retrieval" and len(cols) < 2:
-        raise ConfigError(f"{p}.columns: loss {task.loss!r} needs ≥ 2 columns (anchor, positive, negatives...), "
-                          f"found {len(cols)}: {list(cols)}")
-    if LOSSES[task.loss].rows == "pair_score" and len(cols) != 3:
-        raise ConfigError(f"{p}.columns: loss {task.loss!r} needs exactly 3 columns (sentence1, sentence2, "
-                          f"score), found {len(cols)}: {list(cols)}")
+    problem = LOSSES[task.loss].rows.column_problem(cols)
+    if problem:
+        raise ConfigError(f"{p}.columns: loss {task.loss!r} {problem}")
 
 
 def _check_negatives(negatives: NegativesConfig | None, loss: str, columns: tuple[str, ...], p: str) -> None:
     if negatives is None:
         return
-    if LOSSES[loss].rows != "retrieval":
+    if LOSSES[loss].rows.scored:
         raise ConfigError(f"{p}.negatives: loss {loss!r} takes no hard negatives; remove the key")
     require(negatives.count >= 1, f"{p}.negatives.count", negatives.count, "≥ 1")
     if negatives.column in columns:

@@ -124,8 +124,8 @@ def load_run_data(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> 
 
 def _check_rows(task: TaskConfig, name: str, source: str, values: dict[str, list],
                 line_numbers: np.ndarray | None) -> TaskData:
-    has_score = LOSSES[task.loss].rows == "pair_score"
-    text_columns = task.columns[:2] if has_score else task.columns
+    has_score = LOSSES[task.loss].rows.scored
+    text_columns = LOSSES[task.loss].rows.text_columns(task.columns)
     if len(values[task.columns[0]]) == 0:
         raise DataError(f"task {name!r}: {source} has no rows")
     row_ids, dropped = None, 0

@@ -105,7 +105,7 @@ def source_columns(task: TaskConfig) -> tuple[str, ...]:
 
 def text_columns(task: TaskConfig) -> tuple[str, ...]:
     """The columns of `task` that hold texts (a pair+score task's last column is its score)."""
-    return task.columns[:2] if LOSSES[task.loss].rows == "pair_score" else task.columns
+    return LOSSES[task.loss].rows.text_columns(task.columns)
 
 
 def _load_tabular(path: Path, texts: tuple[str, ...] = ()):

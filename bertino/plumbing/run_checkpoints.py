@@ -22,7 +22,8 @@ Safety: weights come only from safetensors; the other files are read with `torch
 Resume policy: a resume continues the SAME run. Any change to a key that alters the training math or the data
 order (every key not in `RESUME_FREE` / `RESUME_NOT_BITWISE`), to the world size or to the rows of a task is refused with the list of differences;
 to train on with new settings, start a new run from the checkpoint's weights (`model.name_or_path=CHECKPOINT`).
-Memory/precision knobs (`RESUME_NOT_BITWISE`) may change (a smaller GPU after a pre-emption) with a warning.
+Memory/precision knobs and the speed-ups (`RESUME_NOT_BITWISE`) may change (a smaller GPU after a pre-emption) with
+a warning. A checkpoint written before a key moved (`config.MOVED_KEYS`) is read with the key at its new place.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ RESUME_FREE = {"model.name_or_path", "train.output_dir", "train.resume_from_chec
                "train.metric_for_best_model", "train.max_consecutive_nonfinite", "train.ddp_timeout",
                "train.report_to", "train.logging_dir"}
 RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
-# Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not.
-RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.grad_cache_memory_budget", "train.grad_cache_linear_tape",
-                      "train.grad_cache_first_pass_mini_batch_size", "train.fp16", "train.bf16", "model.dropout_masks"}
+# Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not. Every key of
+# the `speedups` section is one (each changes time or memory, never the gradient: a smaller GPU after a pre-emption).
+RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.fp16", "train.bf16", "model.dropout_masks", "speedups"}
 
 
 @dataclass
@@ -175,12 +176,15 @@ def read_checkpoint(ckpt: Path) -> tuple[TrainerState, dict]:
 def config_changes(saved_config: dict, run_config: dict) -> tuple[list[str], list[str], dict, dict]:
     """How a run's config differs from a checkpoint's: (changes that make it another run, as "key: old → new";
     changes that are the same run but not bitwise; the flat old and new configs)."""
+    from .config import move_old_keys
+
+    saved_config, _ = move_old_keys(saved_config)  # a checkpoint written before a key moved: read it at its place
     old, new = _flatten(saved_config), _flatten(run_config)
     old = {**{k: v for k, v in key_defaults(new).items() if k not in old}, **old}  # keys added since it was saved
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
     free = [k for k in changed if k in RESUME_FREE or k.startswith("eval.")
             or (k.startswith("tasks.") and k.rsplit(".", 1)[-1] in RESUME_FREE_TASK_KEYS)]
-    soft = [k for k in changed if k in RESUME_NOT_BITWISE]
+    soft = [k for k in changed if k in RESUME_NOT_BITWISE or k.split(".")[0] in RESUME_NOT_BITWISE]
     hard = [f"{k}: {json.dumps(old.get(k, '(absent)'))} → {json.dumps(new.get(k, '(absent)'))}"
             for k in changed if k not in free and k not in soft]
     return hard, soft, old, new
@@ -238,7 +242,7 @@ def key_defaults(flat_config: dict[str, Any]) -> dict[str, Any]:
     from . import config
 
     sections = {"model": config.ModelConfig, "train": config.TrainConfig, "eval": config.EvalConfig,
-                "matryoshka": config.MatryoshkaConfig}
+                "matryoshka": config.MatryoshkaConfig, "speedups": config.SpeedupsConfig}
     out = {}
     for key in flat_config:
         parts = key.split(".")

@@ -15,8 +15,8 @@ forward + backward) once and replays it with ONE launch. Graphs need static shap
 * pass 1 per shape: copy the chunk into static input buffers, replay the no-grad forward, copy the r real rows out;
 * pass 3 per shape: copy the chunk and its cache rows g (r, D) into static buffers (the empty rows' gradient is
   zero), replay forward + `torch.autograd.grad(out, P, g)`, and the graph itself adds the parameter gradients into
-  persistent accumulators (no launch per parameter). `GraphedRecompute.again` returns a tensor whose backward runs
-  that replay, so `grad_cache.forward_backward` calls `out.backward(gradient=g)` exactly as for any mini-batch;
+  persistent accumulators (no launch per parameter): `GraphedChunks.backward`, which fast_grad_cache.py's pass 3
+  calls in place of `out.backward(gradient=g)`;
 * after the last graphed chunk the accumulators are added into the parameters' `.grad` once (`GraphedChunks.flush`).
 
 What stays exact (each checked: tests/test_cuda_graphs.py on the CPU, scripts/cuda_checks.py on a GPU):
@@ -28,9 +28,9 @@ What stays exact (each checked: tests/test_cuda_graphs.py on the CPU, scripts/cu
 * autocast: each graph runs under the pass's autocast dtype with the weight-cast cache off (a cached cast made
   during a capture would be read outside it before any replay filled it);
 * DDP: graphs run the module inside the wrapper and return gradients to accumulators, not through autograd's
-  accumulation, so DDP's hooks do not see them. Under DDP the plan therefore keeps the LAST mini-batch of pass 3
-  eager, through the wrapper, outside `no_sync`, after the flush: its backward all-reduces the whole accumulated
-  `.grad` once, as every other plan's last backward does.
+  accumulation, so DDP's hooks do not see them. Under DDP the fast path therefore keeps the LAST mini-batch of pass
+  3 eager, through the wrapper, outside `no_sync`, after the flush: its backward all-reduces the whole accumulated
+  `.grad` once, as every other last backward does (fast_grad_cache.plan_step).
 
 On a CPU (or with `capture=False`) the same static buffers, accumulators and flush run without a capture: the
 option works everywhere and changes nothing but the speed.
@@ -43,9 +43,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..grad_cache import MiniBatch, Plan, Recompute
-from ..keyed_dropout import DropoutKeys, WithDropoutKeys
-from .static_shapes import TrimRows
+from ..grad_cache import MiniBatch
+from ..keyed_dropout import DropoutKeys
 
 WARMUP = 2  # eager runs on a side stream before a capture (cuBLAS handles, the allocator's state)
 
@@ -86,13 +85,6 @@ class GraphedChunks:
         self.acc: list[torch.Tensor] | None = None  # Σ of the graphed chunks' parameter gradients, this step
         self.pool = None
         self.held: list[torch.Tensor] = []  # tensors the captured graphs read and nothing else may free
-        self.anchors: dict[torch.device, torch.Tensor] = {}
-
-    def anchor_on(self, device: torch.device) -> torch.Tensor:
-        """A leaf that requires grad, as the input of pass 3's placeholder output (so that it requires grad too)."""
-        if device not in self.anchors:
-            self.anchors[device] = torch.zeros((), device=device, requires_grad=True)
-        return self.anchors[device]
 
     # ------------------------------------------------------------------------------------------ set-up
     def _capturing(self, device: torch.device) -> bool:
@@ -118,7 +110,8 @@ class GraphedChunks:
     def _load(buf: dict, batch: MiniBatch) -> None:
         buf["input_ids"].copy_(batch.features["input_ids"])
         buf["attention_mask"].copy_(batch.features["attention_mask"])
-        buf["keys"][: len(batch.dropout_keys)].copy_(batch.dropout_keys)
+        keys = batch.features["dropout_keys"]  # (r or C,)
+        buf["keys"][: len(keys)].copy_(keys)
 
     @staticmethod
     def _shape(batch: MiniBatch) -> tuple:
@@ -132,7 +125,7 @@ class GraphedChunks:
                               enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
 
     def _features(self, buf: dict) -> dict:
-        return {"input_ids": buf["input_ids"], "attention_mask": buf["attention_mask"]}
+        return {"input_ids": buf["input_ids"], "attention_mask": buf["attention_mask"], "dropout_keys": buf["keys"]}
 
     # ------------------------------------------------------------------------------------------ pass 1
     def forward(self, batch: MiniBatch) -> torch.Tensor:
@@ -145,7 +138,7 @@ class GraphedChunks:
             autocast = self._autocast(device)
 
             def fn(_accumulate: bool) -> torch.Tensor:
-                with torch.no_grad(), self.keys.use(buf["keys"]), autocast:
+                with torch.no_grad(), autocast:
                     return self.encoder(self._features(buf))  # (C, D)
 
             self.first_graphs[key] = (ShapeGraph(fn, self._capturing(device), self.pool), buf)
@@ -154,11 +147,18 @@ class GraphedChunks:
         return graph.run()[: len(batch.texts)].clone()  # (r, D): the next replay overwrites the static output
 
     # ------------------------------------------------------------------------------------------ pass 3
-    def backward_graph(self, batch: MiniBatch, dtype: torch.dtype) -> tuple[ShapeGraph, dict]:
-        """Pass 3's graph for the chunk's shape (captured now if new): forward with autograd, then the backward of
-        ⟨out, g⟩ from the static g, adding the parameter gradients into the accumulators. Called from
-        `GraphedRecompute.again`, on the main thread and under pass 3's autocast (the replay itself happens in
-        the backward, where neither holds)."""
+    def backward(self, batch: MiniBatch, grad: torch.Tensor) -> None:
+        """Pass 3 for the chunk: forward with autograd, then the backward of ⟨out, g⟩ for its cache rows g (r, D),
+        replayed from the graph of its shape (captured now if new), adding the parameter gradients into the
+        accumulators; the empty rows get no gradient. Call it under pass 3's autocast."""
+        graph, buf = self._backward_graph(batch, grad.dtype)
+        self._load(buf, batch)
+        r = len(batch.texts)
+        buf["grad"][:r].copy_(grad)
+        buf["grad"][r:].zero_()
+        graph.run()
+
+    def _backward_graph(self, batch: MiniBatch, dtype: torch.dtype) -> tuple[ShapeGraph, dict]:
         key = self._shape(batch)
         if self.acc is None:
             self.acc = [torch.zeros_like(p) for p in self.params]
@@ -169,7 +169,7 @@ class GraphedChunks:
             autocast = self._autocast(device)
 
             def fn(accumulate: bool) -> None:
-                with torch.enable_grad(), self.keys.use(buf["keys"]), autocast:
+                with torch.enable_grad(), autocast:
                     out = self.encoder(self._features(buf))  # (C, D)
                 grads = torch.autograd.grad(out, self.params, buf["grad"].to(out.dtype), allow_unused=True)
                 if accumulate:
@@ -178,14 +178,6 @@ class GraphedChunks:
 
             self.again_graphs[key] = (ShapeGraph(fn, self._capturing(device), self.pool), buf)
         return self.again_graphs[key]
-
-    def backward(self, graph: ShapeGraph, buf: dict, batch: MiniBatch, grad: torch.Tensor) -> None:
-        """Replay pass 3 for the chunk with its cache rows g (r, D); the empty rows get no gradient."""
-        self._load(buf, batch)
-        r = len(batch.texts)
-        buf["grad"][:r].copy_(grad)
-        buf["grad"][r:].zero_()
-        graph.run()
 
     def flush(self) -> None:
         """Add the accumulators into the parameters' `.grad` (creating it where there is none), then zero them."""
@@ -198,44 +190,3 @@ class GraphedChunks:
             if p.grad is None:
                 p.grad = a.clone()
         torch._foreach_zero_(self.acc)
-
-    # ------------------------------------------------------------------------------------------ the plan
-    def plan(self, n: int, distributed: bool = False) -> Plan:
-        """Every mini-batch graphed, the last graphed one flushing; under DDP the last one eager, through the
-        wrapper (its backward all-reduces everything)."""
-        steps: list[Recompute] = [GraphedRecompute(self, flush=(i == n - 1 - int(distributed))) for i in range(n)]
-        if distributed:
-            steps[-1] = TrimRows(WithDropoutKeys(Recompute(replay_rng=False), self.keys))
-        return Plan(steps, list(range(n)))
-
-
-class _Pass3(torch.autograd.Function):
-    """Forward: a placeholder (r, D) that requires grad; backward: the chunk's pass-3 replay with the given g."""
-
-    @staticmethod
-    def forward(ctx, anchor, chunks: GraphedChunks, batch: MiniBatch, graph: ShapeGraph, buf: dict, flush: bool):
-        ctx.chunks, ctx.batch, ctx.graph, ctx.buf, ctx.flush = chunks, batch, graph, buf, flush
-        return torch.empty((len(batch.texts), chunks.encoder.dim), dtype=buf["grad"].dtype, device=anchor.device)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.chunks.backward(ctx.graph, ctx.buf, ctx.batch, grad)
-        if ctx.flush:
-            ctx.chunks.flush()
-        return (None,) * 6
-
-
-class GraphedRecompute(Recompute):
-    """A GradCache `Recompute` whose passes are `GraphedChunks`' replays."""
-
-    def __init__(self, chunks: GraphedChunks, flush: bool):
-        self.chunks, self.flush = chunks, flush
-
-    def first(self, module, batch):
-        out = self.chunks.forward(batch)  # (r, D)
-        self.dtype = out.dtype
-        return out
-
-    def again(self, model, batch):
-        graph, buf = self.chunks.backward_graph(batch, self.dtype)
-        return _Pass3.apply(self.chunks.anchor_on(batch.texts.device), self.chunks, batch, graph, buf, self.flush)

@@ -20,8 +20,9 @@ layer — measured, a sixth of what a full autograd graph holds (8 vs 49 MiB per
 output would remove the rest for 4·D more floats per token and layer).
 
 How it is wired: `install_linear_tape(model, names)` replaces the named `nn.Linear` layers with `TapedLinear`
-layers sharing their parameters and one `TapeDeck`; `TapeReplay` is the GradCache `Recompute` that records into a
-fresh `LinearTape` in pass 1 and replays it in pass 3. With no tape on the deck a `TapedLinear` is an `nn.Linear`.
+layers sharing their parameters and one `TapeDeck`; the fast GradCache passes (fast_grad_cache.py) record each
+recomputed mini-batch into a fresh `LinearTape` in pass 1 (`TapeDeck.recording`) and replay it in pass 3
+(`TapeDeck.replaying`). With no tape on the deck a `TapedLinear` is an `nn.Linear`.
 
 Autocast: the recorded outputs are in the autocast dtype; the replay casts x, W and b to that dtype itself (as
 F.linear under autocast would), so backward sees the same low-precision operands.
@@ -36,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..grad_cache import Recompute
 from . import replace_modules
 
 DEFAULT_TAPED = ("q_lin", "k_lin", "v_lin", "out_lin", "lin2")  # not lin1: its output is 4·D wide
@@ -151,20 +151,3 @@ def install_linear_tape(model: nn.Module, names: tuple[str, ...] = DEFAULT_TAPED
     if count == 0:
         raise ValueError(f"linear tape: the model has no nn.Linear named any of {names}")
     return deck
-
-
-class TapeReplay(Recompute):
-    """Any `Recompute` (classic, or keyed-mask), with pass 1 recording the taped layers' outputs and pass 3
-    replaying them."""
-
-    def __init__(self, inner: Recompute, deck: TapeDeck):
-        self.inner, self.deck = inner, deck
-
-    def first(self, module, batch):
-        self.tape = LinearTape()
-        with self.deck.recording(self.tape):
-            return self.inner.first(module, batch)
-
-    def again(self, model, batch):
-        with self.deck.replaying(self.tape):
-            return self.inner.again(model, batch)

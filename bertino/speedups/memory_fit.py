@@ -3,12 +3,12 @@
 Shapes: C texts per mini-batch, L_max the encoder's max_seq_length, T_max the most texts one batch of the run holds.
 
 On a CPU small mini-batches cost little (docs/gradcache.md §6); on a GPU the step is launch-bound and fewer, larger
-mini-batches are faster, as long as memory holds them. `train.grad_cache_auto_mini_batch_gib: G` measures it at
+mini-batches are faster, as long as memory holds them. `speedups.auto_mini_batch_gib: G` measures it at
 start: the peak memory of one forward + backward of C texts of L_max tokens (the largest mini-batch a step can
 have) under the run's precision and dropout masks, above what was allocated before (`cuda_probe`). C doubles from
 `train.mini_batch_size` while the peak stays within G GiB — and halves while it does not — never beyond T_max
-(`choose_mini_batch_size`). The chosen C replaces `mini_batch_size`; with a token budget, C · L_max replaces
-`grad_cache_mini_batch_tokens`. Under DDP every rank measures and all take the smallest.
+(`choose_mini_batch_size`). The chosen C replaces the Step's `mini_batch_size`; with a token budget, C · L_max
+replaces `speedups.mini_batch_tokens`. Under DDP every rank measures and all take the smallest.
 
 GradCache's gradient does not depend on C (docs/gradcache.md §1): this changes the time and the memory of a step,
 not its result (tests/test_memory_fit.py, with a fake probe on the CPU; scripts/cuda_checks.py measures the real
@@ -17,7 +17,6 @@ one). The probe runs inside `torch.random.fork_rng`, so the run's random streams
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..keyed_dropout import text_keys
+from .fast_grad_cache import with_settings
 
 Probe = Callable[[int], float | None]  # C → peak bytes of one (C, L_max) forward + backward, None if out of memory
 
@@ -50,7 +50,7 @@ def choose_mini_batch_size(probe: Probe, start: int, cap: int, budget: float) ->
         if fits(c):
             return c, measured
     raise RuntimeError(f"not even one text of the longest length fits in {budget / 2**30:.2f} GiB "
-                       f"(measured {measured}); raise train.grad_cache_auto_mini_batch_gib")
+                       f"(measured {measured}); raise speedups.auto_mini_batch_gib")
 
 
 def cuda_probe(step) -> Probe:
@@ -61,7 +61,8 @@ def cuda_probe(step) -> Probe:
     def probe(C: int) -> float | None:
         ids = (torch.arange(C * L, device=device) % encoder.model.config.vocab_size).view(C, L)  # (C, L)
         features = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        keys = step.dropout_keys
+        if step.dropout_keys is not None:
+            features["dropout_keys"] = text_keys(0, 0, torch.arange(C)).to(device)  # (C,)
         encoder.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -69,7 +70,7 @@ def cuda_probe(step) -> Probe:
         base = torch.cuda.memory_allocated(device)
         out = None
         try:
-            with step.autocast(), keys.use(text_keys(0, 0, torch.arange(C)).to(device)) if keys else contextlib.nullcontext():
+            with step.autocast():
                 out = encoder(features)  # (C, D)
             out.float().sum().backward()
             torch.cuda.synchronize(device)
@@ -84,24 +85,20 @@ def cuda_probe(step) -> Probe:
     return probe
 
 
-def fit_mini_batch(step, probe: Probe | None = None, is_main: bool = True):
-    """The `Step` with `train.mini_batch_size` (and a token budget) set to the largest mini-batch that fits in
-    `train.grad_cache_auto_mini_batch_gib`; `step` itself when the key is null, or off CUDA without a `probe`."""
-    cfg, train = step.cfg, step.cfg.train
-    gib = train.grad_cache_auto_mini_batch_gib
-    if gib is None:
-        return step
+def fit_mini_batch(step, gib: float, cap: int, probe: Probe | None = None, is_main: bool = True):
+    """The `Step` with its mini-batch size (and a token budget) set to the largest mini-batch that fits in `gib`
+    GiB (`speedups.auto_mini_batch_gib`), at most `cap` texts (the most one batch holds); `step` itself off CUDA
+    without a `probe`."""
     if probe is None:
         if step.device.type != "cuda":
             if is_main:
-                print(f"warning: train.grad_cache_auto_mini_batch_gib measures GPU memory; on {step.device.type} "
-                      f"the mini-batch stays train.mini_batch_size = {train.mini_batch_size}", file=sys.stderr)
+                print(f"warning: speedups.auto_mini_batch_gib measures GPU memory; on {step.device.type} the "
+                      f"mini-batch stays train.mini_batch_size = {step.mini_batch_size}", file=sys.stderr)
             return step
         probe = cuda_probe(step)
-    cap = max(train.per_device_train_batch_size * len(t.columns) for t in cfg.tasks.values())
     devices = [step.device] if step.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        chosen, measured = choose_mini_batch_size(probe, train.mini_batch_size, cap, gib * 2**30)
+        chosen, measured = choose_mini_batch_size(probe, step.mini_batch_size, cap, gib * 2**30)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = torch.tensor([chosen], device=step.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -110,8 +107,9 @@ def fit_mini_batch(step, probe: Probe | None = None, is_main: bool = True):
     if is_main:
         shown = ", ".join(f"{c}: {'out of memory' if m is None else f'{m / 2**30:.2f} GiB'}"
                           for c, m in sorted(measured.items()))
-        print(f"bertino: mini-batches of {chosen} texts (train.grad_cache_auto_mini_batch_gib = {gib}; one "
-              f"forward + backward of C texts × {L} tokens: {shown})", file=sys.stderr)
-    tokens = None if train.grad_cache_mini_batch_tokens is None else chosen * L
-    new_train = dataclasses.replace(train, mini_batch_size=chosen, grad_cache_mini_batch_tokens=tokens)
-    return dataclasses.replace(step, cfg=dataclasses.replace(cfg, train=new_train))
+        print(f"bertino: mini-batches of {chosen} texts (speedups.auto_mini_batch_gib = {gib}; one forward + "
+              f"backward of C texts × {L} tokens: {shown})", file=sys.stderr)
+    fast = step.fast
+    if fast.settings.mini_batch_tokens is not None:
+        fast = with_settings(fast, mini_batch_tokens=chosen * L)
+    return dataclasses.replace(step, mini_batch_size=chosen, fast=fast)

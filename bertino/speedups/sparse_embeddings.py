@@ -6,7 +6,7 @@ The backward of an embedding lookup materialises a dense (V, D) gradient: for Mi
 47 MB zero-fill, then a 47 MB add into `.grad`, per backward — 16 times per step at C = 8 (≈ 0.3 s of a ≈ 5 s step
 on a 2-core CPU, measured). A sparse gradient holds only the rows of the mini-batch's tokens.
 
-So GradCache's pass 3 makes the tables' gradients sparse for every backward but the last (`grad_cache_plan.py`
+So GradCache's pass 3 makes the tables' gradients sparse for every backward but the last (`fast_grad_cache.py`
 decides which), and only where the mini-batch has fewer tokens than the table has rows (else sparse is no
 smaller). The last backward is dense, and autograd accumulates dense + sparse into a dense `.grad`: AdamW,
 clipping and DDP (whose all-reduce happens in that last backward) see an ordinary dense gradient.

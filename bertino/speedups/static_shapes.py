@@ -23,7 +23,7 @@ into chunks (docs/gradcache.md §1). A text's embedding does not depend on the o
 runs within a text, LayerNorm within a token) nor on extra padding (masked keys get weight exp(−∞) = 0, mean
 pooling skips them); with keyed dropout masks its masks do not either (bertino/keyed_dropout.py). An empty row —
 pad tokens with only position 0 unmasked, so that its attention stays finite — is cut off the chunk's output
-(`TrimRows`): its cache gradient is zero, so it adds exactly 0 to every parameter's gradient.
+(`fast_grad_cache.real_rows`): its cache gradient is zero, so it adds exactly 0 to every parameter's gradient.
 tests/test_static_shapes.py proves it in float64 with dropout on (keyed masks): every option against one plain
 full batch to 1e-10.
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..batching import PackedTokenIds
-from ..grad_cache import MiniBatch, Recompute
+from ..grad_cache import MiniBatch
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,9 @@ def static_mini_batches(ids: PackedTokenIds, shapes: StaticShapes, pad_id: int, 
     """The T texts of `ids` in the mini-batches of `shapes`, on `device` in one copy.
 
     Each MiniBatch holds features (rows, L) — its texts, then empty rows (pad ids, attention only at position 0) —
-    `texts` (r,) for its r real texts, and, with keyed masks, `dropout_keys` (rows,): the texts' keys, 0 for the
-    empty rows (whose masks do not matter: their outputs are cut off). `text_keys` (T,) on the host.
+    and `texts` (r,) for its r real texts; with keyed masks its features also hold `dropout_keys` (rows,): the
+    texts' keys, 0 for the empty rows (whose masks do not matter: their outputs are cut off). `text_keys` (T,) on
+    the host.
     """
     parts, layout = [], []
     for texts, L, rows in shapes.chunks(ids.lengths):
@@ -135,19 +136,7 @@ def static_mini_batches(ids: PackedTokenIds, shapes: StaticShapes, pad_id: int, 
             views.append(flat[at : at + n])
             at += n
         features = {"input_ids": views[0].view(rows, L), "attention_mask": views[1].view(rows, L)}
-        batches.append(MiniBatch(features, views[2], views[3] if text_keys is not None else None))
+        if text_keys is not None:
+            features["dropout_keys"] = views[3]  # (rows,)
+        batches.append(MiniBatch(features, views[2]))
     return batches
-
-
-class TrimRows(Recompute):
-    """Any `Recompute`, its outputs cut to the mini-batch's real texts (the empty rows' outputs dropped, so their
-    cache gradient is zero)."""
-
-    def __init__(self, inner: Recompute):
-        self.inner = inner
-
-    def first(self, module, batch):
-        return self.inner.first(module, batch)[: len(batch.texts)]
-
-    def again(self, model, batch):
-        return self.inner.again(model, batch)[: len(batch.texts)]
