@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -101,6 +102,20 @@ def rel_update_diff(w0: dict, w1: dict, w2: dict) -> float:
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_steps(run: Path, reference: Path, rel: float, keys: tuple[str, ...] | None = None) -> int:
+    """Every logged step of `run` has the loss of each task and the gradient norm of `reference`'s, within `rel`
+    (AdamW hides a uniform factor on the gradient in the weights; the norm shows it) → the number of steps."""
+    a = [r for r in read_metrics(run) if "grad_norm" in r]
+    b = [r for r in read_metrics(reference) if "grad_norm" in r]
+    assert len(a) == len(b) > 0 and [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        names = keys or tuple(k for k in y if k == "grad_norm" or k.startswith("loss/"))
+        assert set(names) <= set(x), (x, y)
+        for key in names:
+            assert x[key] == pytest.approx(y[key], rel=rel), (x["step"], key, x[key], y[key])
+    return len(a)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── gradient checks
@@ -197,12 +212,36 @@ def full_batch_from_mini_batch_forwards(enc, texts, loss_fn):
     return grads(enc)
 
 
-def grad_cache_grads(enc, texts, loss_fn, seed: int | None = 123, model=None, **step_kwargs):
-    """GradCache's gradient of loss × SCALE (the RNG seeded first unless seed is None)."""
+def grad_cache_grads(enc, texts, loss_fn, seed: int | None = 123, model=None, fast=None, size: int = C,
+                     autocast=None, first_pass_size: int | None = None):
+    """GradCache's gradient of loss × SCALE (the RNG seeded first unless seed is None): the textbook
+    (bertino/grad_cache.py), or with `fast` the passes with its speed-ups (speedups/fast_grad_cache.py)."""
+    import contextlib
+
     from bertino.grad_cache import grad_cache_step
+    from bertino.speedups import fast_grad_cache
 
     if seed is not None:
         torch.manual_seed(seed)
-    grad_cache_step(model or enc, mini_batches(enc, texts, step_kwargs.pop("size", C)), loss_fn,
-                    scale_fn=lambda loss: loss * SCALE, **step_kwargs)
+    batches, autocast = mini_batches(enc, texts, size), autocast or contextlib.nullcontext
+    scale_fn = lambda loss: loss * SCALE  # noqa: E731
+    if fast is None:
+        grad_cache_step(model or enc, batches, loss_fn, scale_fn, autocast)
+    else:
+        first = mini_batches(enc, texts, first_pass_size) if first_pass_size else None
+        fast_grad_cache.grad_cache_step(model or enc, batches, loss_fn, scale_fn, autocast, fast, first)
     return grads(enc)
+
+
+def fast_path(enc, keep_graphs: int = 0, keep_last: bool = True, sparse: bool = False, tape=None, keys=None, **more):
+    """The speed-ups of the fast GradCache passes, installed into `enc` (tape: the names of the linears to tape)."""
+    from bertino.speedups.fast_grad_cache import FastGradCache
+    from bertino.speedups.linear_tape import install_linear_tape
+    from bertino.speedups.settings import SpeedupsConfig
+    from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads
+
+    settings = SpeedupsConfig(keep_last_graph=keep_last, memory_budget=keep_graphs, sparse_embedding_grads=sparse,
+                              linear_tape=tape is not None, cpu_dropout=False, **more)
+    return FastGradCache(settings, enc.max_seq_length, keys,
+                         sparse=install_sparse_embedding_grads(enc.model) if sparse else None,
+                         tape=install_linear_tape(enc.model, tape) if tape else None)

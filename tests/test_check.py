@@ -19,11 +19,37 @@ def drop_dir(tmp_path_factory):
     return make_distilbert(tmp_path_factory.mktemp("check_drop"), dropout=0.2, seed=11)
 
 
-def two_task(tmp, model, **train):
+def two_task(tmp, model, speedups=None, sts_first=False, **train):
     cfg = train_config(tmp, model, **{"per_device_train_batch_size": 6, "mini_batch_size": 5, **train})
-    cfg["tasks"]["sts"] = {"dataset": str(write_jsonl(tmp / "sts.jsonl", sts_rows(12))),
-                           "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
+    sts = {"dataset": str(write_jsonl(tmp / "sts.jsonl", sts_rows(12))),
+           "columns": ["sentence1", "sentence2", "score"], "loss": "cosent", "score_scale": 5.0}
+    cfg["tasks"] = {"sts": sts, **cfg["tasks"]} if sts_first else {**cfg["tasks"], "sts": sts}
+    if speedups is not None:
+        cfg["speedups"] = speedups
     return write_config(tmp, cfg)
+
+
+def break_cache(monkeypatch, factor: float) -> None:
+    """GradCache's cache (pass 2) multiplied by `factor`, in the textbook and in the fast passes."""
+    from bertino import grad_cache
+    from bertino.speedups import fast_grad_cache
+
+    original = grad_cache.build_cache
+
+    def scaled(loss_fn, reps, scale_fn=lambda loss: loss):
+        loss, cache = original(loss_fn, reps, scale_fn)
+        return loss, cache * factor
+
+    monkeypatch.setattr(grad_cache, "build_cache", scaled)
+    monkeypatch.setattr(fast_grad_cache, "build_cache", scaled)
+
+
+def break_replay(monkeypatch) -> None:
+    """Pass 3 without the RNG replay: dropout draws new masks."""
+    from bertino.grad_cache import RandContext
+
+    monkeypatch.setattr(RandContext, "__enter__", lambda self: None)
+    monkeypatch.setattr(RandContext, "__exit__", lambda self, *exc: None)
 
 
 def run_check(capsys, *args) -> tuple[int, str]:
@@ -33,7 +59,7 @@ def run_check(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("dropout", ["keyed", "stream", "off"])
 def test_the_check_passes_on_a_correct_run(drop_dir, tmp_path, capsys, dropout):
-    config = two_task(tmp_path, drop_dir, grad_cache_memory_budget=1)
+    config = two_task(tmp_path, drop_dir, speedups={"memory_budget": 1})
     code, out = run_check(capsys, "--config", config, "--steps", 3, "--dropout", dropout)
     print(out)
     assert code == 0, out
@@ -45,10 +71,11 @@ def test_the_check_passes_on_a_correct_run(drop_dir, tmp_path, capsys, dropout):
     assert losses and all(abs(float(a) - float(b)) < 1e-4 for a, b in losses)
 
 
-FAST_PATH = {"buckets": ["train.grad_cache_length_multiple=8"],
-             "buckets + tokens": ["train.grad_cache_length_multiple=8", "train.grad_cache_mini_batch_tokens=48"],
-             "graphs": ["train.grad_cache_length_multiple=8", "train.grad_cache_cuda_graphs=true",
-                        "train.grad_cache_mini_batch_tokens=48"]}
+FAST_PATH = {"buckets": ["speedups.length_multiple=8"],
+             "buckets + tokens": ["speedups.length_multiple=8", "speedups.mini_batch_tokens=48"],
+             "graphs": ["speedups.length_multiple=8", "speedups.cuda_graphs=true", "speedups.mini_batch_tokens=48"],
+             "textbook": ["speedups=null"],
+             "old keys": ["train.grad_cache_length_multiple=8", "train.grad_cache_mini_batch_tokens=48"]}
 
 
 @pytest.mark.parametrize("name", FAST_PATH)
@@ -58,24 +85,67 @@ def test_the_check_passes_on_static_shapes_and_the_graph_path(drop_dir, tmp_path
     code, out = run_check(capsys, "--config", config, *FAST_PATH[name], "--steps", 3, "--float64")
     print(out)
     assert code == 0 and "verdict: OK" in out, out
-    assert "lengths padded to multiples of 8" in out and ("CUDA graphs (uncaptured on CPU)" in out) == (name == "graphs")
+    assert ("lengths padded to multiples of 8" in out) == (name != "textbook")
+    assert ("CUDA graphs (uncaptured on CPU)" in out) == (name == "graphs")
+    assert ("speedups null: the textbook" in out) == (name == "textbook")
     assert re.search(r"overall \d\.\d\de-1[1-9]", out)
 
 
 def test_the_check_passes_on_buckets_with_stream_masks(drop_dir, tmp_path, capsys):
-    code, out = run_check(capsys, "--config", two_task(tmp_path, drop_dir), "train.grad_cache_length_multiple=8",
+    code, out = run_check(capsys, "--config", two_task(tmp_path, drop_dir), "speedups.length_multiple=8",
                           "--dropout", "stream")
     assert code == 0 and "verdict: OK" in out, out
 
 
+@pytest.mark.parametrize("speedups", [None, "null"], ids=["default speed-ups", "textbook"])
 @pytest.mark.parametrize("breakage,dropout", [("no-replay", "stream"), ("cache-scale", "keyed")])
-def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, breakage, dropout):
+def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, monkeypatch, breakage, dropout,
+                                                    speedups):
     config = two_task(tmp_path, drop_dir)
-    code, out = run_check(capsys, "--config", config, "--dropout", dropout, "--break", breakage)
+    if breakage == "no-replay":
+        break_replay(monkeypatch)
+    else:
+        break_cache(monkeypatch, 1.01)
+    extra = [f"speedups={speedups}"] if speedups else []
+    code, out = run_check(capsys, "--config", config, "--dropout", dropout, *extra)
     assert code == 1, out
     assert "verdict: FAILED" in out
     failed = re.search(r"failed: (.*)", out).group(1)
     assert "layer 0 attention" in failed and "the whole gradient" in failed  # the offending groups are named
+
+
+@pytest.mark.parametrize("factor,float64", [(1 + 1e-4, False), (1 + 1e-8, True)])
+def test_a_gradient_wrong_just_above_the_tolerance_fails(drop_dir, tmp_path, capsys, monkeypatch, factor, float64):
+    """A cache off by 1e-4 (10 × fp32's tolerance of 1e-5) fails in fp32; off by 1e-8 (far below fp32's, 100 ×
+    float64's 1e-10) passes in fp32 and fails with --float64: each tolerance is the one applied."""
+    config = two_task(tmp_path, drop_dir)
+    break_cache(monkeypatch, factor)
+    code, out = run_check(capsys, "--config", config, "--dropout", "off", *(["--float64"] if float64 else []))
+    assert code == 1 and "the whole gradient" in re.search(r"failed: (.*)", out).group(1), out
+    if float64:
+        code, out = run_check(capsys, "--config", config, "--dropout", "off")
+        assert code == 0, out
+
+
+def test_a_schedule_that_starts_with_a_cosent_batch_still_checks_grad_cache(drop_dir, tmp_path, capsys, monkeypatch):
+    """`--steps 1` on a schedule whose first batch is CoSENT (no GradCache): the first retrieval batch is checked
+    too, so a broken pass 3 cannot pass unseen."""
+    config = two_task(tmp_path, drop_dir, sts_first=True, multi_dataset_batch_sampler="round_robin")
+    code, out = run_check(capsys, "--config", config, "--steps", 1)
+    assert code == 0, out
+    assert re.findall(r"^step \d+, task '(\w+)'", out, flags=re.M) == ["sts", "retrieval"]
+    break_cache(monkeypatch, 1.01)
+    code, out = run_check(capsys, "--config", config, "--steps", 1)
+    assert code == 1 and "verdict: FAILED" in out, out
+
+
+def test_a_config_without_grad_cache_is_an_error(drop_dir, tmp_path, capsys):
+    cfg = train_config(tmp_path, drop_dir)
+    cfg["tasks"]["retrieval"]["loss"] = "mnrl"
+    proc = subprocess.run([sys.executable, "-m", "bertino.check", "--config", str(write_config(tmp_path, cfg))],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "no task trains with GradCache" in proc.stderr, proc.stderr
 
 
 def test_the_v5_recipe_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
@@ -124,8 +194,7 @@ def test_two_processes_on_the_graph_path_check_against_one(drop_dir, tmp_path):
     last through the wrapper after the flush, so the one all-reduce carries the whole gradient."""
     config = write_config(tmp_path, train_config(tmp_path, drop_dir, per_device_train_batch_size=3,
                                                  mini_batch_size=5, gather_across_devices=True))
-    proc = torchrun_check(config, "train.grad_cache_length_multiple=8", "train.grad_cache_cuda_graphs=true",
-                          "--steps", 2)
+    proc = torchrun_check(config, "speedups.length_multiple=8", "speedups.cuda_graphs=true", "--steps", 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "CUDA graphs" in proc.stdout and "verdict: OK" in proc.stdout
 

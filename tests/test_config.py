@@ -12,6 +12,7 @@ from bertino.plumbing.config import (
     load_config, save_config,
 )
 from bertino.plumbing.typed_json import parse_override
+from bertino.speedups.settings import SpeedupsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,8 +108,10 @@ def test_new_task_by_override():
 def test_unknown_key_lists_valid_keys_and_path():
     msg = error_of("train.learning_rat=1e-5")
     assert msg.startswith("train.learning_rat: unknown key 'learning_rat'")
-    for key in ("learning_rate", "per_device_train_batch_size", "resume_from_checkpoint", "grad_cache_memory_budget"):
+    for key in ("learning_rate", "per_device_train_batch_size", "resume_from_checkpoint", "ddp_timeout"):
         assert key in msg
+    msg = error_of("speedups.memory_budgt=1")
+    assert msg.startswith("speedups.memory_budgt: unknown key") and "memory_budget, linear_tape" in msg
     msg = error_of("tasks.sts.datset=x")
     assert "tasks.sts.datset" in msg and "dataset, columns, loss, config, split, scale, score_scale, balance_to" in msg
     msg = error_of("modle.name_or_path=x")
@@ -211,20 +214,29 @@ def test_accepted_types():
     (["train.load_best_model_at_end=true", "train.metric_for_best_model=spearman_cosine", 'eval.ir=["x"]'],
      "needs at least one file in eval.sts"),
     (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite"),
-    (["train.grad_cache_memory_budget=-1"], "train.grad_cache_memory_budget"),
-    (["train.grad_cache_length_multiple=0"], "train.grad_cache_length_multiple: expected ≥ 1 or null"),
-    (["train.grad_cache_mini_batch_tokens=0"], "train.grad_cache_mini_batch_tokens: expected ≥ 1 or null"),
-    (["train.grad_cache_auto_mini_batch_gib=0"], "train.grad_cache_auto_mini_batch_gib: expected > 0"),
-    (['model.dropout_masks="keyed"', "train.grad_cache_first_pass_mini_batch_size=64",
-      "train.grad_cache_length_multiple=32"], "train.grad_cache_length_multiple: static shapes cut pass 1"),
-    (["train.grad_cache_cuda_graphs=true", "train.grad_cache_length_multiple=32"],
-     'train.grad_cache_cuda_graphs: pass 3\'s replay must draw pass 1\'s dropout masks'),
-    (['model.dropout_masks="keyed"', "train.grad_cache_cuda_graphs=true"],
-     "train.grad_cache_cuda_graphs: graphs need mini-batch shapes that repeat"),
-    (['model.dropout_masks="keyed"', "train.grad_cache_cuda_graphs=true", "train.grad_cache_length_multiple=32",
-      "train.grad_cache_linear_tape=true"], "train.grad_cache_cuda_graphs: graphed passes recompute every"),
-    (['model.dropout_masks="keyed"', "train.grad_cache_cuda_graphs=true", "train.grad_cache_length_multiple=32",
-      "train.grad_cache_memory_budget=2"], "train.grad_cache_cuda_graphs: graphed passes recompute every"),
+    (["speedups.memory_budget=-1"], "speedups.memory_budget"),
+    (["speedups.length_multiple=0"], "speedups.length_multiple: expected ≥ 1 or null"),
+    (["speedups.mini_batch_tokens=0"], "speedups.mini_batch_tokens: expected ≥ 1 or null"),
+    (["speedups.auto_mini_batch_gib=0"], "speedups.auto_mini_batch_gib: expected > 0"),
+    (["speedups.first_pass_mini_batch_size=64"], "speedups.first_pass_mini_batch_size: pass 1 in other chunks"),
+    (['model.dropout_masks="keyed"', "speedups.first_pass_mini_batch_size=64", "speedups.linear_tape=true"],
+     "speedups.first_pass_mini_batch_size: a separate first pass recomputes every mini-batch"),
+    (['model.dropout_masks="keyed"', "speedups.first_pass_mini_batch_size=64",
+      "speedups.length_multiple=32"], "speedups.length_multiple: static shapes cut pass 1"),
+    (["speedups.cuda_graphs=true", "speedups.length_multiple=32"],
+     'speedups.cuda_graphs: pass 3\'s replay must draw pass 1\'s dropout masks'),
+    (['model.dropout_masks="keyed"', "speedups.cuda_graphs=true"],
+     "speedups.cuda_graphs: graphs need mini-batch shapes that repeat"),
+    (['model.dropout_masks="keyed"', "speedups.cuda_graphs=true", "speedups.length_multiple=32",
+      "speedups.linear_tape=true"], "speedups.cuda_graphs: graphed passes recompute every"),
+    (['model.dropout_masks="keyed"', "speedups.cuda_graphs=true", "speedups.length_multiple=32",
+      "speedups.memory_budget=2"], "speedups.cuda_graphs: graphed passes recompute every"),
+    # the old places of the speed-up keys still work, so their mistakes are still named (at the new place)
+    (["train.grad_cache_memory_budget=-1"], "speedups.memory_budget: expected ≥ 0"),
+    (["train.grad_cache_memory_budget=2", "speedups.memory_budget=1"],
+     "train.grad_cache_memory_budget and speedups.memory_budget are the same key (it moved) and disagree"),
+    (["speedups=null", "train.grad_cache_linear_tape=true"],
+     "train.grad_cache_linear_tape (now speedups.linear_tape) is true (boolean), but speedups is null"),
     (["eval.dims=[128,128]"], "eval.dims"),
     (["eval.dims=[]"], "eval.dims"),
     (["eval.batch_size=0"], "eval.batch_size"),
@@ -233,6 +245,26 @@ def test_accepted_types():
 ])
 def test_semantic_checks(overrides, fragment):
     assert fragment in error_of(*overrides)
+
+
+def test_the_speedups_section_its_defaults_null_and_the_old_keys():
+    cfg = build()
+    assert cfg.speedups == SpeedupsConfig() and cfg.speedups.keep_last_graph and cfg.speedups.sparse_embedding_grads
+    assert build("speedups=null").speedups is None  # the textbook
+    assert build("speedups.linear_tape=true").speedups == SpeedupsConfig(linear_tape=True)  # the rest: defaults
+    notices = []
+    old = config_from_dict(apply_overrides(minimal(), ["train.grad_cache_memory_budget=2", "train.adamw_fused=true",
+                                                       "train.grad_cache_first_pass_mini_batch_size=null"]),
+                           notices=notices)
+    assert old.speedups == SpeedupsConfig(memory_budget=2, adamw_fused=True)
+    assert notices == ["train.grad_cache_memory_budget is now speedups.memory_budget (the old key still works)",
+                       "train.grad_cache_first_pass_mini_batch_size is now speedups.first_pass_mini_batch_size "
+                       "(the old key still works)",
+                       "train.adamw_fused is now speedups.adamw_fused (the old key still works)"]
+    # the same value at both places, or an old key at its default under "speedups": null, is no conflict
+    assert build("train.grad_cache_memory_budget=2", "speedups.memory_budget=2").speedups.memory_budget == 2
+    assert build("speedups=null", "train.grad_cache_linear_tape=false").speedups is None
+    assert config_from_dict(config_to_dict(old)) == old  # the resolved config round-trips at the new places
 
 
 def test_valid_edge_values():

@@ -1,5 +1,5 @@
 """The CUDA-graph path of GradCache (bertino/speedups/cuda_graphs.py) on the CPU, where it runs uncaptured: the same
-static buffers, accumulators, flush and plan as on a GPU. It gives one plain full batch's gradient with dropout on
+static buffers, accumulators, flush and plan (fast_grad_cache.plan_step) as on a GPU. It gives one plain full batch's gradient with dropout on
 (keyed masks, float64, 1e-10), pass 3 sees pass 1's masks, each shape gets one pair of graphs, the accumulators
 reach `.grad` once per step, and under DDP the last mini-batch runs through the wrapper after the flush, so the
 one all-reduce carries every mini-batch's gradient. (scripts/cuda_checks.py checks the captured graphs on a GPU.)
@@ -7,18 +7,20 @@ one all-reduce carries every mini-batch's gradient. (scripts/cuda_checks.py chec
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import make_distilbert
-from helpers import CASES, SCALE, full_batch_plain, grads, max_rel_error, token_ids
+from helpers import CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, token_ids
 
 from bertino import SentenceEncoder
-from bertino.grad_cache import Recompute, grad_cache_step
 from bertino.keyed_dropout import install_keyed_dropout, text_keys
-from bertino.speedups.cuda_graphs import GraphedChunks, GraphedRecompute
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups
-from bertino.speedups.static_shapes import StaticShapes, TrimRows, static_mini_batches
+from bertino.speedups.cuda_graphs import GraphedChunks
+from bertino.speedups.fast_grad_cache import FastGradCache, plan_step
+from bertino.speedups.settings import SpeedupsConfig
+from bertino.speedups.static_shapes import StaticShapes, static_mini_batches
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,12 @@ def graphed(folder, dtype=torch.float64):
     enc = SentenceEncoder.from_pretrained(folder).to(dtype).train()
     keys = install_keyed_dropout(enc.model)
     chunks = GraphedChunks(enc, keys, enc.max_seq_length)
-    return enc, keys, chunks, GradCacheSpeedups(keys=keys, trim_rows=True, graphs=chunks)
+    settings = SpeedupsConfig(cuda_graphs=True, length_multiple=4, cpu_dropout=False, sparse_embedding_grads=False)
+    return enc, keys, chunks, FastGradCache(settings, enc.max_seq_length, keys, graphs=chunks)
+
+
+def step(model, batches, loss_fn, fast, scale_fn=lambda x: x, autocast=contextlib.nullcontext):
+    return fast.grad_cache_step(model, batches, loss_fn, scale_fn, autocast)
 
 
 def batches_of(enc, texts, tk, C=5, tokens=None):
@@ -40,7 +47,7 @@ def batches_of(enc, texts, tk, C=5, tokens=None):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir, case):
-    enc, keys, chunks, plan = graphed(drop_dir)
+    enc, keys, chunks, fast = graphed(drop_dir)
     assert chunks.capture is None  # decided at the first chunk: on a CPU, no capture
     texts, loss_fn = CASES[case]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
@@ -50,7 +57,7 @@ def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir
     for C, tokens in ((8, None), (5, None), (5, 40)):
         batches = batches_of(enc, texts, tk, C, tokens)
         empty_rows += sum(b.features["input_ids"].shape[0] - len(b.texts) for b in batches)
-        grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, plan=plan)
+        step(enc, batches, loss_fn, fast, lambda x: x * SCALE)
         err = max_rel_error(grads(enc), want)
         print(f"{case}, C={C}, tokens={tokens}: graph path vs one full batch, dropout on: {err:.2e}")
         assert err <= 1e-10, (C, tokens)
@@ -60,25 +67,24 @@ def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir
 
 
 def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop_dir):
-    enc, keys, chunks, plan = graphed(drop_dir)
+    enc, keys, chunks, fast = graphed(drop_dir)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     batches = batches_of(enc, texts, tk)
     for b in batches:  # pass 1's embeddings = an autograd forward of the same chunk with its keys, bitwise
-        with keys.use(b.dropout_keys):
-            eager = enc(b.features)[: len(b.texts)]
+        eager = enc(b.features)[: len(b.texts)]  # the features carry the texts' keys
         assert torch.equal(chunks.forward(b), eager.detach())
     flushes = []
     original = chunks.flush
     chunks.flush = lambda: (flushes.append(1), original())[1]
-    grad_cache_step(enc, batches, loss_fn, plan=plan)
+    step(enc, batches, loss_fn, fast)
     shapes = {tuple(b.features["input_ids"].shape) for b in batches}
     assert {k[:2] for k in chunks.first_graphs} == {k[:2] for k in chunks.again_graphs} == shapes
     assert len(shapes) < len(batches)  # shapes repeat within a step: one graph pair serves several chunks
     assert flushes == [1] and all(a.abs().max() == 0 for a in chunks.acc)  # flushed once, accumulators zeroed
     once = grads(enc)
     for _ in range(2):  # two steps without zero_grad: the flush adds onto the existing .grad
-        grad_cache_step(enc, batches, loss_fn, plan=plan)
+        step(enc, batches, loss_fn, fast)
     twice = grads(enc)
     assert max_rel_error(twice, {n: 2 * g for n, g in once.items()}) <= 1e-12
 
@@ -86,7 +92,7 @@ def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop
 def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_dir):
     """A graph's static buffers outlive the step: a (C, L) shape first filled by C texts, then by C − 1 (one empty
     row), must not let the empty row backpropagate the cache row the last text of the earlier step left there."""
-    enc, keys, chunks, plan = graphed(drop_dir)
+    enc, keys, chunks, fast = graphed(drop_dir)
     texts, _ = CASES["mnrl_2_hard_negatives"]()
     weights = torch.linspace(0.5, 2.0, 32, dtype=torch.float64)
 
@@ -98,7 +104,7 @@ def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_d
         tk = text_keys(0, n, torch.arange(n))
         batches = static_mini_batches(token_ids(enc, texts[:n]), one_bucket, enc.tokenizer.pad_token_id,
                                       text_keys=tk)
-        grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, plan=plan)
+        step(enc, batches, loss_fn, fast, lambda x: x * SCALE)
         got = grads(enc)
         with keys.use(tk):
             want = full_batch_plain(enc, texts[:n], loss_fn)
@@ -108,14 +114,13 @@ def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_d
 
 def test_the_graph_path_under_bf16_autocast(drop_dir):
     """bf16 autocast on the CPU: the graph path (weight-cast cache off) equals the same static chunks eagerly."""
-    enc, keys, chunks, plan = graphed(drop_dir, torch.float32)
+    enc, keys, chunks, fast = graphed(drop_dir, torch.float32)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    grad_cache_step(enc, batches_of(enc, texts, tk), loss_fn, autocast=amp,
-                    plan=GradCacheSpeedups(keys=keys, keep_last=False, trim_rows=True))
+    step(enc, batches_of(enc, texts, tk), loss_fn, fast_path(enc, keys=keys, keep_last=False), autocast=amp)
     eager = grads(enc)
-    grad_cache_step(enc, batches_of(enc, texts, tk), loss_fn, autocast=amp, plan=plan)
+    step(enc, batches_of(enc, texts, tk), loss_fn, fast, autocast=amp)
     err = max_rel_error(grads(enc), eager)
     print(f"graph path vs eager, bf16 autocast: {err:.2e}")
     assert err <= 1e-6
@@ -125,12 +130,10 @@ def test_the_graph_path_under_bf16_autocast(drop_dir):
 def test_under_ddp_the_last_mini_batch_all_reduces_every_gradient(drop_dir, tmp_path):
     """DDP (gloo, one process): every mini-batch but the last is graphed; the last runs through the wrapper,
     outside no_sync, after the flush — so the one all-reduce of the step carries the whole gradient."""
-    enc, keys, chunks, plan = graphed(drop_dir)
-    built = plan(4, distributed=True)
-    assert [type(r) for r in built.recompute] == [GraphedRecompute] * 3 + [TrimRows]
-    assert [r.flush for r in built.recompute[:3]] == [False, False, True]
-    assert type(built.recompute[3].inner.inner) is Recompute and not built.recompute[3].inner.inner.replay_rng
-    assert all(type(r) is GraphedRecompute for r in plan(4, distributed=False).recompute)
+    enc, keys, chunks, fast = graphed(drop_dir)
+    plan = plan_step(fast, 4, distributed=True)
+    assert plan.graphed == {0, 1, 2} and plan.order == (0, 1, 2, 3) and not plan.kept and not plan.replay_rng
+    assert plan_step(fast, 4, distributed=False).graphed == {0, 1, 2, 3}
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     with keys.use(tk):
@@ -147,7 +150,7 @@ def test_under_ddp_the_last_mini_batch_all_reduces_every_gradient(drop_dir, tmp_
             return fut
 
         ddp.register_comm_hook(None, hook)
-        grad_cache_step(ddp, batches_of(enc, texts, tk), loss_fn, lambda x: x * SCALE, plan=plan)
+        step(ddp, batches_of(enc, texts, tk), loss_fn, fast, lambda x: x * SCALE)
         got = {n: p.grad.clone() for n, p in enc.named_parameters()}
         enc.zero_grad(set_to_none=True)
     finally:

@@ -1,6 +1,6 @@
 """Classic GradCache (bertino/grad_cache.py) is the full-batch gradient: every parameter, fp32 and float64, dropout
 off and on, MNRL with hard negatives and CoSENT, Matryoshka, a scaled loss, a mini-batch size that does not divide
-the batch. The faster plans are compared with this one in tests/test_speedups.py.
+the batch. The fast passes (speedups/fast_grad_cache.py) are compared with this one in tests/test_speedups.py.
 
 The model here is the plain DistilBERT (torch's dropout, SDPA attention): no speed-up is installed.
 """
@@ -16,7 +16,8 @@ from helpers import (CASES, SCALE, full_batch_from_mini_batch_forwards, full_bat
                      grad_cache_grads, grads, max_rel_error, mini_batches, retrieval_case, token_ids)
 
 from bertino import SentenceEncoder
-from bertino.grad_cache import Plan, RandContext, Recompute, classic_plan, forward_no_grad, grad_cache_step
+
+from bertino.grad_cache import RandContext, build_cache, forward_backward, forward_no_grad, grad_cache_step
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +51,16 @@ def test_dropout_on_equals_full_batch_graph_of_the_same_masks(tiny_model_dir, ca
     assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, seed=7), want) > 1e-3
 
 
-def test_without_the_rng_replay_the_gradient_is_wrong(tiny_model_dir):
+def test_without_the_rng_replay_the_gradient_is_wrong(tiny_model_dir, monkeypatch):
     """Pass 3 without RandContext (dropout draws new masks) no longer matches: the replay is what makes it exact."""
-
-    class NoReplay(Recompute):
-        def again(self, model, batch):
-            return model(batch.features)
-
     enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
     texts, loss_fn = retrieval_case()
     torch.manual_seed(123)
     want = full_batch_from_mini_batch_forwards(enc, texts, loss_fn)
-    plan = lambda n, distributed: Plan([NoReplay() for _ in range(n)], list(range(n)))  # noqa: E731
-    assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, plan=plan), want) > 1e-3
+    assert max_rel_error(grad_cache_grads(enc, texts, loss_fn), want) < 1e-10
+    monkeypatch.setattr(RandContext, "__enter__", lambda self: None)  # pass 3 keeps drawing from the stream
+    monkeypatch.setattr(RandContext, "__exit__", lambda self, *exc: None)
+    assert max_rel_error(grad_cache_grads(enc, texts, loss_fn), want) > 1e-3
 
 
 def test_rng_replay_is_bitwise_and_leaves_the_callers_stream_untouched(tiny_model_dir):
@@ -70,10 +68,11 @@ def test_rng_replay_is_bitwise_and_leaves_the_callers_stream_untouched(tiny_mode
     texts, _ = retrieval_case()
     batches = mini_batches(enc, texts)
     torch.manual_seed(0)
-    plan = classic_plan(len(batches))
-    reps = forward_no_grad(enc, batches, plan)
-    for i, b in enumerate(batches):
-        again = plan.recompute[i].again(enc, b)  # with autograd, as in pass 3
+    reps, rng_states = forward_no_grad(enc, batches)
+    assert len(rng_states) == len(batches)
+    for i, (b, rng) in enumerate(zip(batches, rng_states)):
+        with rng:
+            again = enc(b.features)  # with autograd, as in pass 3
         assert torch.equal(again, reps[b.texts]), f"mini-batch {i} differs after the RNG replay"
         assert not torch.equal(enc(b.features), reps[b.texts])  # without the replay the masks differ
 
@@ -141,12 +140,9 @@ def test_pass_3_syncs_only_its_last_backward(no_dropout_dir):
     texts, loss_fn = retrieval_case()
     wrapper = RecordsSync(enc)
     batches = mini_batches(enc, texts)
-    plan = classic_plan(len(batches))
-    reps = forward_no_grad(enc, batches, plan)
-    from bertino.grad_cache import build_cache, forward_backward
-
+    reps, rng_states = forward_no_grad(enc, batches)
     _, cache = build_cache(loss_fn, reps)
-    forward_backward(wrapper, batches, cache, plan)
+    forward_backward(wrapper, batches, cache, rng_states)
     assert wrapper.synced == [False] * (len(batches) - 1) + [True]  # one all-reduce per step, in the last backward
 
 

@@ -10,15 +10,13 @@ import math
 import pytest
 import torch
 from conftest import make_distilbert
-from helpers import (C, CASES, SCALE, full_batch_plain, grads, max_rel_error, retrieval_case, token_ids)
+from helpers import C, CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, retrieval_case, token_ids
 
 from bertino import SentenceEncoder
-from bertino.grad_cache import grad_cache_step, make_mini_batches
+from bertino.grad_cache import forward_no_grad, grad_cache_step, make_mini_batches
 from bertino.keyed_dropout import (DropoutKeys, GAMMA, KeyedAttention, KeyedDropout, global_text_index,
                                    install_keyed_dropout, keep_mask, mix, mix_int, text_keys)
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups, larger_first_pass_step
-from bertino.speedups.linear_tape import install_linear_tape
-from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads
+from bertino.speedups.linear_tape import DEFAULT_TAPED
 
 
 # ================================================================================================ the hash
@@ -124,6 +122,39 @@ def test_installed_sites_and_eval_mode(drop_dir):
         enc(enc.tokenize(texts))  # a training forward must say whose masks it draws
 
 
+def test_keyed_dropout_and_attention_are_the_formulas_with_the_inverted_scale():
+    """Against the formulas by hand, from the same keys: x · m / (1 − p), and softmax(q kᵀ/√Dh + pad) · m / (1 − p) · v.
+    (Every other keyed test compares two paths through the same modules, where a wrong scale would cancel; here a
+    missing 1/(1 − p), or one applied twice, would make train-mode activations differ from eval's in expectation.)"""
+    cpu, p = torch.device("cpu"), 0.25
+    keys = DropoutKeys(max_positions=64)
+    index = text_keys(0, 1, torch.tensor([4, 9]))
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    drop = KeyedDropout(p, site=3, keys=keys).train()
+    with keys.use(index):
+        m = keep_mask(keys.site_keys(3, cpu), keys.counters("hidden", 5, 8, cpu), p)  # (2, 5, 8)
+        assert torch.allclose(drop(x), x * m / (1 - p), atol=1e-15, rtol=0)
+    assert 0 < m.float().mean() < 1
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=g) for _ in range(3))  # (B, H, L, Dh)
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    pad[1, ..., 3:] = False  # the second text has 3 tokens
+    attention = KeyedAttention(p, site=1, keys=keys).train()
+    with keys.use(index):
+        got = attention(q, k, v, pad)
+        m = keep_mask(keys.site_keys(1, cpu), keys.counters("attention", 5, 4, cpu), p)  # (2, 4, 5, 5)
+    probs = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~pad, float("-inf")).softmax(-1)
+    assert torch.allclose(got, (probs * m / (1 - p)) @ v, atol=1e-12, rtol=0)
+    assert torch.allclose(attention.eval()(q, k, v, pad), probs @ v, atol=1e-12, rtol=0)  # eval: nothing dropped
+
+    # the expectation: over many texts, a train-mode activation averages to the eval one (E[m / (1 − p)] = 1)
+    ones = torch.ones(2000, 8, 32)
+    with keys.use(text_keys(0, 2, torch.arange(2000))):
+        mean = drop(ones).mean().item()
+    assert abs(mean - 1) < 5 * (p / (1 - p) / ones.numel()) ** 0.5, mean
+
+
 def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(drop_dir):
     enc, keys = keyed_encoder(drop_dir)
     texts = ["il gatto", "Leonardo da Vinci e la Gioconda al Louvre di Parigi", "roma"]
@@ -140,17 +171,18 @@ def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(drop_dir):
 
 
 # ================================================================================================ GradCache = full batch
-def keyed_grad_cache(enc, keys, texts, loss_fn, size=C, first_pass=None, **plan_kwargs):
+def keyed_grad_cache(enc, keys, texts, loss_fn, size=C, fast=None, first_pass=None):
+    """GradCache with keyed masks: the textbook (`fast` None), or the fast passes, pass 1 in chunks of `first_pass`."""
     ids = token_ids(enc, texts)
     tk = text_keys(0, 2, torch.arange(len(texts)))
-    batches = make_mini_batches(ids, size, enc.tokenizer.pad_token_id, text_keys=tk)
-    plan = GradCacheSpeedups(keys=keys, **plan_kwargs)
-    if first_pass is None:
-        grad_cache_step(enc, batches, loss_fn, lambda loss: loss * SCALE, plan=plan)
+    batches = make_mini_batches(ids, size, enc.tokenizer.pad_token_id, text_keys=tk)  # the keys in the features
+    if fast is None:
+        grad_cache_step(enc, batches, loss_fn, lambda loss: loss * SCALE)
     else:
-        larger_first_pass_step(enc, batches, make_mini_batches(ids, first_pass, enc.tokenizer.pad_token_id,
-                                                               text_keys=tk),
-                               loss_fn, lambda loss: loss * SCALE, lambda: torch.autocast("cpu", enabled=False), plan)
+        first = None if first_pass is None else make_mini_batches(ids, first_pass, enc.tokenizer.pad_token_id,
+                                                                  text_keys=tk)
+        fast.grad_cache_step(enc, batches, loss_fn, lambda loss: loss * SCALE,
+                             lambda: torch.autocast("cpu", enabled=False), first)
     return grads(enc)
 
 
@@ -159,8 +191,8 @@ def keyed_full_batch(enc, keys, texts, loss_fn):
         return full_batch_plain(enc, texts, loss_fn)
 
 
-PLANS = {"classic": dict(keep_last=False), "free last graph": {}, "memory budget 2": dict(keep_graphs=2),
-         "first pass 16": dict(keep_last=False, first_pass=16)}
+SWITCHES = {"textbook": None, "free last graph": {}, "memory budget 2": dict(keep_graphs=2),
+            "first pass 16": dict(first_pass=16)}  # a separate first pass keeps no graph, whatever keep_last says
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -169,8 +201,10 @@ def test_grad_cache_with_keyed_masks_equals_one_full_batch_with_dropout_on(drop_
     enc, keys = keyed_encoder(drop_dir, dtype)
     texts, loss_fn = CASES[case]()
     want = keyed_full_batch(enc, keys, texts, loss_fn)
-    for name, options in PLANS.items():
-        err = max_rel_error(keyed_grad_cache(enc, keys, texts, loss_fn, **options), want)
+    for name, options in SWITCHES.items():
+        first = None if options is None else options.pop("first_pass", None)
+        fast = None if options is None else fast_path(enc, keys=keys, **options)
+        err = max_rel_error(keyed_grad_cache(enc, keys, texts, loss_fn, fast=fast, first_pass=first), want)
         print(f"keyed GradCache ({name}) vs ONE full batch, dropout on, {case}, {dtype}: {err:.2e}")
         assert err <= tol, name
     other = {n: g for n, g in want.items()}
@@ -182,34 +216,22 @@ def test_keyed_masks_with_the_tape_and_sparse_gradients(drop_dir):
     enc, keys = keyed_encoder(drop_dir)
     texts, loss_fn = retrieval_case()
     want = keyed_full_batch(enc, keys, texts, loss_fn)
-    sparse, deck = install_sparse_embedding_grads(enc.model), install_linear_tape(enc.model)
-    got = keyed_grad_cache(enc, keys, texts, loss_fn, sparse=sparse, tape=deck, keep_graphs=1)
-    assert max_rel_error(got, want) <= 1e-10
-
-
-def test_a_larger_first_pass_needs_a_plan_that_recomputes_everything(drop_dir):
-    enc, keys = keyed_encoder(drop_dir)
-    texts, loss_fn = retrieval_case()
-    with pytest.raises(ValueError, match="recomputes every mini-batch"):
-        keyed_grad_cache(enc, keys, texts, loss_fn, first_pass=16)  # keep_last=True by default
+    fast = fast_path(enc, keys=keys, sparse=True, tape=DEFAULT_TAPED, keep_graphs=1)
+    assert max_rel_error(keyed_grad_cache(enc, keys, texts, loss_fn, fast=fast), want) <= 1e-10
 
 
 def test_pass_1_embeddings_do_not_depend_on_the_mini_batch_size(drop_dir):
     """Mini-batches of 1, 3, 7 (a non-divisor of 28) and all 28 texts: the same embeddings with dropout on, to
     float64 rounding — each text drew its own masks whatever its chunk, its padding and its place in it."""
-    from bertino.grad_cache import forward_no_grad
-
     enc, keys = keyed_encoder(drop_dir)
     texts, _ = retrieval_case()
     ids, tk = token_ids(enc, texts), text_keys(0, 1, torch.arange(len(texts)))
-    plan = GradCacheSpeedups(keys=keys, keep_last=False)
-    reps = {size: forward_no_grad(enc, batches, plan(len(batches)))
+    reps = {size: forward_no_grad(enc, batches)[0]
             for size in (1, 3, 7, len(texts))
             for batches in [make_mini_batches(ids, size, enc.tokenizer.pad_token_id, text_keys=tk)]}
     for size, r in reps.items():
         assert torch.allclose(r, reps[1], atol=1e-12, rtol=0), size
     stream = SentenceEncoder.from_pretrained(drop_dir).double().train()  # torch's stream: chunking matters
-    from bertino.grad_cache import classic_plan
-    a, b = (forward_no_grad(stream, bs, classic_plan(len(bs))) for bs in
+    a, b = (forward_no_grad(stream, bs)[0] for bs in
             (make_mini_batches(ids, s, enc.tokenizer.pad_token_id) for s in (3, 7)))
     assert (a - b).abs().max() > 1e-3

@@ -5,19 +5,17 @@ says so when nothing fits, leaves the random streams alone — and the chosen si
 
 from __future__ import annotations
 
-import dataclasses
-from functools import partial
-
 import pytest
 import torch
 from conftest import make_distilbert
 from helpers import train_config, write_config
 
 from bertino import SentenceEncoder
+from bertino.build import Process, build_step
+from bertino.distributed import DistInfo
 from bertino.plumbing.config import load_config
 from bertino.plumbing.data import load_tasks
 from bertino.speedups.memory_fit import choose_mini_batch_size, fit_mini_batch
-from bertino.step import Step, install_training_modules, make_objectives
 
 MiB = 2**20
 
@@ -52,30 +50,30 @@ def drop_dir(tmp_path_factory):
     return make_distilbert(tmp_path_factory.mktemp("fit_drop"), dropout=0.2)
 
 
-def make_step(tmp_path, model_dir, **train):
-    cfg = train_config(tmp_path, model_dir, per_device_train_batch_size=6, mini_batch_size=4, **train)
+def make_step(tmp_path, model_dir, **speedups):
+    cfg = train_config(tmp_path, model_dir, per_device_train_batch_size=6, mini_batch_size=4)
     cfg["model"]["dropout_masks"] = "keyed"
+    cfg["speedups"] = speedups
     cfg = load_config(write_config(tmp_path, cfg))
-    enc = SentenceEncoder.from_pretrained(model_dir, max_seq_length=cfg.model.max_seq_length).double().train()
-    plan, keys = install_training_modules(enc, cfg)
-    autocast = partial(torch.autocast, "cpu", enabled=False)
-    return Step(cfg, enc, enc, make_objectives(cfg), plan, keys, torch.device("cpu"), autocast, lambda x: x), cfg
+    enc = SentenceEncoder.from_pretrained(model_dir, max_seq_length=cfg.model.max_seq_length).double()
+    step = build_step(cfg, enc, Process(DistInfo(), torch.device("cpu"), None))  # off CUDA: nothing fitted yet
+    return step, cfg
 
 
 def test_the_chosen_size_replaces_the_configured_one_and_changes_nothing_else(drop_dir, tmp_path, capsys):
-    step, cfg = make_step(tmp_path, drop_dir, grad_cache_auto_mini_batch_gib=1.0)
-    fitted = fit_mini_batch(step, probe=linear(100))  # 4 → 8 → 16 → 1.6 GB: 8
-    assert fitted.cfg.train.mini_batch_size == 8 and step.cfg.train.mini_batch_size == 4
+    step, cfg = make_step(tmp_path, drop_dir, auto_mini_batch_gib=1.0)
+    capsys.readouterr()
+    fitted = fit_mini_batch(step, 1.0, 24, probe=linear(100))  # 4 → 8 → 16 → 1.6 GB: 8
+    assert fitted.mini_batch_size == 8 and step.mini_batch_size == 4 and cfg.train.mini_batch_size == 4
     assert "mini-batches of 8 texts" in capsys.readouterr().err
-    assert dataclasses.replace(fitted.cfg.train, mini_batch_size=4) == cfg.train  # nothing else changed
-    tokens, _ = make_step(tmp_path, drop_dir, grad_cache_auto_mini_batch_gib=1.0, grad_cache_mini_batch_tokens=64,
-                          grad_cache_length_multiple=8)
-    assert fit_mini_batch(tokens, probe=linear(100)).cfg.train.grad_cache_mini_batch_tokens == 8 * 32  # C · L_max
+    assert fitted.fast.settings == step.fast.settings  # nothing else changed
+    tokens, _ = make_step(tmp_path, drop_dir, auto_mini_batch_gib=1.0, mini_batch_tokens=64, length_multiple=8)
+    assert fit_mini_batch(tokens, 1.0, 24, probe=linear(100)).fast.settings.mini_batch_tokens == 8 * 32  # C · L_max
     # the same gradient: GradCache at the chosen size vs at the configured one (float64, keyed dropout on)
     data = load_tasks(cfg)["retrieval"]
     got = {}
     for name, s in (("configured", step), ("fitted", fitted)):
-        s.forward_backward("retrieval", data, list(range(6)), 0)
+        s.loss_and_gradient("retrieval", data, list(range(6)), 0)
         got[name] = {n: p.grad.clone() for n, p in s.encoder.named_parameters()}
         s.encoder.zero_grad(set_to_none=True)
     err = max(((got["fitted"][n] - g).norm() / g.norm()).item() for n, g in got["configured"].items()
@@ -84,15 +82,13 @@ def test_the_chosen_size_replaces_the_configured_one_and_changes_nothing_else(dr
 
 
 def test_off_cuda_without_a_probe_it_warns_and_keeps_the_size(drop_dir, tmp_path, capsys):
-    step, _ = make_step(tmp_path, drop_dir, grad_cache_auto_mini_batch_gib=1.0)
-    assert fit_mini_batch(step) is step
-    assert "warning: train.grad_cache_auto_mini_batch_gib measures GPU memory" in capsys.readouterr().err
-    off, _ = make_step(tmp_path, drop_dir)
-    assert fit_mini_batch(off, probe=linear(1)) is off  # the key unset: nothing measured
+    step, _ = make_step(tmp_path, drop_dir, auto_mini_batch_gib=1.0)  # build_step itself fits: it warns here
+    assert "warning: speedups.auto_mini_batch_gib measures GPU memory" in capsys.readouterr().err
+    assert fit_mini_batch(step, 1.0, 24) is step
 
 
 def test_probing_leaves_the_random_streams_alone(drop_dir, tmp_path):
-    step, _ = make_step(tmp_path, drop_dir, grad_cache_auto_mini_batch_gib=1.0)
+    step, _ = make_step(tmp_path, drop_dir, auto_mini_batch_gib=1.0)
 
     def noisy(C):  # a probe that draws random numbers, as a forward with stream dropout would
         torch.rand(1000)
@@ -101,5 +97,5 @@ def test_probing_leaves_the_random_streams_alone(drop_dir, tmp_path):
     torch.manual_seed(3)
     expected = torch.rand(5)
     torch.manual_seed(3)
-    fit_mini_batch(step, probe=noisy)
+    fit_mini_batch(step, 1.0, 24, probe=noisy)
     assert torch.equal(torch.rand(5), expected)

@@ -2,32 +2,34 @@
 
 - cpu_dropout.py: `BitsDropout` is Bernoulli(1 − p) with the usual scale and replays under RandContext;
   `WrittenOutAttention` equals SDPA and the formula by hand; eval mode is untouched;
-- sparse_embeddings.py, linear_tape.py, grad_cache_plan.py: every plan gives classic GradCache's gradient (float64,
-  1e-10), alone and combined, with dropout on;
+- sparse_embeddings.py, linear_tape.py, fast_grad_cache.py: every combination of switches gives the textbook
+  GradCache's gradient (float64, 1e-10), alone and combined, with dropout on;
 - installing keeps the parameters, the state-dict keys and `encode` exactly as they were;
 - autocast casts each weight to low precision once per pass, not once per mini-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_distilbert
-from helpers import (C, full_batch_from_mini_batch_forwards, grad_cache_grads, grads, max_rel_error, mini_batches,
-                     retrieval_case)
+from helpers import (C, fast_path, full_batch_from_mini_batch_forwards, grad_cache_grads, grads, max_rel_error,
+                     mini_batches, retrieval_case)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bertino import SentenceEncoder
-from bertino.grad_cache import RandContext, Recompute, classic_plan, forward_no_grad, grad_cache_step
+from bertino.grad_cache import RandContext, forward_no_grad, grad_cache_step
 from bertino.model import EncoderConfig, MultiHeadSelfAttention, ScaledDotProductAttention
 from bertino.speedups import cpu_dropout
 from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, install_cpu_dropout
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups, SparseGrads
-from bertino.speedups.linear_tape import (ALL_LINEARS, DEFAULT_TAPED, LinearTape, TapedLinear, TapeReplay,
-                                          install_linear_tape)
+from bertino.speedups import fast_grad_cache
+from bertino.speedups.fast_grad_cache import FastGradCache, plan_step
+from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, LinearTape, TapedLinear, install_linear_tape
+from bertino.speedups.settings import SpeedupsConfig
 from bertino.speedups.sparse_embeddings import SwitchableEmbedding, install_sparse_embedding_grads
 
 
@@ -151,52 +153,81 @@ def drop_dir(tmp_path_factory):
     return make_distilbert(tmp_path_factory.mktemp("speedups_drop"), dropout=0.1)
 
 
-def accelerated(enc, keep_graphs=0, keep_last=True, sparse=False, tape=None):
-    """The plan factory train.py builds, on an encoder with the speed-ups it needs installed."""
-    switch = install_sparse_embedding_grads(enc.model) if sparse else None
-    deck = install_linear_tape(enc.model, tape) if tape else None
-    return GradCacheSpeedups(keep_graphs=keep_graphs, keep_last=keep_last, sparse=switch, tape=deck)
-
-
-PLANS = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
+SWITCHES = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
          for k, last, s, t in itertools.product((0, 2, 99), (True, False), (False, True), (None, DEFAULT_TAPED))]
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu-dropout", "torch-dropout"])
-def test_every_plan_gives_classic_grad_cache_s_gradient(drop_dir, cpu):
+def test_every_combination_of_switches_gives_the_textbook_gradient(drop_dir, cpu):
     """float64, dropout on: every combination of kept graphs, the free last graph, sparse embedding gradients and
-    the linear tape equals classic GradCache (which test_grad_cache.py proves equals the full batch). With torch's
-    own dropout (a slow float64 kernel on CPU) the combinations of all levers at once, which the others imply."""
+    the linear tape equals the textbook GradCache (which test_grad_cache.py proves equals the full batch). With
+    torch's own dropout (a slow float64 kernel on CPU) the combinations of all switches at once, which the others
+    imply."""
     texts, loss_fn = retrieval_case()
-    for options in PLANS if cpu else [p for p in PLANS if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]:
+    for options in SWITCHES if cpu else [p for p in SWITCHES if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]:
         enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
         if cpu:
             install_cpu_dropout(enc.model)
-        classic = grad_cache_grads(enc, texts, loss_fn, plan=classic_plan)
-        err = max_rel_error(grad_cache_grads(enc, texts, loss_fn, plan=accelerated(enc, **options)), classic)
+        classic = grad_cache_grads(enc, texts, loss_fn)
+        err = max_rel_error(grad_cache_grads(enc, texts, loss_fn, fast=fast_path(enc, **options)), classic)
         print(f"{options}: {err:.2e}")
         assert err <= 1e-10, options
     assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, seed=7), classic) > 1e-3  # dropout is on
 
 
+BUILT = {"defaults": {}, "budget + tape": {"memory_budget": 2, "linear_tape": True},
+         "static shapes": {"length_multiple": 8, "mini_batch_tokens": 40},
+         "first pass": {"first_pass_mini_batch_size": 16}, "graphs": {"cuda_graphs": True, "length_multiple": 8}}
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_the_built_step_gives_the_textbook_s_gradient_in_float64(drop_dir, tmp_path, name):
+    """The builder's Step (bertino/build.py) with `speedups: null` and with each group of switches, float64, keyed
+    dropout on: the same loss and gradient to 1e-10 (the textbook runs grad_cache.grad_cache_step)."""
+    from helpers import train_config, write_config
+
+    from bertino.build import Process, build_step
+    from bertino.distributed import DistInfo
+    from bertino.plumbing.config import load_config
+    from bertino.plumbing.data import load_tasks
+
+    got = {}
+    for which, speedups in (("textbook", None), (name, BUILT[name])):
+        cfg = train_config(tmp_path, drop_dir, per_device_train_batch_size=6, mini_batch_size=5)
+        cfg["model"]["dropout_masks"] = "keyed"
+        cfg["speedups"] = speedups
+        cfg = load_config(write_config(tmp_path, cfg))
+        enc = SentenceEncoder.from_pretrained(drop_dir, max_seq_length=cfg.model.max_seq_length).double()
+        step = build_step(cfg, enc, Process(DistInfo(), torch.device("cpu"), None))
+        assert (step.fast is None) == (speedups is None)
+        loss = step.loss_and_gradient("retrieval", load_tasks(cfg)["retrieval"], list(range(6)), 3)
+        got[which] = (float(loss), grads(enc))
+    assert got[name][0] == pytest.approx(got["textbook"][0], rel=1e-12)
+    assert max_rel_error(got[name][1], got["textbook"][1]) <= 1e-10
+
+
 def test_plans_keep_the_last_graphs_and_backpropagate_them_first():
-    plan = GradCacheSpeedups(keep_graphs=2)(6)
-    assert [type(r).__name__ for r in plan.recompute] == ["Recompute"] * 3 + ["KeepGraph"] * 3
-    assert plan.backward_order == [3, 4, 5, 0, 1, 2]
-    assert GradCacheSpeedups(keep_graphs=99).kept(6, distributed=False) == 6
+    def fast(**settings):
+        return FastGradCache(SpeedupsConfig(**settings), 64, None)
+
+    plan = plan_step(fast(memory_budget=2), 6, distributed=False)
+    assert plan.kept == {3, 4, 5} and plan.order == (3, 4, 5, 0, 1, 2)
+    assert plan.replay_rng and not plan.tape and not plan.sparse and not plan.graphed
+    assert plan_step(fast(memory_budget=99), 6, distributed=False).kept == set(range(6))
     # under DDP one mini-batch is always recomputed through the wrapper: only its backward all-reduces
-    assert GradCacheSpeedups(keep_graphs=99).kept(6, distributed=True) == 5
-    assert GradCacheSpeedups(keep_graphs=0, keep_last=False).kept(6, distributed=False) == 0
-    switch = install_sparse_embedding_grads(torch.nn.Sequential(torch.nn.Embedding(10, 2)))
-    plan = GradCacheSpeedups(keep_graphs=1, sparse=switch)(4)
-    sparse = [isinstance(r, SparseGrads) for r in plan.recompute]
-    assert plan.backward_order[-1] == 1 and sparse == [True, False, True, True]  # the last backward stays dense
+    assert plan_step(fast(memory_budget=99), 6, distributed=True).kept == set(range(1, 6))
+    assert plan_step(fast(keep_last_graph=False), 6, distributed=False).kept == set()
+    assert plan_step(fast(), 6, distributed=False, separate_first_pass=True).kept == set()  # other chunks: none
+    with_switch = FastGradCache(SpeedupsConfig(memory_budget=1), 64, None,
+                                sparse=install_sparse_embedding_grads(torch.nn.Sequential(torch.nn.Embedding(10, 2))))
+    plan = plan_step(with_switch, 4, distributed=False)
+    assert plan.order == (2, 3, 0, 1) and plan.sparse == {2, 3, 0}  # the last backward (1) stays dense
 
 
 def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(drop_dir, monkeypatch):
     enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
     texts, loss_fn = retrieval_case()
-    plan = accelerated(enc, sparse=True)
+    fast = fast_path(enc, sparse=True)
     tokens = max(b.features["input_ids"].numel() for b in mini_batches(enc, texts))
     assert tokens < enc.model.embeddings.word_embeddings.num_embeddings  # the word table does go sparse
     seen = []
@@ -207,19 +238,19 @@ def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(drop_dir
         return original(*args, **kwargs)
 
     monkeypatch.setattr(F, "embedding", spy)
-    grad_cache_step(enc, mini_batches(enc, texts), loss_fn, plan=plan)
+    fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
     monkeypatch.undo()
     assert any(seen) and not all(seen)  # sparse backwards happened, and the last one was dense
     word = enc.model.embeddings.word_embeddings.weight.grad
-    assert word.layout == torch.strided and plan.sparse.on == ()
+    assert word.layout == torch.strided and fast.sparse.on == ()
     # accumulating onto an existing dense gradient (two steps without zero_grad) is the same too
     twice = {}
     for name, options in (("dense", {}), ("sparse", dict(sparse=True))):
         enc.zero_grad(set_to_none=True)
-        step_plan = accelerated(enc, **options)
+        fast = fast_path(enc, **options)
         for _ in range(2):
             torch.manual_seed(9)
-            grad_cache_step(enc, mini_batches(enc, texts), loss_fn, plan=step_plan)
+            fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
         twice[name] = grads(enc)
     assert max_rel_error(twice["sparse"], twice["dense"]) <= 1e-10
 
@@ -230,7 +261,7 @@ def test_linear_tape_equals_the_same_mask_full_batch_in_fp32(drop_dir, names):
     texts, loss_fn = retrieval_case()
     torch.manual_seed(123)
     same_masks = full_batch_from_mini_batch_forwards(enc, texts, loss_fn)
-    taped = grad_cache_grads(enc, texts, loss_fn, plan=accelerated(enc, tape=names))
+    taped = grad_cache_grads(enc, texts, loss_fn, fast=fast_path(enc, tape=names))
     assert max_rel_error(taped, same_masks) <= 1e-5
 
 
@@ -238,13 +269,15 @@ def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(drop
     enc = SentenceEncoder.from_pretrained(drop_dir).train()
     deck = install_linear_tape(enc.model)
     batches = mini_batches(enc, ["il gatto", "la casa di roma", "il cane"], size=2)
-    steps = [TapeReplay(Recompute(), deck) for _ in batches]
-    for step, b in zip(steps, batches):
-        step.first(enc, b)
-    assert [len(s.tape.outputs) for s in steps] == [len(DEFAULT_TAPED) * enc.model.config.n_layers] * 2
-    assert steps[0].tape.nbytes > 0
+    tapes = [LinearTape() for _ in batches]
+    for tape, b in zip(tapes, batches):
+        with deck.recording(tape), torch.no_grad():
+            enc(b.features)
+    assert [len(t.outputs) for t in tapes] == [len(DEFAULT_TAPED) * enc.model.config.n_layers] * 2
+    assert tapes[0].nbytes > 0
     with pytest.raises(RuntimeError, match="linear tape"):
-        steps[0].again(enc, batches[1])  # another mini-batch: its shapes differ from the recorded ones
+        with deck.replaying(tapes[0]):
+            enc(batches[1].features)  # another mini-batch: its shapes differ from the recorded ones
     tape = LinearTape()
     with deck.recording(tape), torch.no_grad():
         enc(batches[0].features)
@@ -259,7 +292,7 @@ def test_linear_tape_under_bf16_autocast(no_dropout_dir):
     texts, loss_fn = retrieval_case()
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     plain = grad_cache_grads(enc, texts, loss_fn, autocast=amp)
-    taped = grad_cache_grads(enc, texts, loss_fn, autocast=amp, plan=accelerated(enc, tape=ALL_LINEARS))
+    taped = grad_cache_grads(enc, texts, loss_fn, autocast=amp, fast=fast_path(enc, tape=ALL_LINEARS))
     err = max_rel_error(taped, plain)
     print(f"linear tape under bf16 autocast vs recomputation: {err:.2e}")
     assert err <= 1e-5  # the same bf16 operands in the same order: equal up to fp32 accumulation
@@ -294,7 +327,7 @@ def test_autocast_casts_each_weight_once_per_pass(no_dropout_dir):
     for size in (len(texts), C):  # one mini-batch, then ceil(28 / 5) = 6
         batches = mini_batches(enc, texts, size)
         with CountWeightCasts(weights) as first_pass:
-            forward_no_grad(enc, batches, classic_plan(len(batches)), autocast=amp)
+            forward_no_grad(enc, batches, autocast=amp)
         with CountWeightCasts(weights) as step:
             grad_cache_step(enc, batches, loss_fn, autocast=amp)  # classic: both passes run every chunk
         grads(enc)

@@ -5,19 +5,20 @@ gradient of one plain full batch with dropout on (keyed masks, float64, 1e-10).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_distilbert
-from helpers import CASES, SCALE, full_batch_plain, grads, max_rel_error, token_ids
+from helpers import CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, token_ids
 
 from bertino import SentenceEncoder
 from bertino.grad_cache import grad_cache_step
 from bertino.keyed_dropout import install_keyed_dropout, text_keys
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups
-from bertino.speedups.static_shapes import StaticShapes, TrimRows, static_mini_batches
+from bertino.speedups.fast_grad_cache import real_rows
+from bertino.speedups.static_shapes import StaticShapes, static_mini_batches
 
 OPTIONS = {"buckets of 4": dict(length_multiple=4), "buckets + 40 tokens": dict(length_multiple=4, mini_batch_tokens=40),
            "40 tokens, no buckets": dict(mini_batch_tokens=40), "buckets + empty rows": dict(length_multiple=4, pad_rows=True),
@@ -82,7 +83,7 @@ def test_a_mini_batch_holds_its_texts_then_padding_then_empty_rows(drop_dir):
     assert any(b.features["input_ids"].shape[0] > len(b.texts) for b in batches)  # empty rows do occur
     for b in batches:
         C, L = b.features["input_ids"].shape
-        assert L % 4 == 0 and b.dropout_keys.shape == (C,)
+        assert L % 4 == 0 and b.features["dropout_keys"].shape == (C,)
         for i in range(C):
             ids_row, mask_row = b.features["input_ids"][i], b.features["attention_mask"][i]
             if i < len(b.texts):
@@ -90,10 +91,10 @@ def test_a_mini_batch_holds_its_texts_then_padding_then_empty_rows(drop_dir):
                 n = int(ids.lengths[t])
                 own = ids.flat[ids.offsets[t] : ids.offsets[t] + n]
                 assert ids_row[:n].tolist() == own.tolist() and mask_row.tolist() == [1] * n + [0] * (L - n)
-                assert ids_row[n:].eq(enc.tokenizer.pad_token_id).all() and b.dropout_keys[i] == keys[t]
+                assert ids_row[n:].eq(enc.tokenizer.pad_token_id).all() and b.features["dropout_keys"][i] == keys[t]
             else:  # an empty row: pad tokens, attention on position 0 only (never an all-masked row)
                 assert ids_row.eq(enc.tokenizer.pad_token_id).all() and mask_row.tolist() == [1] + [0] * (L - 1)
-                assert b.dropout_keys[i] == 0
+                assert b.features["dropout_keys"][i] == 0
 
 
 def keyed_encoder(folder):
@@ -115,21 +116,23 @@ def test_static_shapes_give_the_full_batch_s_gradient_with_dropout_on(drop_dir, 
         shapes = StaticShapes(enc.max_seq_length, 5, **options)
         for keep_last in (False, True):
             batches = static_mini_batches(ids, shapes, enc.tokenizer.pad_token_id, text_keys=tk)
-            plan = GradCacheSpeedups(keys=keys, keep_last=keep_last, trim_rows=shapes.pad_rows)
-            loss = grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, plan=plan)
+            fast = fast_path(enc, keys=keys, keep_last=keep_last)
+            loss = fast.grad_cache_step(enc, batches, loss_fn, lambda x: x * SCALE, contextlib.nullcontext)
             err = max_rel_error(grads(enc), want)
             print(f"{case}, {name}, keep_last={keep_last}: {err:.2e}, loss {float(loss):.6f}")
             assert err <= 1e-10, (name, keep_last)
 
 
 def test_empty_rows_add_nothing_and_are_cut_off(drop_dir):
-    """An empty row's output is not in the cache (TrimRows): without the cut the loss sees more rows and fails."""
+    """An empty row's output is not in the cache (`real_rows`): without the cut (the textbook's passes, which never
+    see empty rows) the loss sees more rows and fails."""
     enc, keys = keyed_encoder(drop_dir)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     shapes = StaticShapes(enc.max_seq_length, 8, length_multiple=4, pad_rows=True)
     batches = static_mini_batches(token_ids(enc, texts), shapes, enc.tokenizer.pad_token_id, text_keys=tk)
-    plan = GradCacheSpeedups(keys=keys, keep_last=False, trim_rows=True)(len(batches))
-    assert all(isinstance(r, TrimRows) for r in plan.recompute)
+    padded = [b for b in batches if b.features["input_ids"].shape[0] > len(b.texts)]
+    assert padded and all(real_rows(torch.zeros(b.features["input_ids"].shape[0], 3), b).shape == (len(b.texts), 3)
+                          for b in padded)
     with pytest.raises(RuntimeError):
-        grad_cache_step(enc, batches, loss_fn, plan=GradCacheSpeedups(keys=keys, keep_last=False))  # no cut
+        grad_cache_step(enc, batches, loss_fn)  # no cut

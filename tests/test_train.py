@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_distilbert
-from helpers import (ROOT, listed_negatives, read_metrics, rel_update_diff, retrieval_rows, run_train, sts_rows,
-                     train_config, weights, write_config, write_jsonl)
+from helpers import (ROOT, assert_same_steps, listed_negatives, read_metrics, rel_update_diff, retrieval_rows,
+                     run_train, sts_rows, train_config, weights, write_config, write_jsonl)
 
 from bertino import SentenceEncoder
 from bertino.optim import decays, lr_multiplier, make_optimizer, make_scheduler, warmup_steps
@@ -37,6 +37,7 @@ def test_grad_cache_training_equals_no_caching(nodrop_dir, tmp_path):
     diff = rel_update_diff(w0, w_cached, w_plain)
     print(f"3 steps, GradCache (mini-batch 3) vs no caching: ‖Δw₁ − Δw₂‖/‖Δw₂‖ = {diff:.2e}")
     assert diff <= 1e-3
+    assert assert_same_steps(tmp_path / "cached", tmp_path / "plain", rel=1e-5) == 3  # every step's loss and norm
     moved = sum(float((w_plain[k] - w0[k]).double().norm()) for k in w0)
     assert moved > 1e-3  # the weights did move: the comparison above is not between two untrained models
 
@@ -64,8 +65,8 @@ def test_two_processes_equal_one(nodrop_dir, tmp_path, case):
     clipping hide it in the weights) shows in the norm."""
     loss, mini, budget = TWO_VS_ONE[case]["loss"], TWO_VS_ONE[case]["mini"], TWO_VS_ONE[case].get("budget", 0)
     w0 = weights(nodrop_dir)
-    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini,
-                        grad_cache_memory_budget=budget)
+    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini)
+    base["speedups"] = {"memory_budget": budget}
     if loss in ("cosent", "cosine"):
         base["tasks"] = {"sts": {"dataset": str(write_jsonl(tmp_path / "sts.jsonl", sts_rows(24))),
                                  "columns": ["sentence1", "sentence2", "score"], "loss": loss, "score_scale": 5.0}}
@@ -80,11 +81,7 @@ def test_two_processes_equal_one(nodrop_dir, tmp_path, case):
     print(f"{case}: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
     assert diff <= 1e-3
     task = next(iter(base["tasks"]))
-    steps_one, steps_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(steps_one) == len(steps_two) == 3
-    for a, b in zip(steps_two, steps_one):
-        for key in (f"loss/{task}", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key, a[key], b[key])
+    assert assert_same_steps(tmp_path / "two", tmp_path / "one", rel=1e-4, keys=(f"loss/{task}", "grad_norm")) == 3
 
 
 def test_schedule_formulas_and_weight_decay_groups(tiny_model_dir):
@@ -179,15 +176,17 @@ def test_loss_goes_down_on_a_learnable_task(tiny_model_dir, tmp_path):
 
 
 def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_dir, tmp_path):
-    """`train.grad_cache_linear_tape` and `train.grad_cache_memory_budget` change cost, not the updates."""
+    """`speedups.linear_tape` and `speedups.memory_budget` change cost, not the updates: every step's loss and
+    gradient norm are classic GradCache's."""
     w0 = weights(nodrop_dir)
     run_train(write_config(tmp_path, train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "classic")), "c.json"))
-    fast = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "fast"), grad_cache_linear_tape=True,
-                        grad_cache_memory_budget=2)
+    fast = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "fast"))
+    fast["speedups"] = {"linear_tape": True, "memory_budget": 2}
     run_train(write_config(tmp_path, fast, "f.json"))
     diff = rel_update_diff(w0, weights(tmp_path / "fast" / "final"), weights(tmp_path / "classic" / "final"))
     print(f"3 steps, linear tape + memory budget 2 vs classic GradCache: {diff:.2e}")
     assert diff <= 1e-3
+    assert assert_same_steps(tmp_path / "fast", tmp_path / "classic", rel=1e-5) == 3
 
 
 @pytest.mark.parametrize("loss,mini", [("cached_mnrl", 5), ("mnrl", 24)])
@@ -205,9 +204,7 @@ def test_two_processes_equal_one_with_keyed_dropout_on(drop_dir, tmp_path, loss,
     diff = rel_update_diff(w0, weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final"))
     print(f"{loss}, keyed dropout on: 2 processes × 3 vs 1 process × 6: ‖Δw₂ − Δw₁‖/‖Δw₁‖ = {diff:.2e}")
     assert diff <= 1e-3
-    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
-        for key in ("loss/retrieval", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    assert assert_same_steps(tmp_path / "two", tmp_path / "one", rel=1e-4, keys=("loss/retrieval", "grad_norm")) == 3
     # and the masks were live: another seed trains to other weights
     run_train(write_config(tmp_path, dict(one, train={**one["train"], "seed": 8,
                                                       "output_dir": str(tmp_path / "seed8")}), "s.json"))
@@ -227,12 +224,57 @@ def test_per_dim_losses_are_logged_and_add_up_to_the_weighted_total(tiny_model_d
 def test_a_larger_first_pass_trains_like_the_usual_one(drop_dir, tmp_path):
     w0 = weights(drop_dir)
     runs = {}
-    for name, extra in (("same", {}), ("larger", {"grad_cache_first_pass_mini_batch_size": 24})):
-        cfg = train_config(tmp_path, drop_dir, mini_batch_size=3, output_dir=str(tmp_path / name), **extra)
+    for name, speedups in (("same", {}), ("larger", {"first_pass_mini_batch_size": 24})):
+        cfg = train_config(tmp_path, drop_dir, mini_batch_size=3, output_dir=str(tmp_path / name))
         cfg["model"]["dropout_masks"] = "keyed"
+        cfg["speedups"] = speedups
         run_train(write_config(tmp_path, cfg, f"{name}.json"))
         runs[name] = weights(tmp_path / name / "final")
     assert rel_update_diff(w0, runs["larger"], runs["same"]) <= 1e-3
+    assert assert_same_steps(tmp_path / "larger", tmp_path / "same", rel=1e-5) == 3
+
+
+@pytest.mark.parametrize("dropout", ["keyed masks", "off"])
+def test_speedups_null_trains_the_textbook_and_the_same_steps(drop_dir, nodrop_dir, tmp_path, monkeypatch, dropout):
+    """`speedups=null`: nothing is installed into the plain model and every GradCache step runs the textbook
+    (bertino/grad_cache.py), never the fast passes; and each step's loss and gradient norm equal the default run's
+    (every safe speed-up on) to float32 rounding — with dropout on (keyed masks: the same masks whatever runs) and
+    off."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import train
+    from bertino import step as step_module
+    from bertino.speedups import fast_grad_cache
+
+    calls, built = {"textbook": 0, "fast": 0}, {}
+
+    def counting(module, key):
+        original = getattr(module, "grad_cache_step")
+
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, "grad_cache_step", wrapped)
+
+    counting(step_module, "textbook")
+    counting(fast_grad_cache, "fast")
+    original_build = train.build_step
+    monkeypatch.setattr(train, "build_step", lambda *a: built.setdefault(len(built), original_build(*a)))
+    model = drop_dir if dropout == "keyed masks" else nodrop_dir
+    for name, extra in (("default", []), ("textbook", ["speedups=null"])):
+        cfg = train_config(tmp_path, model, output_dir=str(tmp_path / name))
+        if dropout == "keyed masks":
+            cfg["model"]["dropout_masks"] = "keyed"
+        train.main(["--config", str(write_config(tmp_path, cfg, f"{name}.json")), *extra])
+    default, textbook = built[0], built[1]
+    speedup_modules = [type(m).__name__ for m in textbook.encoder.modules()
+                       if type(m).__module__.startswith("bertino.speedups")]
+    assert textbook.fast is None and speedup_modules == []  # the plain model: nothing installed
+    assert default.fast is not None and any(type(m).__module__.startswith("bertino.speedups")
+                                            for m in default.encoder.modules())
+    assert calls == {"textbook": 3, "fast": 3}  # the default run's 3 steps went the fast way, the textbook's not
+    assert assert_same_steps(tmp_path / "textbook", tmp_path / "default", rel=1e-5) == 3
 
 
 def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tiny_model_dir, tmp_path, monkeypatch):
