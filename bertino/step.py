@@ -54,11 +54,16 @@ class Step:
         """Encode the batch `rows` of one task (its `TaskData`) at optimizer step `step`, compute its loss and
         backpropagate the scaled loss → the loss () (detached, unscaled). `parts` receives the unweighted loss at
         each Matryoshka dim. `full_batch`: one plain forward/backward even for a GradCache task (the reference)."""
-        n_columns = len(data.columns)
         texts = column_major([data.texts[r] for r in rows])  # (T,) column after column: the layout Objective reads
         scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=self.device)  # (B,)
         ids = PackedTokenIds.tokenize(self.encoder, texts)
-        keys = self.text_keys(n_columns, len(rows), step)  # (T,) or None
+        return self.loss_and_gradient_of_tokens(task_name, ids, len(data.columns), scores, step, parts, full_batch)
+
+    def loss_and_gradient_of_tokens(self, task_name: str, ids: PackedTokenIds, n_columns: int,
+                                    scores: torch.Tensor | None, step: int, parts: dict | None = None,
+                                    full_batch: bool = False) -> torch.Tensor:
+        """`loss_and_gradient` of a batch already tokenized: T = n_columns · B texts, column after column."""
+        keys = self.text_keys(n_columns, len(ids) // n_columns, step)  # (T,) or None
 
         def loss_fn(reps: torch.Tensor) -> torch.Tensor:  # reps (T, D) → ()
             return self.objectives[task_name](reps, n_columns, scores, parts)

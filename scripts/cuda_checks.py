@@ -12,11 +12,12 @@ The CPU test suite proves these on the CPU; on CUDA two things differ and are ch
   - fp16 needs a GradScaler, whose scale travels inside the GradCache cache (grad_cache.build_cache).
 Every check prints one line and lands in the JSON; the exit status is 1 if any check fails.
 
-The model runs as train.py runs it: its speed-ups (bertino/speedups/) are installed right after loading — the CPU
-dropout (torch's own dropout on CUDA tensors), sparse embedding gradients — and GradCache's steps use train.py's
-plan, `GradCacheSpeedups` (the free last graph kept, sparse embedding gradients for every backward but the last, no
-linear tape, no memory budget). The RNG-replay check looks at classic GradCache's own snapshots (`classic_plan`:
-every mini-batch recomputed). `--fp16` also runs the fp16 checks on a CPU (dry run; on CUDA they always run).
+The model runs as train.py runs it with the default `speedups`: installed right after loading
+(`fast_grad_cache.install_speedups`: the CPU dropout — torch's own dropout on CUDA tensors —, sparse embedding
+gradients), and GradCache's steps run the fast passes with those switches (the free last graph kept, sparse
+embedding gradients for every backward but the last, no linear tape, no memory budget). The RNG-replay check looks
+at the textbook's own snapshots (`grad_cache.forward_no_grad` returns one per mini-batch, every one recomputed).
+`--fp16` also runs the fp16 checks on a CPU (dry run; on CUDA they always run).
 
 The fast path (checks named fast_path_*): keyed dropout masks, mini-batches padded to multiples of 16 tokens with
 empty rows (`StaticShapes`), passes 1 and 3 replayed as captured CUDA graphs (`GraphedChunks`). It must give
@@ -25,13 +26,14 @@ empty rows (`StaticShapes`), passes 1 and 3 replayed as captured CUDA graphs (`G
 gradient of the same code run uncaptured (the CPU fallback the tests prove); (e) fp16 + GradScaler within fp16
 accuracy, and an overflowing step skipped; (f) no host synchronisation inside the step (CUDA's sync debug mode,
 counted for the default path too); (g) under DDP (one process) the last mini-batch eager through the wrapper and
-one all-reduce carrying the whole gradient; plus (h) the memory probe of train.grad_cache_auto_mini_batch_gib
+one all-reduce carrying the whole gradient; plus (h) the memory probe of speedups.auto_mini_batch_gib
 and (i) fused AdamW = foreach AdamW. On a CPU (dry run) the same code runs uncaptured and (f) is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -46,17 +48,16 @@ from train_step import DIMS, WEIGHTS, batch_texts, load_pairs  # noqa: E402
 
 from bertino import SentenceEncoder  # noqa: E402
 from bertino.batching import PackedTokenIds  # noqa: E402
-from bertino.grad_cache import classic_plan, forward_no_grad, grad_cache_step, make_mini_batches  # noqa: E402
+from bertino.grad_cache import forward_no_grad, make_mini_batches  # noqa: E402
 from bertino.losses import LOSSES  # noqa: E402
 from bertino.model import ScaledDotProductAttention  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.keyed_dropout import install_keyed_dropout, text_keys  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
-from bertino.speedups.cpu_dropout import install_cpu_dropout  # noqa: E402
 from bertino.speedups.cuda_graphs import GraphedChunks  # noqa: E402
-from bertino.speedups.grad_cache_plan import GradCacheSpeedups  # noqa: E402
+from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, with_settings  # noqa: E402
 from bertino.speedups.memory_fit import choose_mini_batch_size, cuda_probe  # noqa: E402
-from bertino.speedups.sparse_embeddings import install_sparse_embedding_grads  # noqa: E402
+from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 from bertino.speedups.static_shapes import StaticShapes, static_mini_batches  # noqa: E402
 
 ROWS, NEGATIVES, MINI = 16, 2, 8  # 16 rows × 4 columns = 64 texts, mini-batches of 8
@@ -114,11 +115,14 @@ def main() -> None:
 
     checks = Checks()
     enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).to(device).train()
-    # the speed-ups train.py installs (its `setup`), and its GradCache plan: keep_last, sparse embedding gradients
-    install_cpu_dropout(enc.model)
-    plan = GradCacheSpeedups(keep_graphs=0, keep_last=True, sparse=install_sparse_embedding_grads(enc.model))
+    # the speed-ups train.py installs by default (bertino/build.py), and their switches in GradCache's passes
+    fast = install_speedups(enc, SpeedupsConfig(), None)
+
+    def step(scale_fn=lambda x: x, autocast=contextlib.nullcontext):
+        return fast.grad_cache_step(enc, mbs, loss_fn, scale_fn, autocast)
     texts = batch_texts(load_pairs(), 0, ROWS, NEGATIVES)
-    objective = Objective(LOSSES["cached_mnrl"], dims=[d for d in DIMS if d <= enc.dim], weights=WEIGHTS)
+    kept = [(d, w) for d, w in zip(DIMS, WEIGHTS) if d <= enc.dim] or [(enc.dim, 1.0)]  # a small model: its own dim
+    objective = Objective(LOSSES["cached_mnrl"], dims=[d for d, _ in kept], weights=[w for _, w in kept])
     loss_fn = lambda reps: objective(reps, N_COLUMNS)  # noqa: E731
     token_ids = PackedTokenIds.tokenize(enc, texts)
     pad_id = enc.tokenizer.pad_token_id
@@ -129,10 +133,9 @@ def main() -> None:
 
     # 1. RNG replay: pass 1 (no autograd) and pass 3 (autograd) draw the same dropout masks.
     torch.manual_seed(0)
-    classic = classic_plan(len(mbs))  # every mini-batch recomputed: every one has an RNG snapshot
-    reps = forward_no_grad(enc, mbs, classic)  # (T, D), text order
+    reps, rng_states = forward_no_grad(enc, mbs)  # (T, D), text order; one RNG snapshot per mini-batch
     outs = [reps[b.texts] for b in mbs]  # pass 1's output of each mini-batch
-    same = [torch.equal(_replay(enc, classic.recompute[i], b), outs[i]) for i, b in enumerate(mbs)]
+    same = [torch.equal(_replay(enc, rng, b), outs[i]) for i, (b, rng) in enumerate(zip(mbs, rng_states))]
     differs = [not torch.equal(enc(b.features).detach(), outs[i]) for i, b in enumerate(mbs)]
     checks.record("rng_replay_bitwise", all(same) and all(differs), replayed_equal=f"{sum(same)}/{len(same)}",
                   unreplayed_differ=f"{sum(differs)}/{len(differs)}")
@@ -140,7 +143,7 @@ def main() -> None:
     # 2. GradCache = full batch, fp32, dropout off: one padded forward of all texts, one backward.
     set_dropout(enc, 0.0)
     full = _full_batch(enc, token_ids, pad_id, loss_fn, device)
-    grad_cache_step(enc, mbs, loss_fn, scale_fn=lambda x: x * 1024.0, plan=plan)
+    step(scale_fn=lambda x: x * 1024.0)
     gc = {k: v / 1024.0 for k, v in grads(enc).items()}
     glob, per = rel_error(gc, full)
     checks.record("gradcache_equals_full_batch_dropout_off_fp32", glob < 1e-4, global_rel=glob, max_param_rel=per)
@@ -154,10 +157,10 @@ def main() -> None:
     loss_fn(reps).backward()
     same_masks = grads(enc)
     torch.manual_seed(123)
-    grad_cache_step(enc, mbs, loss_fn, plan=plan)
+    step()
     glob, per = rel_error(grads(enc), same_masks)
     torch.manual_seed(7)
-    grad_cache_step(enc, mbs, loss_fn, plan=plan)
+    step()
     other_seed, _ = rel_error(grads(enc), same_masks)
     checks.record("gradcache_equals_same_mask_full_batch_dropout_on", glob < 1e-4 and other_seed > 1e-3,
                   global_rel=glob, max_param_rel=per, other_seed_global_rel=other_seed)
@@ -169,7 +172,7 @@ def main() -> None:
         scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
         optimizer = torch.optim.SGD(enc.parameters(), lr=0.0)
         autocast = lambda: torch.autocast(device.type, dtype=torch.float16)  # noqa: E731
-        loss = grad_cache_step(enc, mbs, loss_fn, scaler.scale, autocast=autocast, plan=plan)
+        loss = step(scaler.scale, autocast)
         scaler.unscale_(optimizer)
         g16 = grads(enc)
         glob, per = rel_error(g16, fp32)
@@ -181,8 +184,7 @@ def main() -> None:
                       global_rel=glob, full_batch_fp16_global_rel=ref16, loss=float(loss))
 
         # an overflowing scale: the step is skipped (weights untouched), the scale backs off
-        untouched, scale = overflowing_step(enc, device, lambda scale_fn: grad_cache_step(
-            enc, mbs, loss_fn, scale_fn, autocast=autocast, plan=plan))
+        untouched, scale = overflowing_step(enc, device, lambda scale_fn: step(scale_fn, autocast))
         checks.record("fp16_overflow_step_skipped", untouched and scale < OVERFLOW_SCALE, scale_after=scale)
         enc.zero_grad(set_to_none=True)
         set_dropout(enc, None)
@@ -219,7 +221,8 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
 
     enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).to(device).train()
     keys = install_keyed_dropout(enc.model)
-    install_sparse_embedding_grads(enc.model)  # as train.py installs it (the graph path keeps it switched off)
+    default = install_speedups(enc, SpeedupsConfig(), keys)  # as train.py installs them (graphs keep sparse off)
+    graphed = with_settings(default, cuda_graphs=True, length_multiple=16)
     pad_id, T = enc.tokenizer.pad_token_id, len(token_ids)
     tk = text_keys(0, 1, torch.arange(T))
     shapes = StaticShapes(enc.max_seq_length, MINI, length_multiple=16, pad_rows=True)
@@ -228,8 +231,8 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
         return static_mini_batches(token_ids, shapes, pad_id, device, text_keys=tk)
 
     def fast_step(chunks, model=None, scale_fn=lambda x: x, autocast=contextlib.nullcontext):
-        plan = GradCacheSpeedups(keys=keys, trim_rows=True, graphs=chunks)
-        return grad_cache_step(model or enc, batches(), loss_fn, scale_fn, autocast=autocast, plan=plan)
+        fast = FastGradCache(graphed.settings, graphed.max_length, keys, graphed.sparse, None, chunks)
+        return fast.grad_cache_step(model or enc, batches(), loss_fn, scale_fn, autocast)
 
     chunks = GraphedChunks(enc, keys, enc.max_seq_length)
     fast_step(chunks)  # captures every shape of this batch
@@ -244,12 +247,11 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
                   max_abs_diff=max(float((a - b).abs().max()) for a, b in pairs))
 
     features = _features(token_ids, pad_id, device)
-    with keys.use(tk.to(device)):
-        loss_fn(enc(features)).backward()
+    loss_fn(enc({**features, "dropout_keys": tk.to(device)})).backward()
     full = grads(enc)
     glob, per = rel_error(fast, full)
-    with keys.use(text_keys(0, 2, torch.arange(T)).to(device)):  # another step's masks: dropout is really on
-        loss_fn(enc(features)).backward()
+    other_keys = text_keys(0, 2, torch.arange(T)).to(device)  # another step's masks: dropout is really on
+    loss_fn(enc({**features, "dropout_keys": other_keys})).backward()
     other, _ = rel_error(grads(enc), full)
     checks.record("fast_path_equals_full_batch_dropout_on_fp32", glob < 1e-4 and other > 1e-3, global_rel=glob,
                   max_param_rel=per, other_masks_global_rel=other)
@@ -265,8 +267,8 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
         loss = fast_step(chunks, scale_fn=scaler.scale, autocast=amp)
         scaler.unscale_(optimizer)
         glob, _ = rel_error(grads(enc), full)
-        with amp(), keys.use(tk.to(device)):
-            full16 = loss_fn(enc(features))
+        with amp():
+            full16 = loss_fn(enc({**features, "dropout_keys": tk.to(device)}))
         full16.backward()
         ref16, _ = rel_error(grads(enc), full)
         checks.record("fast_path_fp16_gradscaler_matches_fp32", glob < max(3 * ref16, 1e-3) and torch.isfinite(loss),
@@ -279,12 +281,10 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
 
     if device.type == "cuda":  # host syncs inside the step: CUDA's sync debug mode warns at each one
         counts = {}
-        default_plan = GradCacheSpeedups(keep_last=True, keys=keys,
-                                         sparse=next(m for m in enc.modules() if hasattr(m, "switch")).switch)
-        from bertino.grad_cache import make_mini_batches
         for name, run in (("fast", lambda: fast_step(chunks)),
-                          ("default", lambda: grad_cache_step(enc, make_mini_batches(
-                              token_ids, MINI, pad_id, device, text_keys=tk.to(device)), loss_fn, plan=default_plan))):
+                          ("default", lambda: default.grad_cache_step(enc, make_mini_batches(
+                              token_ids, MINI, pad_id, device, text_keys=tk), loss_fn, lambda x: x,
+                              contextlib.nullcontext))):
             run()  # warm: nothing left to capture or allocate
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
@@ -351,12 +351,12 @@ def fast_path_checks(checks: Checks, args, token_ids: PackedTokenIds, loss_fn, d
 
 
 def _keyed_forward(enc, keys, batch) -> torch.Tensor:
-    with keys.use(batch.dropout_keys):
-        return enc(batch.features)[: len(batch.texts)].detach()  # with autograd, as pass 3 runs it
+    return enc(batch.features)[: len(batch.texts)].detach()  # with autograd, as pass 3 runs it; the keys in features
 
 
-def _replay(enc, recompute, batch) -> torch.Tensor:
-    return recompute.again(enc, batch).detach()  # pass 3's recompute: the RNG snapshot replayed, with autograd
+def _replay(enc, rng, batch) -> torch.Tensor:
+    with rng:  # pass 3's recompute: the RNG snapshot replayed, with autograd
+        return enc(batch.features).detach()
 
 
 def _features(token_ids: PackedTokenIds, pad_id, device) -> dict[str, torch.Tensor]:

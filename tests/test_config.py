@@ -405,3 +405,13 @@ def test_v4_differs_from_v5_exactly_as_the_card_says():
     diff = {k for k in flat(v5) if flat(v5)[k] != flat(v4)[k]}
     assert diff == {"tasks.sts.loss", "tasks.sts.scale", "tasks.sts.balance_to", "matryoshka.weights",
                     "train.lr_scheduler_type", "train.weight_decay", "train.output_dir"}
+
+
+@pytest.mark.parametrize("name", ["demo", "v4", "v5"])
+def test_the_shipped_configs_spell_out_every_speedup(name):
+    """A reader of configs/*.json sees what runs: the `speedups` section with every switch, at its default."""
+    import dataclasses
+
+    data = json.loads((ROOT / "configs" / f"{name}.json").read_text())
+    assert data["speedups"] == dataclasses.asdict(SpeedupsConfig())
+    assert not [k for k in data["train"] if k.startswith("grad_cache") or k == "adamw_fused"]
