@@ -218,7 +218,7 @@ def summary_line(run: Run) -> str:
         per_task.append(f"{name} {len(data)}" + (f" ({', '.join(extra)})" if extra else ""))
     return (f"bertino: {sum(len(t) for t in run.tasks.values())} rows in {len(run.tasks)} task(s) "
             f"[{'; '.join(per_task)}], {run.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
-            f"{run.dist_info.world_size} process(es) on {run.device}, precision {run.amp_dtype or torch.float32}"
+            f"{run.dist_info.world_size} process(es) on {run.device}, autocast {run.amp_dtype or torch.float32}"
             + (f", resuming from {run.resume_from}" if run.resume_from else ""))
 
 

@@ -28,7 +28,7 @@ from .keyed_dropout import install_keyed_dropout
 from .losses import LOSSES
 from .objectives import Objective
 from .plumbing.config import Config
-from .plumbing.precision import autocast_dtype
+from .plumbing.mixed_precision import autocast_dtype
 from .speedups.fast_grad_cache import install_speedups
 from .speedups.memory_fit import fit_mini_batch
 from .step import Step

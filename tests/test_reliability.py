@@ -33,7 +33,8 @@ import train  # noqa: E402
 from bertino import SentenceEncoder  # noqa: E402
 from bertino.errors import CheckpointError, ConfigError, DataError  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
-from bertino.plumbing import metrics_log, precision, run_checkpoints, run_folder  # noqa: E402
+from bertino import build  # noqa: E402
+from bertino.plumbing import metrics_log, mixed_precision, run_checkpoints, run_folder  # noqa: E402
 from bertino.plumbing.config import config_from_dict  # noqa: E402
 from bertino.plumbing.data import batch_schedule, load_tasks  # noqa: E402
 from bertino.plumbing.files import restore_half_replaced  # noqa: E402
@@ -486,7 +487,7 @@ def test_bad_config_files(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_fp16_without_cuda_warns_once_and_says_what_it_does(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # never emulate bf16 here: ~100× slower
+    monkeypatch.setattr(mixed_precision, "native_bf16", lambda device: False)  # never emulate bf16 here: ~100× slower
     run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=1, fp16=True))
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -577,7 +578,7 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run(drop_dir, tmp_path, capsys, mon
 def test_fp16_gradscaler_skips_and_lowers_the_scale(drop_dir, tmp_path, monkeypatch):
     """The fp16 branch on CPU (torch.amp.GradScaler("cpu") and fp16 autocast work there; on CUDA it is the same
     code). The scaler starts at 2**16, too high for this model: its first steps overflow, as on a GPU."""
-    monkeypatch.setattr(train, "precision", lambda cfg, device, is_main: torch.float16)
+    monkeypatch.setattr(build, "autocast_dtype", lambda fp16, bf16, device: (torch.float16, None))
     inject(monkeypatch, {4})  # step 5: a NaN loss
     run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=10, save_steps=1))
     run = tmp_path / "run"
@@ -594,7 +595,7 @@ def test_fp16_gradscaler_skips_and_lowers_the_scale(drop_dir, tmp_path, monkeypa
 
 
 def test_fp16_gradient_overflows_do_not_stop_the_run(drop_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "precision", lambda cfg, device, is_main: torch.float16)
+    monkeypatch.setattr(build, "autocast_dtype", lambda fp16, bf16, device: (torch.float16, None))
     inject(monkeypatch, {0, 1, 2}, factor=1e30)  # a finite loss whose scaled gradient overflows fp16
     run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=4, max_consecutive_nonfinite=1))
     skipped = [r for r in read_metrics(tmp_path / "run") if "skipped" in r]
