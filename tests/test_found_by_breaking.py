@@ -8,6 +8,7 @@ multi-node training on one machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import train  # noqa: E402
 from bertino import SentenceEncoder  # noqa: E402
 from bertino.errors import CheckpointError, DataError  # noqa: E402
 from bertino.plumbing.config import load_config  # noqa: E402
+from bertino.plumbing.data import load_tasks  # noqa: E402
 from bertino.plumbing.eval_data import load_ir_file  # noqa: E402
 from bertino.plumbing.run_folder import list_checkpoints  # noqa: E402
 
@@ -214,14 +216,20 @@ def test_13_cosent_with_all_gold_scores_equal_is_an_error(model_dir, tmp_path, c
 
 # ──────────────────────────────────────────────────────────────────────── 14. CSV digits are text
 def test_14_a_csv_text_column_of_digits_is_read_as_text(model_dir, tmp_path):
+    """Queries "0100", "0101", ...: read as the strings they are (a number would lose the leading zero), and
+    trained on as such."""
     rows = retrieval_rows(24)
-    lines = ["query,positive,negative_1,negative_2"] + [f"{100 + i},{r['positive']},{r['negative_1']},"
+    lines = ["query,positive,negative_1,negative_2"] + [f"0{100 + i},{r['positive']},{r['negative_1']},"
                                                         f"{r['negative_2']}" for i, r in enumerate(rows)]
     (tmp_path / "digits.csv").write_text("\n".join(lines) + "\n")
     cfg = train_config(tmp_path, model_dir)
     cfg["tasks"]["retrieval"]["dataset"] = str(tmp_path / "digits.csv")
-    train.main(["--config", str(write_config(tmp_path, cfg))])
-    assert (tmp_path / "run" / "final").is_dir()
+    config = write_config(tmp_path, cfg)
+    data = load_tasks(load_config(config))["retrieval"]
+    assert [data.texts[i][0] for i in range(len(data))] == [f"0{100 + i}" for i in range(24)]
+    train.main(["--config", str(config)])
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss/retrieval" in r]
+    assert len(steps) == 3 and all(math.isfinite(r["loss/retrieval"]) for r in steps)
 
 
 # ──────────────────────────────────────────────────────────────────────── 15. byte-order marks

@@ -7,6 +7,7 @@ with OMP_NUM_THREADS=1, and compare only subprocess runs with each other (bitwis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,8 @@ from bertino import SentenceEncoder  # noqa: E402
 from bertino.errors import CheckpointError, ConfigError, DataError  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino import build  # noqa: E402
+from bertino.plumbing.config import MOVED_KEYS  # noqa: E402
+from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 from bertino.plumbing import metrics_log, mixed_precision, run_checkpoints, run_folder  # noqa: E402
 from bertino.plumbing.config import config_from_dict  # noqa: E402
 from bertino.plumbing.data import batch_schedule, load_tasks  # noqa: E402
@@ -528,6 +531,46 @@ def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(referen
     with pytest.raises(ConfigError, match=r"world size: 1 → 2 process\(es\)"):
         state, saved = run_checkpoints.read_checkpoint(ckpt)
         run_checkpoints.check_resume(ckpt, state, saved, saved, 2, state.data_fingerprint)
+
+
+def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference, tmp_path, capsys):
+    """A checkpoint whose run_config.json has the speed-up keys at their old places (train.grad_cache_*,
+    train.adamw_fused, no `speedups`), as every run folder written before the move has: it resumes, silently
+    (nothing changed), and ends bitwise where the uninterrupted run ended."""
+    ref_run, cfg = reference
+    old = tmp_path / "old" / "checkpoint-6"
+    shutil.copytree(ref_run / "checkpoint-6", old)
+    saved = json.loads((old / "run_config.json").read_text())
+    speedups = saved.pop("speedups")
+    assert speedups == dataclasses.asdict(SpeedupsConfig())
+    saved["train"].update({old_key.split(".")[1]: speedups[new.split(".")[1]]
+                           for old_key, new in MOVED_KEYS.items()})
+    (old / "run_config.json").write_text(json.dumps(saved))
+    seal_checksums(old)
+    capsys.readouterr()
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}", f"train.resume_from_checkpoint={old}")
+    assert same_weights(weights(tmp_path / "out" / "final"), weights(ref_run / "final"))
+    assert "warning: resuming with" not in capsys.readouterr().err
+
+
+def test_a_resume_accepts_every_speedup_change_with_a_notice(reference, tmp_path, capsys):
+    """The speed-ups change cost, not the gradient: after a pre-emption onto a smaller GPU the run goes on. The keys
+    at their new places and at their old ones (train.grad_cache_auto_mini_batch_gib, ..._length_multiple,
+    ..._mini_batch_tokens, train.adamw_fused), and `speedups=null`."""
+    ref_run, cfg = reference
+    ckpt = ref_run / "checkpoint-9"
+    changes = {"new": ["speedups.memory_budget=1", "speedups.linear_tape=true"],
+               "old": ["train.grad_cache_length_multiple=8", "train.grad_cache_mini_batch_tokens=40",
+                       "train.grad_cache_auto_mini_batch_gib=1.5", "train.adamw_fused=true"],
+               "null": ["speedups=null"]}
+    for name, overrides in changes.items():
+        capsys.readouterr()
+        run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / name}", f"train.resume_from_checkpoint={ckpt}",
+                      *overrides)
+        err = capsys.readouterr().err
+        notices = [line for line in err.splitlines() if line.startswith("warning: resuming with speedups")]
+        assert len(notices) >= len(overrides) and all("not bitwise" in n for n in notices), err
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── numerical faults
