@@ -14,6 +14,7 @@ A folder without modules.json is a plain transformers checkpoint: mean pooling, 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,6 +73,30 @@ def _read_pooling(path: Path) -> str:
     if len(modes) != 1 or others:
         raise CheckpointError(f"{path}: pooling {modes + others} is not supported (exactly one of cls, mean, max)")
     return modes[0]
+
+
+def shard_files(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index (`model.safetensors.index.json`,
+    `pytorch_model.bin.index.json`) maps its tensors to, each checked to be there."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: expected a \"weight_map\" object (tensor name → shard file name), found "
+                              f"{'keys ' + str(sorted(data)) if isinstance(data, dict) else type(data).__name__}")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"{index}: its weight_map names the shard {name}, but "
+                                  f"{missing_file(index.parent / name)}")
+    return names
+
+
+def missing_file(path: Path) -> str:
+    """Why `path` cannot be read, for a message: no such file, or a link whose target is gone."""
+    if path.is_symlink():
+        return (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (a hub cache whose blob "
+                f"was deleted? download the model again)")
+    return f"{path} does not exist"
 
 
 def write_sentence_transformers_files(out: Path, *, dim: int, layout: Layout, version: str,
