@@ -25,7 +25,7 @@ from torch import nn
 
 from .batching import PackedTokenIds, length_sorted_batches
 from .errors import BertinoError, CheckpointError
-from .model import DistilBert, EncoderConfig, mean_pool
+from .model import POOLING, DistilBert, EncoderConfig
 from .plumbing.model_folder import POOLING_MODES, Layout, read_layout, write_sentence_transformers_files
 
 
@@ -100,12 +100,7 @@ class SentenceEncoder(nn.Module):
         """features (B, L) → sentence embeddings (B, D)."""
         mask = features["attention_mask"]
         hidden = self.model(features["input_ids"], mask)  # (B, L, D)
-        if self.pooling == "mean":
-            emb = mean_pool(hidden, mask)  # (B, D)
-        elif self.pooling == "cls":
-            emb = hidden[:, 0]  # (B, D)
-        else:
-            emb = hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(dim=1)
+        emb = POOLING[self.pooling](hidden, mask)  # (B, D): mean (the default), cls or max (model.py)
         return F.normalize(emb, dim=-1) if self.normalize_output else emb
 
     # ---------------------------------------------------------------------------------------------- inference path
