@@ -76,7 +76,9 @@ class SentenceEncoder(nn.Module):
         load_into(model, state, source=str(folder))
         tokenizer = _load_tokenizer(folder, cfg.vocab_size)
 
-        max_len = (max_seq_length or layout.max_seq_length
+        if max_seq_length is not None and max_seq_length < 1:  # 0 is not "the default": say so
+            raise BertinoError(f"max_seq_length must be >= 1 (tokens per text), got {max_seq_length}")
+        max_len = (max_seq_length if max_seq_length is not None else layout.max_seq_length
                    or min(tokenizer.model_max_length, cfg.max_position_embeddings))
         enc = cls(model, tokenizer, max_seq_length=max_len, pooling=layout.pooling,
                   normalize_output=layout.normalize, do_lower_case=layout.do_lower_case)
