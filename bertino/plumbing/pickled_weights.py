@@ -107,11 +107,16 @@ def load_pickled_weights(folder: Path, cache_dir: str | Path | None = None) -> d
         print(f"bertino: cannot write bertino's cache ({e}): converting {folder}'s pickled weights in memory, "
               f"safely (torch.load weights_only=True), on every load; set BERTINO_CACHE to a writable folder to "
               f"convert them once", file=sys.stderr)
-        return read_pickled_state(folder)
+        return e.state if e.state is not None else read_pickled_state(folder)
 
 
 class CacheNotWritable(Exception):
-    """The conversion cache cannot be written (its message: where, and why)."""
+    """The conversion cache cannot be written (its message: where, and why); `state`: the tensors, when they were
+    already read (a write failed after the pickle was read: no need to read it twice)."""
+
+    def __init__(self, message: str, state: dict[str, torch.Tensor] | None = None):
+        super().__init__(message)
+        self.state = state
 
 
 def cached_safetensors(folder: Path, cache_dir: str | Path | None = None) -> Path:
@@ -131,12 +136,21 @@ def cached_safetensors(folder: Path, cache_dir: str | Path | None = None) -> Pat
             shutil.rmtree(entry)
         except OSError as e:
             raise CacheNotWritable(f"cannot delete the damaged {entry}: {e.strerror or e}") from None
+    where = f" (BERTINO_CACHE={os.environ['BERTINO_CACHE']})" if cache_dir is None and "BERTINO_CACHE" in os.environ \
+        else ""
+    tmp = converted / f".tmp-{entry.name}.{socket.gethostname()}.{os.getpid()}"
+    try:  # before the pickle is read: an unwritable cache is known at once
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheNotWritable(f"{converted}{where}: {e.strerror or e}") from None
     print(f"bertino: {folder} has only pickled weights ({files[0]}); converting them once, safely "
           f"(torch.load weights_only=True), to {target}", file=sys.stderr)
-    state = read_pickled_state(folder)  # first: a refused pickle leaves nothing behind in the cache
-    tmp = converted / f".tmp-{entry.name}.{socket.gethostname()}.{os.getpid()}"
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        state = read_pickled_state(folder)  # a refused pickle leaves nothing behind in the cache
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         _write(state, tmp / "model.safetensors")
         (tmp / ENTRY).write_text(json.dumps(_describe(tmp / "model.safetensors")) + "\n", encoding="utf-8")
         publish_dir(tmp, entry, replace=False)  # another process that published it first wins: the same bytes
@@ -145,8 +159,7 @@ def cached_safetensors(folder: Path, cache_dir: str | Path | None = None) -> Pat
         reason = e.strerror if isinstance(e, OSError) else write_failure(e)
         if reason is None and not isinstance(e, OSError):
             raise
-        where = os.environ.get("BERTINO_CACHE") if cache_dir is None else None
-        raise CacheNotWritable(f"{converted}{f' (BERTINO_CACHE={where})' if where else ''}: {reason or e}") from None
+        raise CacheNotWritable(f"{converted}{where}: {reason or e}", state) from None
     return target
 
 
