@@ -142,8 +142,8 @@ def test_runs_sharing_a_logging_dir_never_delete_each_other_s_events(model_dir, 
     used to delete every *.bertino file there), and each run's files hold exactly its own metrics.jsonl."""
     shared = tmp_path / "tb"
     for name in ("a", "b"):
-        cfg = tb_config(tmp_path, model_dir, max_steps=2, save_steps=0, logging_dir=str(shared),
-                        output_dir=str(tmp_path / name))
+        cfg = train_config(tmp_path, model_dir, report_to=["tensorboard"], max_steps=2, logging_dir=str(shared),
+                           output_dir=str(tmp_path / name))
         train.main(["--config", str(write_config(tmp_path, cfg, f"{name}.json"))])
     assert len(list(shared.glob("events.out.tfevents.*"))) == 2  # a's file survived b's start
     from bertino.plumbing.tensorboard_log import run_tag
