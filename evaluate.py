@@ -1,12 +1,16 @@
 """Evaluate a sentence encoder on retrieval (IR) and similarity (STS) files, at one or more Matryoshka dims.
 
-    python evaluate.py --model DIR [--model DIR2 ...] [--ir FILE]... [--sts FILE]... [--config FILE]
-                       [--dims 768,128] [--batch-size N] [--json OUT] [--precision float32,int8,binary [--rescore K]]
+    python evaluate.py --model DIR [--model DIR2 ...] [--ir FILE]... [--sts FILE]... [--config FILE|RUN_DIR
+                       [key.sub=value ...]] [--dims 768,128] [--batch-size N] [--json OUT]
+                       [--precision float32,int8,binary [--rescore K]]
 
 Prints a markdown table per eval set (one row per metric, one column per dim) and, with `--json OUT`, writes
 {"<dim>": {"<set name>": {"<metric>": value}}} (NaN as null); a set's name is its file's stem
 (`dev_ir.jsonl.gz` → `dev_ir`). `--config FILE` adds a training config's eval sets: its `eval.ir` / `eval.sts`
-and the hold-out of every task with `holdout` (the same rows training left out).
+and the hold-out of every task with `holdout` (the same rows training left out). The hold-out is drawn from the
+config's `train.seed` and `holdout` fraction, so give the run's own: its folder (`--config runs/x`, which reads the
+resolved `runs/x/config.json`, overrides included), or the config file and the same `key.sub=value` overrides the
+run had. Each hold-out's seed, fraction and rows are printed.
 
 Several `--model`s give the model card's "Comparison with V4" table: per eval set, a column per (model, dim), dims
 first, and after every value of the second and later models its relative change against the first model at the
@@ -19,7 +23,9 @@ vector, storage relative to the full float32 vector, every IR metric; bertino/qu
 binary vectors are made and scored; `--rescore K` adds binary's top K re-ranked by the float query), STS sets stay
 float32, and the JSON file gains the precision level: {"<precision>": {"<dim>": {"<set name>": {"<metric>": value}}}}.
 `--dims` defaults to the Matryoshka dims the model folder records (`config_sentence_transformers.json`,
-key `bertino.matryoshka_dims`, written by `SentenceEncoder.save_pretrained`), else the model's full dim.
+key `bertino.matryoshka_dims`, written by `SentenceEncoder.save_pretrained`), else those of `--config` (its
+`eval.dims`, else `matryoshka.dims`), else the model's full dim. Every model's dims are checked before anything is
+encoded (a dim a model lacks names the model; models that share no dim are an error), and so is the `--json` target.
 A user's mistake (bad file, bad dims, unloadable model) prints one `error: ...` line and exits with code 2.
 """
 
@@ -28,10 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-from bertino.errors import ConfigError
+from bertino.errors import CheckpointError, ConfigError
 from bertino.plumbing.cli import ArgumentParser, UsageError, run_cli
 from bertino.plumbing.files import atomic_write, read_json
 
@@ -44,8 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='retrieval JSONL: {"query": ..., "positive": ...[, "negative_1": ...]} (repeatable)')
     p.add_argument("--sts", action="append", default=[], metavar="FILE",
                    help='similarity JSONL: {"sentence1": ..., "sentence2": ..., "score": ...} (repeatable)')
-    p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help="a training config: evaluate on its eval sets and its tasks' hold-outs")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE|RUN_DIR",
+                   help="a training config, or a run folder (its resolved config.json): evaluate on its eval sets "
+                        "and its tasks' hold-outs")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="with --config: the run's overrides (e.g. train.seed=7), which decide its hold-out")
     p.add_argument("--dims", type=parse_dims, default=None,
                    help="comma-separated dims, e.g. 768,128 (default: the model's Matryoshka dims, else its dim)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per encoding batch (default 32)")
@@ -70,9 +81,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from bertino.quantization import check_precisions
 
         check_precisions(args.precision, args.rescore)
-    if args.json is not None and not args.json.parent.is_dir():  # checked now, not after an hour of encoding
-        raise UsageError(f"--json {args.json}: folder {str(args.json.parent)!r} does not exist")
+    if args.overrides and args.config is None:
+        raise UsageError(f"{args.overrides[0]}: overrides apply to --config; give --config FILE (or a run folder)")
+    check_writable(args.json)  # checked now, not after an hour of encoding
     return args
+
+
+def check_writable(path: Path | None) -> None:
+    """The --json target can be written: its folder exists and takes a new file, and it is not a folder."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise UsageError(f"--json {path}: folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"--json {path}: is a folder; give a file name")
+    try:  # the results are written atomically, through a temp file beside the target: try that now
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--json {path}: cannot write into {str(path.parent)!r} ({e.strerror or e})") from None
 
 
 def parse_dims(text: str) -> list[int]:
@@ -100,35 +128,89 @@ def recorded_matryoshka_dims(model_dir: Path) -> list[int] | None:
     return dims or None
 
 
-def load_sets(args: argparse.Namespace):
+def load_run_config(path: Path, overrides: list[str]):
+    """`--config`: a config file, or a run folder (its resolved `config.json`; a checkpoint's `run_config.json`),
+    with the overrides applied."""
+    from bertino.plumbing.config import load_config
+
+    if path.is_dir():
+        found = [path / name for name in ("config.json", "run_config.json") if (path / name).is_file()]
+        if not found:
+            raise ConfigError(f"--config {path}: a folder, but not a run folder (no config.json) nor a checkpoint "
+                              f"(no run_config.json)")
+        path = found[0]
+    return load_config(path, overrides)
+
+
+def load_sets(args: argparse.Namespace, cfg=None):
     """The eval sets of the command line, plus those of `--config` (its eval section and its tasks' hold-outs)."""
     from bertino.plumbing.eval_data import load_eval_sets
 
     ir, sts, holdouts = list(args.ir), list(args.sts), None
-    if args.config is not None:
-        from bertino.plumbing.config import load_config
+    if cfg is not None:
         from bertino.plumbing.data import load_run_data
 
-        cfg = load_config(args.config)
         ir, sts = ir + list(cfg.eval.ir), sts + list(cfg.eval.sts)
         holdouts = load_run_data(cfg, base_dir=None).holdouts
+        for task, held in holdouts.items():  # which rows: the run's seed and fraction decide them
+            print(f"bertino: {task}_holdout: the {len(held)} rows of tasks.{task} a run with "
+                  f"tasks.{task}.holdout={cfg.tasks[task].holdout} and train.seed={cfg.train.seed} leaves out "
+                  f"(from {args.config})", file=sys.stderr)
     return load_eval_sets(ir, sts, holdouts)
+
+
+def model_dim(model_dir: Path) -> int:
+    """A model's embedding dim, from its config.json (before its weights are loaded)."""
+    from bertino.model import EncoderConfig
+    from bertino.plumbing.model_folder import read_layout
+
+    path = read_layout(model_dir).transformer / "config.json"
+    try:
+        return EncoderConfig.from_hf_dict(read_json(path)).dim
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: missing or invalid key {e}") from None
+
+
+def eval_dims(name: str, model_dir: Path, dims: list[int] | None, cfg) -> list[int]:
+    """The dims to evaluate `name` at (the module docstring's order), checked against its dim."""
+    from bertino.evaluation import check_dims
+
+    source = "--dims"
+    if dims is None:
+        dims, source = recorded_matryoshka_dims(model_dir), "the Matryoshka dims its folder records"
+    if dims is None and cfg is not None:
+        dims = list(cfg.eval.dims or (cfg.matryoshka.dims if cfg.matryoshka else ())) or None
+        source = "the Matryoshka dims of --config"
+    try:
+        return check_dims(dims, model_dim(model_dir))
+    except ConfigError as e:
+        raise ConfigError(f"--model {name}: {e} ({source})") from None
+
+
+def shared_dims(per_model: dict[str, list[int]]) -> None:
+    """Several models are compared at the dims they all have: there must be one."""
+    if len(per_model) > 1 and not set.intersection(*(set(d) for d in per_model.values())):
+        listed = "; ".join(f"{name} at {dims}" for name, dims in per_model.items())
+        raise ConfigError(f"the models share no dim to compare them at ({listed}); give --dims with dims every "
+                          f"model has")
 
 
 def main(argv: list[str] | None = None) -> dict:
     from bertino import SentenceEncoder
-    from bertino.evaluation import (check_dims, comparison_table, embed_sets, format_table, relative_changes,
-                                    score_sets)
+    from bertino.evaluation import comparison_table, embed_sets, format_table, relative_changes, score_sets
     from bertino.plumbing.sources import resolve_model_path
 
     args = parse_args(argv)
+    cfg = load_run_config(args.config, args.overrides) if args.config is not None else None
     # Files first: a typo in an eval file should fail in a second, not after loading the model.
-    ir_sets, sts_sets = load_sets(args)
+    ir_sets, sts_sets = load_sets(args, cfg)
+    model_dirs = {name: resolve_model_path(name) for name in args.model}
+    dims_of = {name: eval_dims(name, model_dir, args.dims, cfg) for name, model_dir in model_dirs.items()}
+    shared_dims(dims_of)  # every dim checked before anything is encoded
     per_model = {}
-    for name in args.model:
-        model_dir = resolve_model_path(name)
+    for name, model_dir in model_dirs.items():
         encoder = SentenceEncoder.from_pretrained(model_dir)
-        dims = check_dims(args.dims or recorded_matryoshka_dims(model_dir), encoder.dim)
+        dims = dims_of[name]
         embedded = embed_sets(encoder, ir_sets, sts_sets, batch_size=args.batch_size, show_progress_bar=True)
         per_model[name] = score_sets(embedded, ir_sets, sts_sets, dims)  # every text encoded once, at the full dim
     if len(per_model) > 1:

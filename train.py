@@ -170,7 +170,7 @@ def tensorboard_log(cfg: Config, out: Path, dist_info: distributed.DistInfo) -> 
     """`train.report_to: ["tensorboard"]`: rank 0 mirrors metrics.jsonl into train.logging_dir (default out/runs)."""
     if "tensorboard" not in cfg.train.report_to or not dist_info.is_main:
         return None
-    return TensorBoardLog(Path(cfg.train.logging_dir) if cfg.train.logging_dir else out / "runs")
+    return TensorBoardLog(Path(cfg.train.logging_dir) if cfg.train.logging_dir else out / "runs", run_dir=out)
 
 
 def check_same_data(per_rank: list[dict]) -> None:

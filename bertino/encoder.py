@@ -26,7 +26,7 @@ from torch import nn
 from .batching import PackedTokenIds, length_sorted_batches
 from .errors import BertinoError, CheckpointError
 from .keyed_dropout import use_keys
-from .model import DistilBert, EncoderConfig, mean_pool
+from .model import POOLING, DistilBert, EncoderConfig
 from .plumbing.model_folder import POOLING_MODES, Layout, read_layout, write_sentence_transformers_files
 
 
@@ -77,7 +77,9 @@ class SentenceEncoder(nn.Module):
         load_into(model, state, source=str(folder))
         tokenizer = _load_tokenizer(folder, cfg.vocab_size)
 
-        max_len = (max_seq_length or layout.max_seq_length
+        if max_seq_length is not None and max_seq_length < 1:  # 0 is not "the default": say so
+            raise BertinoError(f"max_seq_length must be >= 1 (tokens per text), got {max_seq_length}")
+        max_len = (max_seq_length if max_seq_length is not None else layout.max_seq_length
                    or min(tokenizer.model_max_length, cfg.max_position_embeddings))
         enc = cls(model, tokenizer, max_seq_length=max_len, pooling=layout.pooling,
                   normalize_output=layout.normalize, do_lower_case=layout.do_lower_case)
@@ -105,12 +107,7 @@ class SentenceEncoder(nn.Module):
         mask = features["attention_mask"]
         with use_keys(self.model, features.get("dropout_keys")):
             hidden = self.model(features["input_ids"], mask)  # (B, L, D)
-        if self.pooling == "mean":
-            emb = mean_pool(hidden, mask)  # (B, D)
-        elif self.pooling == "cls":
-            emb = hidden[:, 0]  # (B, D)
-        else:
-            emb = hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(dim=1)
+        emb = POOLING[self.pooling](hidden, mask)  # (B, D): mean (the default), cls or max (model.py)
         return F.normalize(emb, dim=-1) if self.normalize_output else emb
 
     # ---------------------------------------------------------------------------------------------- inference path

@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.margin = 0.05
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_seq_length is not None and args.max_seq_length < 1:
+        raise UsageError(f"--max-seq-length must be >= 1 (tokens per text), got {args.max_seq_length}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    args.device = check_device(args.device)
     try:  # made now, not after an hour of encoding
         args.output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -100,6 +105,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"({e.strerror or e})") from None
     _check_jsonl_name(args.output, "--output")
     return args
+
+
+def check_device(name: str | None) -> str:
+    """--device: a torch device this machine has (default: cuda when available, else cpu)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a torch device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS (Apple GPUs) is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: the {device.type!r} device is not supported (expected cpu, cuda, cuda:N "
+                         f"or mps)")
+    return str(device)
 
 
 def main(argv: list[str] | None = None) -> MineStats:
@@ -111,8 +138,7 @@ def main(argv: list[str] | None = None) -> MineStats:
     # Files first: a typo in the data should fail in a second, not after loading the model.
     rows = load_rows(args.input, args.query_column, args.positive_column)
     corpus = [text for path in args.corpus for text in load_corpus(path)]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = SentenceEncoder.from_pretrained(args.model, device=device, max_seq_length=args.max_seq_length)
+    encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, max_seq_length=args.max_seq_length)
 
     start = time.perf_counter()
     out, stats = mine_with_stats(

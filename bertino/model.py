@@ -1,4 +1,4 @@
-"""DistilBERT, written out by hand, plus mean pooling.
+"""DistilBERT, written out by hand, plus pooling (mean, the default; CLS; max).
 
 Shapes: B batch, L sequence length, D model dim, H heads, Dh = D / H head dim, F FFN hidden dim.
 
@@ -15,9 +15,13 @@ equivalent ones when `train.py` installs them (bertino/speedups/); nothing here 
 
 A mini-batch without padding passes no attention mask at all (checked on CPU only: on CUDA it would be a sync).
 
-Mean pooling averages the token vectors where `attention_mask == 1`:
+Pooling turns the token vectors x_t (t = 0..L-1, mask m_t) into one sentence vector e. Mean pooling (bertino's
+default, the card's) averages the real tokens; CLS pooling takes the first token's vector ([CLS]); max pooling
+takes each dimension's largest value over the real tokens:
 
-    e = Σ_t m_t · x_t / max(Σ_t m_t, 1e-9)
+    mean: e = Σ_t m_t · x_t / max(Σ_t m_t, 1e-9)        cls: e = x_0        max: e_j = max_{t: m_t = 1} x_tj
+
+None of them looks at padding, so a text's vector does not depend on the batch it is in (what GradCache needs).
 """
 
 from __future__ import annotations
@@ -215,3 +219,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     summed = (hidden * m).sum(dim=1)  # (B, D)
     counts = m.sum(dim=1).clamp(min=1e-9)  # (B, 1)
     return summed / counts
+
+
+def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The first token's vector ([CLS]; texts are right-padded). hidden (B, L, D) → (B, D)."""
+    return hidden[:, 0]  # (B, D)
+
+
+def max_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each dimension's maximum over the real tokens. hidden (B, L, D), attention_mask (B, L) → (B, D)."""
+    pad = ~attention_mask.bool().unsqueeze(-1)  # (B, L, 1)
+    return hidden.masked_fill(pad, torch.finfo(hidden.dtype).min).amax(dim=1)  # (B, D)
+
+
+POOLING = {"mean": mean_pool, "cls": cls_pool, "max": max_pool}  # the modes a model folder may ask for

@@ -6,8 +6,8 @@ The panels, each against the optimizer step: the loss of every task (its weighte
 unweighted loss at each Matryoshka dim of every task that logs them, the learning rate, and for every eval set
 each chosen metric (default: ndcg@10 for retrieval sets, spearman_cosine for STS sets) with one line per dim.
 `curve_series` builds the series from the records (no drawing, so they can be checked against metrics.jsonl);
-`figure` draws them, `draw` writes the PNG. The run's model folders (final/, best/) get a copy of the image and a
-link to it in their model card. matplotlib is an optional extra (`pip install 'bertino[plots]'`), imported only here.
+`figure` draws them, `draw` writes the image (PNG; `--output` in the format its suffix names: .pdf, .svg, ...).
+The run's model folders (final/, best/) get a copy of the image and a link to it in their model card. matplotlib is an optional extra (`pip install 'bertino[plots]'`), imported only here.
 """
 
 from __future__ import annotations
@@ -82,13 +82,27 @@ def curve_series(records: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS
     return series
 
 
+def image_format(path: Path) -> str:
+    """The image format `path`'s suffix names (png, pdf, svg, ...: what matplotlib writes), or one clear error."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        found = f".{suffix} is not an image format matplotlib writes" if suffix else "no suffix names the format"
+        raise ConfigError(f"--output {path}: {found}; end the name with one of {', '.join('.' + f for f in formats)}")
+    return suffix
+
+
 def draw(series: Series, path: Path, title: str) -> None:
-    """`figure(series)` written as a PNG to `path` (atomically)."""
+    """`figure(series)` written to `path` (atomically), in the format its suffix names (`curves.png`: PNG)."""
     plt = require_matplotlib()
+    fmt = image_format(path)
     fig = figure(series, title)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format=fmt, dpi=100)
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -160,8 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     require_matplotlib()  # before any reading: a missing extra is the first thing to know
-    series = curve_series(read_records(args.run_dir / "metrics.jsonl"), tuple(args.metrics.split(",")))
     output = args.output or args.run_dir / "curves.png"
+    image_format(output)  # --output c.pdf writes a PDF; an unknown suffix is an error, before any reading
+    series = curve_series(read_records(args.run_dir / "metrics.jsonl"), tuple(args.metrics.split(",")))
     draw(series, output, title=str(args.run_dir))
     print(f"bertino: wrote {output}", file=sys.stderr)
     if args.output is None:

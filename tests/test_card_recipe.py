@@ -3,9 +3,11 @@
 The stand-ins have the real layouts, in a Hugging Face hub cache as the hub client leaves it
 (`<HF_HUB_CACHE>/{models,datasets}--ORG--NAME/{refs/main, snapshots/REV/...}`), under the exact ids configs/v5.json
 names: `indigo-ai/BERTino` (a tiny DistilBERT MLM: config.json, a pickled pytorch_model.bin with the MLM key
-names, vocab.txt, tokenizer_config.json, special_tokens_map.json — no safetensors, no tokenizer.json),
+names and more embedding rows than vocab.txt has tokens, vocab.txt, a tokenizer_config.json with the legacy
+`max_len` key that lower-cases and strips accents, special_tokens_map.json — no safetensors, no tokenizer.json),
 `nickprock/it-wiki-retrieval-synthetic-hn` (parquet, `query`/`positive`/`hard_negatives` as a list) and
-`PhilipMay/stsb_multi_mt` (parquet per language and split, a README.md `configs:` section). Snapshot files are plain
+`PhilipMay/stsb_multi_mt` (parquet per language and split, `similarity_score` float32, a README.md `configs:`
+section). Snapshot files are plain
 files here, not links into `blobs/`: the client reads both the same way.
 """
 
@@ -54,19 +56,24 @@ def snapshot(hub: Path, kind: str, repo_id: str) -> Path:
     return folder
 
 
+EXTRA_ROWS = 32  # indigo-ai/BERTino: vocab.txt has 31,102 tokens, its embedding table 32,102 rows (~3% unused)
+
+
 def write_bertino_layout(folder: Path, *, seed: int = 0, do_lower_case: bool = True) -> Path:
-    """indigo-ai/BERTino's files: a DistilBertForMaskedLM config and pickle, a WordPiece vocab, no tokenizer.json."""
+    """indigo-ai/BERTino's files, in their shape: a DistilBertForMaskedLM config and pickle whose embedding table
+    has more rows than vocab.txt has tokens, a WordPiece vocab, a tokenizer_config.json with the legacy `max_len`
+    key (no `model_max_length`) that lower-cases (and so strips accents, as BERT's tokenizer does), no
+    tokenizer.json."""
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     vocab = write_vocab(folder).read_text(encoding="utf-8").split()
-    cfg = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=128,
+    cfg = DistilBertConfig(vocab_size=len(vocab) + EXTRA_ROWS, dim=32, n_layers=2, n_heads=4, hidden_dim=128,
                            max_position_embeddings=64, architectures=["DistilBertForMaskedLM"])
     torch.manual_seed(seed)
     model = DistilBertForMaskedLM(cfg)
     cfg.save_pretrained(str(folder))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # distilbert.* and vocab_* keys, as on the hub
-    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": do_lower_case,
-                                                              "model_max_length": 512}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": do_lower_case, "max_len": 512}))
     (folder / "special_tokens_map.json").write_text(json.dumps(
         {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
          "mask_token": "[MASK]"}))
@@ -92,8 +99,8 @@ def write_sts_repo(folder: Path, sizes: dict[str, int]) -> None:
             rows = sts_rows(n, seed=hash(split) % 100)
             (folder / lang).mkdir(exist_ok=True)
             pq.write_table(pa.table({"sentence1": [f"{lang} {r['sentence1']}" for r in rows],
-                                     "sentence2": [r["sentence2"] for r in rows],
-                                     "similarity_score": [r["score"] for r in rows]}),
+                                     "sentence2": [r["sentence2"] for r in rows],  # float32, as on the hub:
+                                     "similarity_score": pa.array([r["score"] for r in rows], pa.float32())}),
                            folder / lang / f"{split}-00000-of-00001.parquet")
             yaml += [f"  - split: {split}", f"    path: {lang}/{split}-*"]
     (folder / "README.md").write_text("\n".join(yaml + ["---", "", "stand-in"]) + "\n")
@@ -172,7 +179,7 @@ def test_v5_config_runs_end_to_end_on_the_hub_stand_ins(v5_run):
     assert "retrieval_holdout" in card and "sts_dev" in card and "indigo-ai/BERTino" in card
     # eval.compare_base (on in configs/v5.json): the base model beside the trained one, with relative changes
     section = card[card.index("## Comparison with the base model"):]
-    assert "| metric | indigo-ai/BERTino (32d) | this model (32d) |" in section and "%) |" in section
+    assert "| metric | base model indigo-ai/BERTino (32d) | this model (32d) |" in section and "%) |" in section
 
 
 def test_step_counts_of_the_card_size_data(tmp_path):
@@ -280,6 +287,20 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
     assert sts.name == "sts_dev" and len(sts.sentences1) == 12 and max(sts.scores) <= 1.0  # dev split, / 5
 
 
+def test_the_two_stage_recipe_holds_out_the_same_rows(offline_hub):
+    """The README's path to the published V5 (configs/v4.json, then configs/v5.json from runs/v4/final): both
+    configs leave out the same retrieval rows, so stage 2 never trains on what stage 1 held out."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "python train.py --config configs/v4.json " in readme
+    assert "python train.py --config configs/v5.json model.name_or_path=runs/v4/final " in readme
+    v4 = load_config(ROOT / "configs" / "v4.json", ["train.per_device_train_batch_size=8"])
+    assert v4.train.output_dir == "runs/v4"
+    v5 = load_config(ROOT / "configs" / "v5.json", ["train.per_device_train_batch_size=8",
+                                                    "model.name_or_path=runs/v4/final"])
+    held = [load_run_data(cfg).holdouts["retrieval"] for cfg in (v4, v5)]
+    assert held[0].texts == held[1].texts and len(held[0]) == 4
+
+
 def test_a_resume_keeps_the_hold_out(hf_home, v5_run, tmp_path):
     """The v5 run resumed from its step-2 checkpoint into another folder: the same hold-out rows are left out and
     evaluated (the same numbers at step 4) and the weights end bitwise where the uninterrupted run's do."""
@@ -309,9 +330,14 @@ def test_bertino_hub_layout_loads_like_transformers(offline_hub):
     folder = huggingface_hub.snapshot_download(MODEL_ID)
     reference = DistilBertModel.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = ["Chi ha dipinto la GIOCONDA?", "il gatto dorme a casa", "Roma"]
+    texts = ["Chi ha dipinto la GIOCONDA?", "il gatto dorme a casa", "Roma", "Città più bella, perché è così"]
     features = tokenizer(texts, padding=True, return_tensors="pt")
-    assert features["input_ids"].tolist() == tokenizer([t.lower() for t in texts], padding=True)["input_ids"]
+    plain = [t.lower().replace("à", "a").replace("ù", "u").replace("é", "e").replace("è", "e").replace("ì", "i")
+             for t in texts]  # lower-cased, accents stripped
+    assert features["input_ids"].tolist() == tokenizer(plain, padding=True)["input_ids"]
+    assert ours.tokenize(texts)["input_ids"].tolist() == features["input_ids"].tolist()
+    assert ours.model.config.vocab_size == len(tokenizer) + EXTRA_ROWS  # the table's unused rows load too
+    assert tokenizer.model_max_length == 512 and ours.max_seq_length == 64  # max_len read; the positions cap it
     with torch.no_grad():
         hidden = reference(input_ids=features["input_ids"], attention_mask=features["attention_mask"])[0]
     mask = features["attention_mask"].unsqueeze(-1).float()

@@ -267,6 +267,15 @@ def test_the_speedups_section_its_defaults_null_and_the_old_keys():
     assert config_from_dict(config_to_dict(old)) == old  # the resolved config round-trips at the new places
 
 
+@pytest.mark.parametrize("name", ["qa/it", "a/128d", "/"])
+def test_a_task_name_with_a_slash_is_refused(name):
+    """loss/NAME/DIMd: a '/' in NAME drew a task's total as a per-dim line in the curves and dropped it from the
+    progress bar (both split the key at '/')."""
+    data = minimal()
+    data["tasks"][name] = data["tasks"].pop("retrieval")
+    assert f"tasks.{name}: task names must be non-empty and contain no '.', '=' or '/'" in error_of(data=data)
+
+
 def test_valid_edge_values():
     cfg = build("train.mini_batch_size=128", "train.warmup_ratio=0", "train.max_steps=5", "train.num_train_epochs=0",
                 "train.max_grad_norm=0", "matryoshka.weights=[1,0]", "train.bf16=true")

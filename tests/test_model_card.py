@@ -145,14 +145,16 @@ def test_the_curves_link_goes_before_the_training_details_once():
 
 
 def test_comparison_with_the_base_model():
-    """The card's "Comparison with V4" table, with V4's numbers as the base: this model's values carry their
-    relative change, 100 · (v − v_base) / v_base."""
+    """eval.compare_base's table (the published card's "Comparison with V4" when the base is V4; here V4's numbers
+    as the base): this model's values carry their relative change, 100 · (v − v_base) / v_base, and the base
+    column says it is the base model, by name (configs/v5.json starts from indigo-ai/BERTino, not from V4)."""
     base = {d: {name: dict(metrics) for name, metrics in sets.items()} for d, sets in V5_RESULTS.items()}
     base[128]["dev_ir"].update({"ndcg@10": 0.8332, "accuracy@1": 0.7145})
     text = card(base_results=base)
     section = text[text.index("## Comparison with the base model"):]
-    assert "| metric | indigo-ai/BERTino (768d) | this model (768d) | indigo-ai/BERTino (128d) | this model (128d) |" \
-        in section
+    assert ("| metric | base model indigo-ai/BERTino (768d) | this model (768d) | base model indigo-ai/BERTino "
+            "(128d) | this model (128d) |") in section
+    assert "The base model this run started from (`indigo-ai/BERTino`" in section and "V4" not in text
     want = 100 * (0.83721 - 0.8332) / 0.8332  # by hand: +0.48%
     assert f"| NDCG@10 | 0.8680 | 0.8680 (+0.00%) | 0.8332 | 0.8372 ({want:+.2f}%) |" in section
     assert f"0.7233 ({100 * (0.72333 - 0.7145) / 0.7145:+.2f}%)" in section and "(+1.24%)" in section

@@ -91,3 +91,18 @@ def test_mistakes_are_one_error_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_output_is_written_in_the_format_its_suffix_names(run_dir, tmp_path, capsys):
+    """--output c.pdf is a PDF (it was PNG bytes in a .pdf), c.svg an SVG; a suffix matplotlib cannot write, or
+    none, is one error line before anything is read."""
+    assert plot.run([str(run_dir), "--output", str(tmp_path / "c.pdf")]) == 0
+    assert (tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    assert plot.run([str(run_dir), "--output", str(tmp_path / "c.SVG")]) == 0
+    assert b"<svg" in (tmp_path / "c.SVG").read_bytes()[:1000]
+    capsys.readouterr()
+    for name, message in [("c.xyz", ".xyz is not an image format matplotlib writes"),
+                          ("curves", "no suffix names the format")]:
+        assert plot.run([str(run_dir), "--output", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and message in err[0] and ".pdf, " in err[0] and not (tmp_path / name).exists()

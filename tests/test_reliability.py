@@ -363,6 +363,22 @@ def test_save_total_limit_keeps_the_newest_and_the_best(reference, tmp_path, kee
     assert [s for s, _ in run_folder.list_checkpoints(tmp_path)] == kept
 
 
+def test_checkpoints_are_ordered_by_step_not_by_folder_name(reference, tmp_path):
+    """checkpoint-10 is newer than checkpoint-9, though "checkpoint-10" < "checkpoint-9" as strings: ordered by
+    name, resume=true would take step 9 and save_total_limit would delete step 10, the newest."""
+    for step in (9, 10):
+        shutil.copytree(reference[0] / "checkpoint-3", tmp_path / f"checkpoint-{step}")
+    assert [s for s, _ in run_folder.list_checkpoints(tmp_path)] == [9, 10]
+    assert run_folder.resolve_resume(True, tmp_path)[0] == tmp_path / "checkpoint-10"
+    (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"damaged")  # the fallback walks back by step too
+    assert run_folder.resolve_resume(True, tmp_path)[0] == tmp_path / "checkpoint-9"
+    shutil.rmtree(tmp_path / "checkpoint-10")
+    for step in (9, 10, 11):
+        shutil.copytree(reference[0] / "checkpoint-3", tmp_path / f"checkpoint-{step}", dirs_exist_ok=True)
+    run_folder.rotate_checkpoints(tmp_path, 2, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11"]
+
+
 def test_save_total_limit_in_a_run(drop_dir, tmp_path):
     run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=7, save_steps=2, save_total_limit=2))
     assert [s for s, _ in run_folder.list_checkpoints(tmp_path / "run")] == [4, 6]

@@ -135,3 +135,23 @@ def test_a_fresh_run_starts_empty_and_rank_0_alone_writes(model_dir, tmp_path, m
     loaded = load_config(write_config(tmp_path, cfg, "other.json"))
     info = distributed.DistInfo(rank=1, local_rank=1, world_size=2)
     assert train.tensorboard_log(loaded, tmp_path / "run", info) is None
+
+
+def test_runs_sharing_a_logging_dir_never_delete_each_other_s_events(model_dir, tmp_path, capsys):
+    """Two runs with one train.logging_dir: the second's fresh start leaves the first's event files alone (it
+    used to delete every *.bertino file there), and each run's files hold exactly its own metrics.jsonl."""
+    shared = tmp_path / "tb"
+    for name in ("a", "b"):
+        cfg = train_config(tmp_path, model_dir, report_to=["tensorboard"], max_steps=2, logging_dir=str(shared),
+                           output_dir=str(tmp_path / name))
+        train.main(["--config", str(write_config(tmp_path, cfg, f"{name}.json"))])
+    assert len(list(shared.glob("events.out.tfevents.*"))) == 2  # a's file survived b's start
+    from bertino.plumbing.tensorboard_log import run_tag
+
+    assert "also holds 1 event file(s) of other runs" in capsys.readouterr().err
+    for name in ("a", "b"):
+        (own,) = shared.glob(f"events.out.tfevents.*.{run_tag(tmp_path / name)}.bertino")
+        alone = tmp_path / f"only_{name}"
+        alone.mkdir()
+        (alone / own.name).write_bytes(own.read_bytes())
+        assert_events_equal_metrics_jsonl(events_by_tag(alone), tmp_path / name)

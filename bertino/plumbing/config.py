@@ -251,9 +251,10 @@ def _validate_tasks(tasks: dict[str, TaskConfig]) -> None:
         raise ConfigError("tasks: at least one task is needed, found an empty object")
     for name, task in tasks.items():
         p = f"tasks.{name}"
-        if not name or "." in name or "=" in name:
-            raise ConfigError(f"{p}: task names must be non-empty and contain no '.' or '=' "
-                              f"(they are addressed as tasks.NAME.key=value)")
+        if not name or "." in name or "=" in name or "/" in name:
+            raise ConfigError(f"{p}: task names must be non-empty and contain no '.', '=' or '/' (they are "
+                              f"addressed as tasks.NAME.key=value, and logged as loss/NAME and loss/NAME/DIMd, "
+                              f"where a '/' would read as another level); rename the task")
         _check_columns(task, p)
         _check_negatives(task.negatives, task.loss, task.columns, p)
         require(0.0 <= task.holdout < 1.0, f"{p}.holdout", task.holdout, "in [0, 1) (a fraction of the rows)")

@@ -185,11 +185,14 @@ def _evaluation(results: Mapping, dim: int) -> str:
 
 
 def _comparison(base_model: str, base_results: Mapping, results: Mapping) -> str:
-    """The card's "Comparison with V4" table: the base model, then this one with its relative change."""
-    per_model = {base_model: {int(d): r for d, r in base_results.items()},
+    """`eval.compare_base`: the base model the run started from, then this one with its relative change. It is the
+    published card's "Comparison with V4" only for a run that started from V4 (the README's two-stage recipe), so
+    it is labelled as what it is: the base model, by name."""
+    per_model = {f"base model {base_model}": {int(d): r for d, r in base_results.items()},
                  "this model": {int(d): r for d, r in results.items()}}
-    return ("## Comparison with the base model\n\nThe same sets, the same dims; after each value of this model its "
-            "relative change against the base model, 100 · (v − v_base) / v_base.\n\n"
+    return (f"## Comparison with the base model\n\nThe base model this run started from (`{base_model}`, the "
+            f"config's `model.name_or_path`) and this model, on the same sets at the same dims; after each value of "
+            f"this model its relative change against the base model, 100 · (v − v_base) / v_base.\n\n"
             + comparison_table(per_model, relative_changes(per_model)).rstrip("\n"))
 
 

@@ -6,23 +6,31 @@
     skipped-step and resume lines                                            →  nothing (they are not curves)
 
 The events go to one folder, `train.logging_dir` (default `output_dir/runs/`), in files named
-`events.out.tfevents.*.bertino`, written by rank 0 and flushed after every line, as metrics.jsonl is. A resumed
-run continues the same curves: it keeps the events up to its checkpoint's step (a killed run may have logged later
-steps, which are trained and logged again), rewrites them into one new file (wall times kept, each (tag, step)
-once) and deletes the old files, so the steps of every tag stay strictly increasing. A fresh run starts empty.
+`events.out.tfevents.*.RUN.bertino`, RUN a short hash of the run's output_dir, written by rank 0 and flushed after
+every line, as metrics.jsonl is. A resumed run continues the same curves: it keeps the events up to its
+checkpoint's step (a killed run may have logged later steps, which are trained and logged again), rewrites them
+into one new file (wall times kept, each (tag, step) once) and deletes its old files, so the steps of every tag
+stay strictly increasing. A fresh run starts empty.
+
+Only the run's own files are ever read or deleted. In a folder inside the run folder (the default `runs/`) every
+bertino event file is the run's (also files written before RUN was part of the name, and after the run folder was
+moved); in a folder elsewhere, which several runs may share, only the files carrying this run's RUN are, and the
+others are left alone with a notice (TensorBoard draws one folder as one run: give each run its own folder).
 
 tensorboard is an optional extra (`pip install 'bertino[tensorboard]'`), imported only when a run asks for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError
 
-SUFFIX = ".bertino"  # bertino's event files: the only ones a run deletes
+SUFFIX = ".bertino"  # bertino's event files: the only ones a run deletes (and only its own)
 INSTALL = "pip install 'bertino[tensorboard]' (or pip install tensorboard)"
 
 
@@ -50,22 +58,42 @@ def scalars(record: dict) -> Iterator[tuple[str, float]]:
                     yield f"eval/{name}/{metric}/{dim}d", math.nan if value is None else float(value)
 
 
-class TensorBoardLog:
-    """The event files of one run; `MetricsLog` hands it every record it writes (rank 0 only)."""
+def run_tag(run_dir: Path) -> str:
+    """The part of an event file's name that says which run wrote it: a hash of the resolved output_dir."""
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode("utf-8")).hexdigest()[:12]
 
-    def __init__(self, folder: Path):
-        self.folder, self.writer = Path(folder), None
+
+class TensorBoardLog:
+    """The event files of one run (`run_dir`, its output_dir); `MetricsLog` hands it every record it writes
+    (rank 0 only)."""
+
+    def __init__(self, folder: Path, run_dir: Path):
+        self.folder, self.run_dir, self.writer = Path(folder), Path(run_dir), None
+        self.suffix = f".{run_tag(run_dir)}{SUFFIX}"
         self.SummaryWriter = require_tensorboard()
 
+    def own_files(self) -> list[Path]:
+        """This run's event files in the folder (module docstring: whose files are whose)."""
+        found = sorted(self.folder.glob(f"events.out.tfevents.*{SUFFIX}"))
+        if self.folder.resolve().is_relative_to(self.run_dir.resolve()):
+            return found  # a folder of the run folder: every bertino event file in it is this run's
+        others = [p for p in found if not p.name.endswith(self.suffix)]
+        if others:
+            print(f"bertino: train.logging_dir {self.folder} also holds {len(others)} event file(s) of other runs "
+                  f"(left alone; TensorBoard draws them with this run's curves: give each run its own "
+                  f"train.logging_dir)", file=sys.stderr)
+        return [p for p in found if p.name.endswith(self.suffix)]
+
     def start(self, resumed_step: int | None) -> None:
-        """Open a new event file; a resume first copies the old files' events up to `resumed_step` into it."""
+        """Open a new event file; a resume first copies its old files' events up to `resumed_step` into it."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"train.logging_dir: cannot create {self.folder}: {e.strerror or e}") from None
-        old = sorted(self.folder.glob(f"events.out.tfevents.*{SUFFIX}"))
+        old = self.own_files()
         kept = read_scalar_events(old, up_to=resumed_step) if resumed_step is not None else []
-        self.writer = self.SummaryWriter(str(self.folder), filename_suffix=SUFFIX, max_queue=1000, flush_secs=3600)
+        self.writer = self.SummaryWriter(str(self.folder), filename_suffix=self.suffix, max_queue=1000,
+                                         flush_secs=3600)
         for tag, step, value, wall_time in kept:
             self.writer.add_scalar(tag, value, step, walltime=wall_time)
         self.writer.flush()  # the kept events are on disk before the old files go (a new file: a new name, as

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from .files import read_json
-from .pickled_weights import cached_safetensors, pickle_files
+from .model_folder import missing_file, shard_files
+from .pickled_weights import load_pickled_weights, pickle_files
 
 # Keys that belong to heads or buffers we do not need, in any layout.
 _DROP = re.compile(
@@ -51,14 +51,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if single.exists():
         return _load_safetensors(single)
+    if single.is_symlink():  # a link whose target is gone: say so, not "no model.safetensors"
+        raise CheckpointError(f"cannot load the weights: {missing_file(single)}")
     if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in shard_files(index):
             state.update(_load_safetensors(folder / shard))
         return state
     if pickle_files(folder):  # pickled weights only: their safe safetensors copy in bertino's cache
-        return _load_safetensors(cached_safetensors(folder))
+        return load_pickled_weights(folder)
+    for name in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (folder / name).is_symlink():  # dangling (it would have loaded above)
+            raise CheckpointError(f"cannot load the weights: {missing_file(folder / name)}")
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise CheckpointError(f"{folder}: no model.safetensors in the folder; found {found}")
 
