@@ -45,7 +45,7 @@ class Step:
     mini_batch_size: int  # texts per GradCache mini-batch (train.mini_batch_size, or the one that fits the GPU)
     seed: int  # train.seed: the keyed masks' seed
     dropout_keys: DropoutKeys | None = None  # keyed dropout masks are installed (keyed_dropout.py), or None
-    fast: "FastGradCache | None" = None  # the speed-ups (bertino/speedups/fast_grad_cache.py); None: the textbook
+    fast: object | None = None  # the speed-ups: a FastGradCache (bertino/speedups/fast_grad_cache.py); None: the textbook
     rank: int = 0
     world_size: int = 1
 

@@ -80,6 +80,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nodrop_model_dir(tmp_path_factory) -> Path:
+    """The same architecture without dropout (p = 0): GradCache equals one full batch bit for bit in float64, and
+    2 processes equal 1, without keyed masks."""
+    return make_distilbert(tmp_path_factory.mktemp("tiny_nodrop"), dropout=0.0, seed=3)
+
+
+@pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """Heavy dropout (0.3), so a wrong mask or a wrong dropout scale shows in every comparison."""
+    return make_distilbert(tmp_path_factory.mktemp("tiny_dropout"), dropout=0.3, seed=11)
+
+
+@pytest.fixture(scope="session")
 def tiny_mlm_dir(tmp_path_factory) -> Path:
     return make_distilbert(tmp_path_factory.mktemp("tiny_distilbert_mlm"), seed=1, mlm=True)
 

@@ -192,12 +192,16 @@ def mini_batches(enc, texts, size: int = C):
     return make_mini_batches(token_ids(enc, texts), size, enc.tokenizer.pad_token_id)
 
 
-def full_batch_plain(enc, texts, loss_fn, autocast=None):
-    """One forward of the whole batch (one padded tensor), one backward of loss × SCALE → the gradients."""
+def full_batch_plain(enc, texts, loss_fn, autocast=None, text_keys=None):
+    """One forward of the whole batch (one padded tensor), one backward of loss × SCALE → the gradients: the
+    reference every GradCache test compares with. `text_keys` (T,): keyed dropout masks, the texts' keys."""
     import contextlib
 
+    features = token_ids(enc, texts).pad(range(len(texts)), enc.tokenizer.pad_token_id)  # (T, L)
+    if text_keys is not None:
+        features["dropout_keys"] = text_keys
     with autocast() if autocast else contextlib.nullcontext():
-        reps = enc(token_ids(enc, texts).pad(range(len(texts)), enc.tokenizer.pad_token_id))  # (T, D)
+        reps = enc(features)  # (T, D)
     (loss_fn(reps) * SCALE).backward()
     return grads(enc)
 
@@ -245,3 +249,38 @@ def fast_path(enc, keep_graphs: int = 0, keep_last: bool = True, sparse: bool = 
     return FastGradCache(settings, enc.max_seq_length, keys,
                          sparse=install_sparse_embedding_grads(enc.model) if sparse else None,
                          tape=install_linear_tape(enc.model, tape) if tape else None)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── user-side failures
+def train_error_line(capsys, config: Path | None, *args: str) -> str:
+    """Run train.cli (`--config config`, if given, then `args`): it must exit with code 2 and exactly one `error:`
+    line, no traceback → that line."""
+    import train
+
+    with pytest.raises(SystemExit) as info:
+        train.cli([*(["--config", str(config)] if config else []), *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+def folder_snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its modification time and size: equal snapshots = nothing was touched."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def fault_env(fault: str, folder: Path, **extra) -> dict:
+    """The environment of a train.py child with a fault of tests/fault_injection.py switched on."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+            "BERTINO_FAULT": fault, "BERTINO_FAULT_DIR": str(folder), **extra}
+
+
+def torchrun_with_fault(config: Path, fault: str, folder: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    """torchrun of tests/fault_injection.py (train.py with the fault) on `config`."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", "tests/fault_injection.py", "--config", str(config),
+                             *overrides], cwd=ROOT, env=fault_env(fault, folder), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+

@@ -16,8 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

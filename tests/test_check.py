@@ -8,15 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_distilbert
 from helpers import ROOT, listed_negatives, retrieval_rows, sts_rows, train_config, write_config, write_jsonl
 
 from bertino import check
-
-
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("check_drop"), dropout=0.2, seed=11)
 
 
 def two_task(tmp, model, speedups=None, sts_first=False, **train):
@@ -58,8 +52,8 @@ def run_check(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("dropout", ["keyed", "stream", "off"])
-def test_the_check_passes_on_a_correct_run(drop_dir, tmp_path, capsys, dropout):
-    config = two_task(tmp_path, drop_dir, speedups={"memory_budget": 1})
+def test_the_check_passes_on_a_correct_run(dropout_model_dir, tmp_path, capsys, dropout):
+    config = two_task(tmp_path, dropout_model_dir, speedups={"memory_budget": 1})
     code, out = run_check(capsys, "--config", config, "--steps", 3, "--dropout", dropout)
     print(out)
     assert code == 0, out
@@ -79,9 +73,9 @@ FAST_PATH = {"buckets": ["speedups.length_multiple=8"],
 
 
 @pytest.mark.parametrize("name", FAST_PATH)
-def test_the_check_passes_on_static_shapes_and_the_graph_path(drop_dir, tmp_path, capsys, name):
+def test_the_check_passes_on_static_shapes_and_the_graph_path(dropout_model_dir, tmp_path, capsys, name):
     """Both tasks (with graphs, CoSENT runs through GradCache too), float64, keyed dropout on: = the full batch."""
-    config = two_task(tmp_path, drop_dir)
+    config = two_task(tmp_path, dropout_model_dir)
     code, out = run_check(capsys, "--config", config, *FAST_PATH[name], "--steps", 3, "--float64")
     print(out)
     assert code == 0 and "verdict: OK" in out, out
@@ -91,17 +85,17 @@ def test_the_check_passes_on_static_shapes_and_the_graph_path(drop_dir, tmp_path
     assert re.search(r"overall \d\.\d\de-1[1-9]", out)
 
 
-def test_the_check_passes_on_buckets_with_stream_masks(drop_dir, tmp_path, capsys):
-    code, out = run_check(capsys, "--config", two_task(tmp_path, drop_dir), "speedups.length_multiple=8",
+def test_the_check_passes_on_buckets_with_stream_masks(dropout_model_dir, tmp_path, capsys):
+    code, out = run_check(capsys, "--config", two_task(tmp_path, dropout_model_dir), "speedups.length_multiple=8",
                           "--dropout", "stream")
     assert code == 0 and "verdict: OK" in out, out
 
 
 @pytest.mark.parametrize("speedups", [None, "null"], ids=["default speed-ups", "textbook"])
 @pytest.mark.parametrize("breakage,dropout", [("no-replay", "stream"), ("cache-scale", "keyed")])
-def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, monkeypatch, breakage, dropout,
+def test_the_check_fails_when_grad_cache_is_broken(dropout_model_dir, tmp_path, capsys, monkeypatch, breakage, dropout,
                                                     speedups):
-    config = two_task(tmp_path, drop_dir)
+    config = two_task(tmp_path, dropout_model_dir)
     if breakage == "no-replay":
         break_replay(monkeypatch)
     else:
@@ -115,10 +109,10 @@ def test_the_check_fails_when_grad_cache_is_broken(drop_dir, tmp_path, capsys, m
 
 
 @pytest.mark.parametrize("factor,float64", [(1 + 1e-4, False), (1 + 1e-8, True)])
-def test_a_gradient_wrong_just_above_the_tolerance_fails(drop_dir, tmp_path, capsys, monkeypatch, factor, float64):
+def test_a_gradient_wrong_just_above_the_tolerance_fails(dropout_model_dir, tmp_path, capsys, monkeypatch, factor, float64):
     """A cache off by 1e-4 (10 × fp32's tolerance of 1e-5) fails in fp32; off by 1e-8 (far below fp32's, 100 ×
     float64's 1e-10) passes in fp32 and fails with --float64: each tolerance is the one applied."""
-    config = two_task(tmp_path, drop_dir)
+    config = two_task(tmp_path, dropout_model_dir)
     break_cache(monkeypatch, factor)
     code, out = run_check(capsys, "--config", config, "--dropout", "off", *(["--float64"] if float64 else []))
     assert code == 1 and "the whole gradient" in re.search(r"failed: (.*)", out).group(1), out
@@ -127,10 +121,10 @@ def test_a_gradient_wrong_just_above_the_tolerance_fails(drop_dir, tmp_path, cap
         assert code == 0, out
 
 
-def test_a_schedule_that_starts_with_a_cosent_batch_still_checks_grad_cache(drop_dir, tmp_path, capsys, monkeypatch):
+def test_a_schedule_that_starts_with_a_cosent_batch_still_checks_grad_cache(dropout_model_dir, tmp_path, capsys, monkeypatch):
     """`--steps 1` on a schedule whose first batch is CoSENT (no GradCache): the first retrieval batch is checked
     too, so a broken pass 3 cannot pass unseen."""
-    config = two_task(tmp_path, drop_dir, sts_first=True, multi_dataset_batch_sampler="round_robin")
+    config = two_task(tmp_path, dropout_model_dir, sts_first=True, multi_dataset_batch_sampler="round_robin")
     code, out = run_check(capsys, "--config", config, "--steps", 1)
     assert code == 0, out
     assert re.findall(r"^step \d+, task '(\w+)'", out, flags=re.M) == ["sts", "retrieval"]
@@ -139,8 +133,8 @@ def test_a_schedule_that_starts_with_a_cosent_batch_still_checks_grad_cache(drop
     assert code == 1 and "verdict: FAILED" in out, out
 
 
-def test_a_config_without_grad_cache_is_an_error(drop_dir, tmp_path, capsys):
-    cfg = train_config(tmp_path, drop_dir)
+def test_a_config_without_grad_cache_is_an_error(dropout_model_dir, tmp_path, capsys):
+    cfg = train_config(tmp_path, dropout_model_dir)
     cfg["tasks"]["retrieval"]["loss"] = "mnrl"
     proc = subprocess.run([sys.executable, "-m", "bertino.check", "--config", str(write_config(tmp_path, cfg))],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
@@ -148,11 +142,11 @@ def test_a_config_without_grad_cache_is_an_error(drop_dir, tmp_path, capsys):
     assert proc.returncode == 2 and "no task trains with GradCache" in proc.stderr, proc.stderr
 
 
-def test_the_v5_recipe_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
+def test_the_v5_recipe_on_a_tiny_model_checks_out(dropout_model_dir, tmp_path, capsys):
     """configs/v5.json with only size overrides: fp16 (bf16 or fp32 on this CPU), Matryoshka, 2 hard negatives."""
     ret = write_jsonl(tmp_path / "retrieval.jsonl", listed_negatives(retrieval_rows(32)))  # v5: a list column
     sts = write_jsonl(tmp_path / "sts.jsonl", sts_rows(40, score_key="similarity_score"))
-    code, out = run_check(capsys, "--config", ROOT / "configs" / "v5.json", f"model.name_or_path={drop_dir}",
+    code, out = run_check(capsys, "--config", ROOT / "configs" / "v5.json", f"model.name_or_path={dropout_model_dir}",
                           f"tasks.retrieval.dataset={ret}", f"tasks.sts.dataset={sts}",
                           "train.per_device_train_batch_size=8", "train.mini_batch_size=6",
                           "matryoshka.dims=[32,16,8,4]", "eval.dims=null", "eval.ir=[]", "eval.sts=[]",
@@ -162,8 +156,8 @@ def test_the_v5_recipe_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
     assert code == 0 and "verdict: OK" in out
 
 
-def test_a_full_batch_that_does_not_fit_checks_the_largest_that_does(drop_dir, tmp_path, capsys):
-    config = two_task(tmp_path, drop_dir)
+def test_a_full_batch_that_does_not_fit_checks_the_largest_that_does(dropout_model_dir, tmp_path, capsys):
+    config = two_task(tmp_path, dropout_model_dir)
     code, out = run_check(capsys, "--config", config, "--max-full-batch-texts", 12)
     assert code == 0, out
     assert "the full batch of 6 rows (24 texts) does not fit in memory" in out
@@ -178,10 +172,10 @@ def torchrun_check(config, *args, nproc=2):
 
 
 @pytest.mark.parametrize("gather", [True, False])
-def test_two_processes_check_against_one_at_the_global_batch(drop_dir, tmp_path, gather):
+def test_two_processes_check_against_one_at_the_global_batch(dropout_model_dir, tmp_path, gather):
     """W = 2 ranks × 3 rows, after DDP's all-reduce, against one process: at the global batch of 6 rows with the
     gather (every candidate), or each rank's own batch, averaged, without it."""
-    config = write_config(tmp_path, train_config(tmp_path, drop_dir, per_device_train_batch_size=3,
+    config = write_config(tmp_path, train_config(tmp_path, dropout_model_dir, per_device_train_batch_size=3,
                                                  mini_batch_size=5, gather_across_devices=gather))
     proc = torchrun_check(config, "--steps", 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -189,25 +183,25 @@ def test_two_processes_check_against_one_at_the_global_batch(drop_dir, tmp_path,
     assert "verdict: OK" in proc.stdout
 
 
-def test_two_processes_on_the_graph_path_check_against_one(drop_dir, tmp_path):
+def test_two_processes_on_the_graph_path_check_against_one(dropout_model_dir, tmp_path):
     """The graph path under DDP (2 gloo ranks): every mini-batch but the last graphed (uncaptured on a CPU), the
     last through the wrapper after the flush, so the one all-reduce carries the whole gradient."""
-    config = write_config(tmp_path, train_config(tmp_path, drop_dir, per_device_train_batch_size=3,
+    config = write_config(tmp_path, train_config(tmp_path, dropout_model_dir, per_device_train_batch_size=3,
                                                  mini_batch_size=5, gather_across_devices=True))
     proc = torchrun_check(config, "speedups.length_multiple=8", "speedups.cuda_graphs=true", "--steps", 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "CUDA graphs" in proc.stdout and "verdict: OK" in proc.stdout
 
 
-def test_the_check_refuses_stream_masks_across_processes(drop_dir, tmp_path):
-    proc = torchrun_check(write_config(tmp_path, train_config(tmp_path, drop_dir)), "--dropout", "stream")
+def test_the_check_refuses_stream_masks_across_processes(dropout_model_dir, tmp_path):
+    proc = torchrun_check(write_config(tmp_path, train_config(tmp_path, dropout_model_dir)), "--dropout", "stream")
     assert proc.returncode != 0 and "error: --dropout stream" in proc.stderr
 
 
-def test_the_demo_config_on_a_tiny_model_checks_out(drop_dir, tmp_path, capsys):
+def test_the_demo_config_on_a_tiny_model_checks_out(dropout_model_dir, tmp_path, capsys):
     rows = [{k: r[k] for k in ("query", "positive", "negative_1", "negative_2")} for r in retrieval_rows(32)]
     data = write_jsonl(tmp_path / "mined.jsonl", rows)
-    code, out = run_check(capsys, "--config", ROOT / "configs" / "demo.json", f"model.name_or_path={drop_dir}",
+    code, out = run_check(capsys, "--config", ROOT / "configs" / "demo.json", f"model.name_or_path={dropout_model_dir}",
                           f"tasks.retrieval.dataset={data}", "matryoshka.dims=[32,16,8,4]", "eval.dims=null",
                           "eval.ir=[]")
     assert code == 0 and "verdict: OK" in out, out

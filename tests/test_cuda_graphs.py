@@ -12,7 +12,6 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_distilbert
 from helpers import CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, token_ids
 
 from bertino import SentenceEncoder
@@ -21,11 +20,6 @@ from bertino.speedups.cuda_graphs import GraphedChunks
 from bertino.speedups.fast_grad_cache import FastGradCache, plan_step
 from bertino.speedups.settings import SpeedupsConfig
 from bertino.speedups.static_shapes import StaticShapes, static_mini_batches
-
-
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("graphs_drop"), dropout=0.3)
 
 
 def graphed(folder, dtype=torch.float64):
@@ -46,13 +40,12 @@ def batches_of(enc, texts, tk, C=5, tokens=None):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir, case):
-    enc, keys, chunks, fast = graphed(drop_dir)
+def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(dropout_model_dir, case):
+    enc, keys, chunks, fast = graphed(dropout_model_dir)
     assert chunks.capture is None  # decided at the first chunk: on a CPU, no capture
     texts, loss_fn = CASES[case]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
-    with keys.use(tk):
-        want = full_batch_plain(enc, texts, loss_fn)
+    want = full_batch_plain(enc, texts, loss_fn, text_keys=tk)
     empty_rows = 0
     for C, tokens in ((8, None), (5, None), (5, 40)):
         batches = batches_of(enc, texts, tk, C, tokens)
@@ -66,8 +59,8 @@ def test_the_graph_path_gives_the_full_batch_s_gradient_with_dropout_on(drop_dir
         assert max_rel_error(full_batch_plain(enc, texts, loss_fn), want) > 1e-3
 
 
-def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop_dir):
-    enc, keys, chunks, fast = graphed(drop_dir)
+def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(dropout_model_dir):
+    enc, keys, chunks, fast = graphed(dropout_model_dir)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     batches = batches_of(enc, texts, tk)
@@ -89,10 +82,10 @@ def test_pass_3_replays_pass_1_s_masks_and_one_graph_pair_serves_each_shape(drop
     assert max_rel_error(twice, {n: 2 * g for n, g in once.items()}) <= 1e-12
 
 
-def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_dir):
+def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(dropout_model_dir):
     """A graph's static buffers outlive the step: a (C, L) shape first filled by C texts, then by C − 1 (one empty
     row), must not let the empty row backpropagate the cache row the last text of the earlier step left there."""
-    enc, keys, chunks, fast = graphed(drop_dir)
+    enc, keys, chunks, fast = graphed(dropout_model_dir)
     texts, _ = CASES["mnrl_2_hard_negatives"]()
     weights = torch.linspace(0.5, 2.0, 32, dtype=torch.float64)
 
@@ -106,15 +99,14 @@ def test_a_shape_reused_with_fewer_texts_gives_its_empty_rows_no_gradient(drop_d
                                       text_keys=tk)
         step(enc, batches, loss_fn, fast, lambda x: x * SCALE)
         got = grads(enc)
-        with keys.use(tk):
-            want = full_batch_plain(enc, texts[:n], loss_fn)
+        want = full_batch_plain(enc, texts[:n], loss_fn, text_keys=tk)
         assert max_rel_error(got, want) <= 1e-10, n
     assert len(chunks.again_graphs) == 1  # one shape served both steps
 
 
-def test_the_graph_path_under_bf16_autocast(drop_dir):
+def test_the_graph_path_under_bf16_autocast(dropout_model_dir):
     """bf16 autocast on the CPU: the graph path (weight-cast cache off) equals the same static chunks eagerly."""
-    enc, keys, chunks, fast = graphed(drop_dir, torch.float32)
+    enc, keys, chunks, fast = graphed(dropout_model_dir, torch.float32)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -127,17 +119,16 @@ def test_the_graph_path_under_bf16_autocast(drop_dir):
     assert {k[3] for k in chunks.first_graphs} == {torch.bfloat16}  # captured under the pass's autocast dtype
 
 
-def test_under_ddp_the_last_mini_batch_all_reduces_every_gradient(drop_dir, tmp_path):
+def test_under_ddp_the_last_mini_batch_all_reduces_every_gradient(dropout_model_dir, tmp_path):
     """DDP (gloo, one process): every mini-batch but the last is graphed; the last runs through the wrapper,
     outside no_sync, after the flush — so the one all-reduce of the step carries the whole gradient."""
-    enc, keys, chunks, fast = graphed(drop_dir)
+    enc, keys, chunks, fast = graphed(dropout_model_dir)
     plan = plan_step(fast, 4, distributed=True)
     assert plan.graphed == {0, 1, 2} and plan.order == (0, 1, 2, 3) and not plan.kept and not plan.replay_rng
     assert plan_step(fast, 4, distributed=False).graphed == {0, 1, 2, 3}
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
-    with keys.use(tk):
-        want = full_batch_plain(enc, texts, loss_fn)
+    want = full_batch_plain(enc, texts, loss_fn, text_keys=tk)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(enc)

@@ -156,7 +156,6 @@ def test_the_contract_lists_the_schema_s_config_keys():
     """docs/contract.md's key list is exactly the dataclass fields of the config schema, section by section."""
     import dataclasses
 
-    from bertino.plumbing import config
 
     block = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8").split("## Config (JSON)")[1].split("```")[1]
     listed: dict[str, set[str]] = {}

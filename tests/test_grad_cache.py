@@ -11,7 +11,6 @@ import contextlib
 
 import pytest
 import torch
-from conftest import make_distilbert
 from helpers import (CASES, SCALE, full_batch_from_mini_batch_forwards, full_batch_plain, global_rel_error,
                      grad_cache_grads, grads, max_rel_error, mini_batches, retrieval_case, token_ids)
 
@@ -20,15 +19,10 @@ from bertino import SentenceEncoder
 from bertino.grad_cache import RandContext, build_cache, forward_backward, forward_no_grad, grad_cache_step
 
 
-@pytest.fixture(scope="module")
-def no_dropout_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("nodrop"), dropout=0.0)
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_dropout_off_equals_one_full_batch_forward(no_dropout_dir, case, dtype, tol):
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).to(dtype).train()
+def test_dropout_off_equals_one_full_batch_forward(nodrop_model_dir, case, dtype, tol):
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).to(dtype).train()
     texts, loss_fn = CASES[case]()
     want = full_batch_plain(enc, texts, loss_fn)
     err = max_rel_error(grad_cache_grads(enc, texts, loss_fn), want)
@@ -87,10 +81,10 @@ def test_rng_replay_is_bitwise_and_leaves_the_callers_stream_untouched(tiny_mode
     assert torch.equal(torch.get_rng_state(), before)  # neither rewound nor advanced by the replay
 
 
-def test_the_cache_carries_the_loss_scale(no_dropout_dir):
+def test_the_cache_carries_the_loss_scale(nodrop_model_dir):
     """The GradScaler's scale reaches the parameters through the cache only: with scale_fn = ×1024 every
     gradient is exactly 1024 × the unscaled one (fp64), and the returned loss is the unscaled loss."""
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).double().train()
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).double().train()
     texts, loss_fn = retrieval_case()
     batches = mini_batches(enc, texts)
     loss = grad_cache_step(enc, batches, loss_fn)
@@ -135,8 +129,8 @@ class RecordsSync(torch.nn.Module):
         return self.module(features)
 
 
-def test_pass_3_syncs_only_its_last_backward(no_dropout_dir):
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+def test_pass_3_syncs_only_its_last_backward(nodrop_model_dir):
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).train()
     texts, loss_fn = retrieval_case()
     wrapper = RecordsSync(enc)
     batches = mini_batches(enc, texts)
@@ -146,8 +140,8 @@ def test_pass_3_syncs_only_its_last_backward(no_dropout_dir):
     assert wrapper.synced == [False] * (len(batches) - 1) + [True]  # one all-reduce per step, in the last backward
 
 
-def test_bf16_autocast_grad_cache_matches_bf16_full_batch(no_dropout_dir):
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+def test_bf16_autocast_grad_cache_matches_bf16_full_batch(nodrop_model_dir):
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).train()
     texts, loss_fn = retrieval_case()
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     want = full_batch_plain(enc, texts, loss_fn, autocast=amp)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_distilbert
 from helpers import C, CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, retrieval_case, token_ids
 
 from bertino import SentenceEncoder
@@ -101,9 +100,6 @@ def test_no_correlation_between_neighbouring_positions_channels_layers_steps_or_
 
 
 # ================================================================================================ in the model
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("keyed_drop"), dropout=0.3)
 
 
 def keyed_encoder(folder, dtype=torch.float64):
@@ -111,12 +107,12 @@ def keyed_encoder(folder, dtype=torch.float64):
     return enc, install_keyed_dropout(enc.model)
 
 
-def test_installed_sites_and_eval_mode(drop_dir):
-    enc, keys = keyed_encoder(drop_dir)
+def test_installed_sites_and_eval_mode(dropout_model_dir):
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts = ["il gatto", "la casa di roma"]
     assert sum(isinstance(m, KeyedDropout) for m in enc.modules()) == 1 + enc.model.config.n_layers
     assert sum(isinstance(m, KeyedAttention) for m in enc.modules()) == enc.model.config.n_layers
-    plain = SentenceEncoder.from_pretrained(drop_dir).double()
+    plain = SentenceEncoder.from_pretrained(dropout_model_dir).double()
     assert (enc.encode(texts) == plain.encode(texts)).all()  # eval: nothing dropped, nothing changed
     with pytest.raises(RuntimeError, match="without the texts' keys"):
         enc(enc.tokenize(texts))  # a training forward must say whose masks it draws
@@ -155,8 +151,8 @@ def test_keyed_dropout_and_attention_are_the_formulas_with_the_inverted_scale():
     assert abs(mean - 1) < 5 * (p / (1 - p) / ones.numel()) ** 0.5, mean
 
 
-def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(drop_dir):
-    enc, keys = keyed_encoder(drop_dir)
+def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(dropout_model_dir):
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts = ["il gatto", "Leonardo da Vinci e la Gioconda al Louvre di Parigi", "roma"]
     index = torch.tensor([5, 9, 2])
     batch = enc.tokenize(texts)  # padded to the longest
@@ -187,8 +183,7 @@ def keyed_grad_cache(enc, keys, texts, loss_fn, size=C, fast=None, first_pass=No
 
 
 def keyed_full_batch(enc, keys, texts, loss_fn):
-    with keys.use(text_keys(0, 2, torch.arange(len(texts)))):
-        return full_batch_plain(enc, texts, loss_fn)
+    return full_batch_plain(enc, texts, loss_fn, text_keys=text_keys(0, 2, torch.arange(len(texts))))
 
 
 SWITCHES = {"textbook": None, "free last graph": {}, "memory budget 2": dict(keep_graphs=2),
@@ -197,8 +192,8 @@ SWITCHES = {"textbook": None, "free last graph": {}, "memory budget 2": dict(kee
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_grad_cache_with_keyed_masks_equals_one_full_batch_with_dropout_on(drop_dir, case, dtype, tol):
-    enc, keys = keyed_encoder(drop_dir, dtype)
+def test_grad_cache_with_keyed_masks_equals_one_full_batch_with_dropout_on(dropout_model_dir, case, dtype, tol):
+    enc, keys = keyed_encoder(dropout_model_dir, dtype)
     texts, loss_fn = CASES[case]()
     want = keyed_full_batch(enc, keys, texts, loss_fn)
     for name, options in SWITCHES.items():
@@ -212,18 +207,18 @@ def test_grad_cache_with_keyed_masks_equals_one_full_batch_with_dropout_on(drop_
         assert max_rel_error(full_batch_plain(enc, texts, loss_fn), other) > 1e-3
 
 
-def test_keyed_masks_with_the_tape_and_sparse_gradients(drop_dir):
-    enc, keys = keyed_encoder(drop_dir)
+def test_keyed_masks_with_the_tape_and_sparse_gradients(dropout_model_dir):
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts, loss_fn = retrieval_case()
     want = keyed_full_batch(enc, keys, texts, loss_fn)
     fast = fast_path(enc, keys=keys, sparse=True, tape=DEFAULT_TAPED, keep_graphs=1)
     assert max_rel_error(keyed_grad_cache(enc, keys, texts, loss_fn, fast=fast), want) <= 1e-10
 
 
-def test_pass_1_embeddings_do_not_depend_on_the_mini_batch_size(drop_dir):
+def test_pass_1_embeddings_do_not_depend_on_the_mini_batch_size(dropout_model_dir):
     """Mini-batches of 1, 3, 7 (a non-divisor of 28) and all 28 texts: the same embeddings with dropout on, to
     float64 rounding — each text drew its own masks whatever its chunk, its padding and its place in it."""
-    enc, keys = keyed_encoder(drop_dir)
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts, _ = retrieval_case()
     ids, tk = token_ids(enc, texts), text_keys(0, 1, torch.arange(len(texts)))
     reps = {size: forward_no_grad(enc, batches)[0]
@@ -231,7 +226,7 @@ def test_pass_1_embeddings_do_not_depend_on_the_mini_batch_size(drop_dir):
             for batches in [make_mini_batches(ids, size, enc.tokenizer.pad_token_id, text_keys=tk)]}
     for size, r in reps.items():
         assert torch.allclose(r, reps[1], atol=1e-12, rtol=0), size
-    stream = SentenceEncoder.from_pretrained(drop_dir).double().train()  # torch's stream: chunking matters
+    stream = SentenceEncoder.from_pretrained(dropout_model_dir).double().train()  # torch's stream: chunking matters
     a, b = (forward_no_grad(stream, bs)[0] for bs in
             (make_mini_batches(ids, s, enc.tokenizer.pad_token_id) for s in (3, 7)))
     assert (a - b).abs().max() > 1e-3

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, make_distilbert
+from conftest import SENTENCES
 from helpers import (CASES, ROOT, full_batch_plain, grad_cache_grads, max_rel_error, read_metrics, train_config,
                      write_config)
 from transformers import AutoTokenizer, DistilBertModel
@@ -29,11 +29,6 @@ NEW = {"Transformer": "sentence_transformers.base.modules.transformer.Transforme
        "Normalize": "sentence_transformers.base.modules.normalize.Normalize"}
 BOOLEANS = ["pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
             "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken"]
-
-
-@pytest.fixture(scope="module")
-def no_dropout_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("pool_nodrop"), dropout=0.0)
 
 
 def st_folder(model_dir: Path, out: Path, types: dict, pooling: dict, normalize: bool = False) -> Path:
@@ -156,10 +151,10 @@ def test_save_pretrained_writes_the_widely_loadable_layout(tiny_model_dir, tmp_p
 
 @pytest.mark.parametrize("mode", ["cls", "max"])
 @pytest.mark.parametrize("case", CASES)
-def test_grad_cache_equals_the_full_batch_with_every_pooling(no_dropout_dir, mode, case):
+def test_grad_cache_equals_the_full_batch_with_every_pooling(nodrop_model_dir, mode, case):
     """Pooling happens after the encoder's hidden states and never looks at padding: GradCache's chunks give the
     full batch's gradient whatever the mode (float64, dropout off)."""
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).double().train()
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).double().train()
     enc.pooling = mode
     texts, loss_fn = CASES[case]()
     want = full_batch_plain(enc, texts, loss_fn)

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_distilbert
-from helpers import ROOT, read_metrics, retrieval_rows, run_train, sts_rows, train_config, weights, write_config, \
-    write_jsonl
+from helpers import (ROOT, folder_snapshot, read_metrics, retrieval_rows, run_train, sts_rows, train_config,
+                     train_error_line, weights, write_config, write_jsonl)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,10 +45,6 @@ from bertino.plumbing.pickled_weights import convert  # noqa: E402
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── helpers
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    """dropout 0.1: exact resume must restore the RNG streams that draw the masks."""
-    return make_distilbert(tmp_path_factory.mktemp("rel_drop"), dropout=0.1, seed=5)
 
 
 def two_task_config(tmp: Path, model: Path, **train_keys) -> dict:
@@ -67,16 +62,8 @@ def run_inprocess(tmp: Path, cfg: dict, *overrides: str) -> None:
 
 
 def cli_error(capsys, tmp: Path, cfg: dict | None, *args: str) -> str:
-    """Run train.cli, expect exit code 2 and exactly one `error:` line and no traceback; return that line."""
-    argv = ["--config", str(write_config(tmp, cfg, f"cfg-{time.monotonic_ns()}.json"))] if cfg else []
-    with pytest.raises(SystemExit) as info:
-        train.cli([*argv, *args])
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
-    return lines[0]
+    """train.cli on the config `cfg` (written to a file) → its one `error:` line (exit code 2, no traceback)."""
+    return train_error_line(capsys, write_config(tmp, cfg, f"cfg-{time.monotonic_ns()}.json") if cfg else None, *args)
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -87,16 +74,12 @@ def step_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if "lr" in r]
 
 
-def snapshot(folder: Path) -> dict[str, float]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────────── exact resume
 @pytest.fixture(scope="module")
-def reference(drop_dir, tmp_path_factory):
+def reference(tiny_model_dir, tmp_path_factory):
     """An uninterrupted 10-step run with checkpoints at 3 (mid epoch 0), 6 (end of epoch 0), 9 (mid epoch 1)."""
     tmp = tmp_path_factory.mktemp("rel_reference")
-    cfg = two_task_config(tmp, drop_dir, save_steps=3, output_dir=str(tmp / "run"))
+    cfg = two_task_config(tmp, tiny_model_dir, save_steps=3, output_dir=str(tmp / "run"))
     run_inprocess(tmp, cfg)
     return tmp / "run", cfg
 
@@ -151,12 +134,12 @@ def test_resume_from_a_path_into_a_new_folder_and_the_rng_matters(reference, tmp
     assert not same_weights(weights(tmp_path / "b" / "final"), weights(ref_run / "final"))
 
 
-def test_resume_into_a_new_folder_brings_the_best_model_along(drop_dir, tmp_path, monkeypatch, capsys):
+def test_resume_into_a_new_folder_brings_the_best_model_along(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """load_best_model_at_end, the best score at the first evaluation (step 2): a run resumed from checkpoint-6
     into another folder must finish with the same final/ (the step-2 model) as the uninterrupted run."""
     dev = write_jsonl(tmp_path / "dev_ir.jsonl", [{"query": r["query"], "positive": r["positive"]}
                                                    for r in retrieval_rows(8, seed=3)])
-    cfg = two_task_config(tmp_path, drop_dir, save_steps=3, eval_steps=2, load_best_model_at_end=True,
+    cfg = two_task_config(tmp_path, tiny_model_dir, save_steps=3, eval_steps=2, load_best_model_at_end=True,
                           output_dir=str(tmp_path / "ref"))
     cfg["eval"] = {"ir": [str(dev)]}
     calls = iter(range(10**6))
@@ -239,18 +222,18 @@ def wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> 
 
 
 @pytest.fixture(scope="module")
-def subprocess_reference(drop_dir, tmp_path_factory):
+def subprocess_reference(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel_subprocess")
-    cfg = two_task_config(tmp, drop_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
+    cfg = two_task_config(tmp, tiny_model_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
     config = write_config(tmp, cfg)
     run_train(config)
     return config, weights(tmp / "reference" / "final")
 
 
 @pytest.fixture(scope="module")
-def keyed_subprocess_reference(drop_dir, tmp_path_factory):
+def keyed_subprocess_reference(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel_subprocess_keyed")
-    cfg = two_task_config(tmp, drop_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
+    cfg = two_task_config(tmp, tiny_model_dir, max_steps=40, save_steps=4, output_dir=str(tmp / "reference"))
     cfg["model"]["dropout_masks"] = "keyed"
     config = write_config(tmp, cfg)
     run_train(config)
@@ -294,8 +277,8 @@ def test_sigterm_checkpoints_the_current_step_and_exits(subprocess_reference, tm
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── atomic checkpoints
-def test_a_failed_checkpoint_write_leaves_the_earlier_ones(drop_dir, tmp_path, capsys, monkeypatch):
-    cfg = train_config(tmp_path, drop_dir, max_steps=6, save_steps=2)
+def test_a_failed_checkpoint_write_leaves_the_earlier_ones(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=6, save_steps=2)
     real, real_torch_save = run_checkpoints.save_checkpoint, torch.save
     failed = []
 
@@ -379,8 +362,8 @@ def test_checkpoints_are_ordered_by_step_not_by_folder_name(reference, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11"]
 
 
-def test_save_total_limit_in_a_run(drop_dir, tmp_path):
-    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=7, save_steps=2, save_total_limit=2))
+def test_save_total_limit_in_a_run(tiny_model_dir, tmp_path):
+    run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=7, save_steps=2, save_total_limit=2))
     assert [s for s, _ in run_folder.list_checkpoints(tmp_path / "run")] == [4, 6]
 
 
@@ -437,14 +420,14 @@ def test_bad_eval_file_and_pre_existing_output_dir_is_untouched(tiny_model_dir, 
     out = tmp_path / "existing"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    before = snapshot(out)
+    before = folder_snapshot(out)
     bad_eval = tmp_path / "dev.jsonl"
     bad_eval.write_text('{"query": "q"}\n')
     cfg = two_task_config(tmp_path, tiny_model_dir, output_dir=str(out))
     cfg["eval"] = {"ir": [str(bad_eval)]}
     line = cli_error(capsys, tmp_path, cfg)
     assert str(bad_eval) in line
-    assert snapshot(out) == before
+    assert folder_snapshot(out) == before
 
 
 def test_a_real_subprocess_prints_one_line_and_no_traceback(tiny_model_dir, tmp_path):
@@ -481,15 +464,15 @@ def test_bad_config_is_one_line_exit_2_and_no_run_folder(tiny_model_dir, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_mini_batch_size_counts_texts_and_may_exceed_the_batch_size(drop_dir, tmp_path):
+def test_mini_batch_size_counts_texts_and_may_exceed_the_batch_size(tiny_model_dir, tmp_path):
     """6 rows × 4 columns = 24 texts a step: mini_batch_size 12 (> the 6 rows) cuts them in two chunks, and any
     mini_batch_size ≥ 24 is one chunk of them all, so 24 and 1000 train bitwise alike."""
     for mini in (12, 24, 1000):
-        run_inprocess(tmp_path, train_config(tmp_path, drop_dir, mini_batch_size=mini,
+        run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, mini_batch_size=mini,
                                              output_dir=str(tmp_path / f"run-{mini}")))
         assert json.loads((tmp_path / f"run-{mini}" / "config.json").read_text())["train"]["mini_batch_size"] == mini
     assert same_weights(weights(tmp_path / "run-24" / "final"), weights(tmp_path / "run-1000" / "final"))
-    assert not same_weights(weights(tmp_path / "run-24" / "final"), weights(drop_dir))  # it trained
+    assert not same_weights(weights(tmp_path / "run-24" / "final"), weights(tiny_model_dir))  # it trained
 
 
 def test_bad_config_files(tmp_path, capsys):
@@ -517,19 +500,19 @@ def test_fp16_without_cuda_warns_once_and_says_what_it_does(tiny_model_dir, tmp_
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(reference, tmp_path, capsys):
     run, cfg = reference
-    before = snapshot(run)
+    before = folder_snapshot(run)
     line = cli_error(capsys, tmp_path, cfg)
     assert f"train.output_dir: {run} already holds an earlier run" in line and "resume_from_checkpoint=true" in line
     line = cli_error(capsys, tmp_path, cfg, f"train.output_dir={tmp_path / 'empty'}",
                      "train.resume_from_checkpoint=true")
     assert "holds no complete checkpoint" in line
-    assert snapshot(run) == before
+    assert folder_snapshot(run) == before
 
 
 def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(reference, tmp_path, capsys):
     ref_run, cfg = reference
     ckpt = ref_run / "checkpoint-6"
-    before = snapshot(ref_run)
+    before = folder_snapshot(ref_run)
     args = [f"train.output_dir={tmp_path / 'out'}", f"train.resume_from_checkpoint={ckpt}"]
     line = cli_error(capsys, tmp_path, cfg, *args, "train.learning_rate=0.002", "train.seed=8")
     assert "train.learning_rate: 0.001 → 0.002" in line and "train.seed: 7 → 8" in line
@@ -543,7 +526,7 @@ def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(referen
                   "train.logging_steps=5")
     err = capsys.readouterr().err
     assert "warning: resuming with train.mini_batch_size 3 → 2" in err
-    assert snapshot(ref_run) == before
+    assert folder_snapshot(ref_run) == before
     with pytest.raises(ConfigError, match=r"world size: 1 → 2 process\(es\)"):
         state, saved = run_checkpoints.read_checkpoint(ckpt)
         run_checkpoints.check_resume(ckpt, state, saved, saved, 2, state.data_fingerprint)
@@ -607,9 +590,9 @@ def optimizer_moments(ckpt: Path) -> list[torch.Tensor]:
     return [t for s in state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]
 
 
-def test_nonfinite_steps_are_skipped_counted_and_change_nothing(drop_dir, tmp_path, monkeypatch):
+def test_nonfinite_steps_are_skipped_counted_and_change_nothing(tiny_model_dir, tmp_path, monkeypatch):
     inject(monkeypatch, {2, 4})  # steps 3 and 5
-    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=6, save_steps=1))
+    run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=6, save_steps=1))
     run = tmp_path / "run"
     skipped = [r for r in read_metrics(run) if "skipped" in r]
     assert [(r["step"], r["skipped"]) for r in skipped] == [(3, "non-finite loss"), (5, "non-finite loss")]
@@ -624,9 +607,9 @@ def test_nonfinite_steps_are_skipped_counted_and_change_nothing(drop_dir, tmp_pa
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))  # strict JSON
 
 
-def test_n_nonfinite_steps_in_a_row_stop_the_run(drop_dir, tmp_path, capsys, monkeypatch):
+def test_n_nonfinite_steps_in_a_row_stop_the_run(tiny_model_dir, tmp_path, capsys, monkeypatch):
     inject(monkeypatch, set(range(3, 100)))  # from step 4 on
-    cfg = train_config(tmp_path, drop_dir, max_steps=20, save_steps=2, max_consecutive_nonfinite=3)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=20, save_steps=2, max_consecutive_nonfinite=3)
     line = cli_error(capsys, tmp_path, cfg)
     run = tmp_path / "run"
     assert line.startswith("error: 3 steps in a row had a non-finite loss or gradient (the last: step 6, task "
@@ -634,18 +617,18 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run(drop_dir, tmp_path, capsys, mon
     assert f"the last checkpoint is {run / 'checkpoint-4'}" in line
 
 
-def test_fp16_gradscaler_skips_and_lowers_the_scale(drop_dir, tmp_path, monkeypatch):
+def test_fp16_gradscaler_skips_and_lowers_the_scale(tiny_model_dir, tmp_path, monkeypatch):
     """The fp16 branch on CPU (torch.amp.GradScaler("cpu") and fp16 autocast work there; on CUDA it is the same
     code). The scaler starts at 2**16, too high for this model: its first steps overflow, as on a GPU."""
     monkeypatch.setattr(build, "autocast_dtype", lambda fp16, bf16, device: (torch.float16, None))
     inject(monkeypatch, {4})  # step 5: a NaN loss
-    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=10, save_steps=1))
+    run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=10, save_steps=1))
     run = tmp_path / "run"
     skipped = [r for r in read_metrics(run) if "skipped" in r]
     assert [r["loss_scale"] for r in skipped] == [2.0 ** (15 - i) for i in range(len(skipped))]  # halved each time
     assert [(r["skipped"], r["nonfinite_in_a_row"]) for r in skipped if r["step"] == 5] == [("non-finite loss", 1)]
     assert all(r["skipped"] == "fp16 gradient overflow" for r in skipped if r["step"] != 5)
-    w = {0: weights(drop_dir), **{s: weights(run / f"checkpoint-{s}") for s in range(1, 10)},
+    w = {0: weights(tiny_model_dir), **{s: weights(run / f"checkpoint-{s}") for s in range(1, 10)},
          10: weights(run / "final")}
     skipped_steps = {r["step"] for r in skipped}
     for s in range(1, 11):
@@ -653,10 +636,10 @@ def test_fp16_gradscaler_skips_and_lowers_the_scale(drop_dir, tmp_path, monkeypa
     assert torch.load(run / "checkpoint-9" / "scaler.pt", weights_only=True)["scale"] == skipped[-1]["loss_scale"]
 
 
-def test_fp16_gradient_overflows_do_not_stop_the_run(drop_dir, tmp_path, monkeypatch):
+def test_fp16_gradient_overflows_do_not_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "autocast_dtype", lambda fp16, bf16, device: (torch.float16, None))
     inject(monkeypatch, {0, 1, 2}, factor=1e30)  # a finite loss whose scaled gradient overflows fp16
-    run_inprocess(tmp_path, train_config(tmp_path, drop_dir, max_steps=4, max_consecutive_nonfinite=1))
+    run_inprocess(tmp_path, train_config(tmp_path, tiny_model_dir, max_steps=4, max_consecutive_nonfinite=1))
     skipped = [r for r in read_metrics(tmp_path / "run") if "skipped" in r]
     assert len(skipped) >= 3 and {r["skipped"] for r in skipped} == {"fp16 gradient overflow"}
     assert (tmp_path / "run" / "final").exists()  # overflows do not count toward max_consecutive_nonfinite
@@ -833,8 +816,8 @@ def test_random_rows_give_clean_batches_or_a_data_error(rows, columns, batch_siz
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── torchrun
 @pytest.mark.slow
-def test_two_process_resume_is_bitwise_identical(drop_dir, tmp_path):
-    cfg = train_config(tmp_path, drop_dir, per_device_train_batch_size=3, max_steps=6, save_steps=3,
+def test_two_process_resume_is_bitwise_identical(tiny_model_dir, tmp_path):
+    cfg = train_config(tmp_path, tiny_model_dir, per_device_train_batch_size=3, max_steps=6, save_steps=3,
                        gather_across_devices=True)
     config = write_config(tmp_path, cfg)
     run_train(config, f"train.output_dir={tmp_path / 'ref'}", nproc=2)

@@ -16,7 +16,6 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_distilbert
 from helpers import (C, fast_path, full_batch_from_mini_batch_forwards, grad_cache_grads, grads, max_rel_error,
                      mini_batches, retrieval_case)
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +25,6 @@ from bertino.grad_cache import RandContext, forward_no_grad, grad_cache_step
 from bertino.model import EncoderConfig, MultiHeadSelfAttention, ScaledDotProductAttention
 from bertino.speedups import cpu_dropout
 from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, install_cpu_dropout
-from bertino.speedups import fast_grad_cache
 from bertino.speedups.fast_grad_cache import FastGradCache, plan_step
 from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, LinearTape, TapedLinear, install_linear_tape
 from bertino.speedups.settings import SpeedupsConfig
@@ -147,10 +145,6 @@ def test_installing_keeps_parameters_keys_and_encode(tiny_model_dir):
 
 
 # ================================================================================================ GradCache plans
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    """Dropout on, and a vocabulary larger than a mini-batch's tokens, so sparse accumulation really happens."""
-    return make_distilbert(tmp_path_factory.mktemp("speedups_drop"), dropout=0.1)
 
 
 SWITCHES = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
@@ -158,14 +152,14 @@ SWITCHES = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu-dropout", "torch-dropout"])
-def test_every_combination_of_switches_gives_the_textbook_gradient(drop_dir, cpu):
+def test_every_combination_of_switches_gives_the_textbook_gradient(tiny_model_dir, cpu):
     """float64, dropout on: every combination of kept graphs, the free last graph, sparse embedding gradients and
     the linear tape equals the textbook GradCache (which test_grad_cache.py proves equals the full batch). With
     torch's own dropout (a slow float64 kernel on CPU) the combinations of all switches at once, which the others
     imply."""
     texts, loss_fn = retrieval_case()
     for options in SWITCHES if cpu else [p for p in SWITCHES if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]:
-        enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
+        enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
         if cpu:
             install_cpu_dropout(enc.model)
         classic = grad_cache_grads(enc, texts, loss_fn)
@@ -181,7 +175,7 @@ BUILT = {"defaults": {}, "budget + tape": {"memory_budget": 2, "linear_tape": Tr
 
 
 @pytest.mark.parametrize("name", BUILT)
-def test_the_built_step_gives_the_textbook_s_gradient_in_float64(drop_dir, tmp_path, name):
+def test_the_built_step_gives_the_textbook_s_gradient_in_float64(tiny_model_dir, tmp_path, name):
     """The builder's Step (bertino/build.py) with `speedups: null` and with each group of switches, float64, keyed
     dropout on: the same loss and gradient to 1e-10 (the textbook runs grad_cache.grad_cache_step)."""
     from helpers import train_config, write_config
@@ -193,11 +187,11 @@ def test_the_built_step_gives_the_textbook_s_gradient_in_float64(drop_dir, tmp_p
 
     got = {}
     for which, speedups in (("textbook", None), (name, BUILT[name])):
-        cfg = train_config(tmp_path, drop_dir, per_device_train_batch_size=6, mini_batch_size=5)
+        cfg = train_config(tmp_path, tiny_model_dir, per_device_train_batch_size=6, mini_batch_size=5)
         cfg["model"]["dropout_masks"] = "keyed"
         cfg["speedups"] = speedups
         cfg = load_config(write_config(tmp_path, cfg))
-        enc = SentenceEncoder.from_pretrained(drop_dir, max_seq_length=cfg.model.max_seq_length).double()
+        enc = SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=cfg.model.max_seq_length).double()
         step = build_step(cfg, enc, Process(DistInfo(), torch.device("cpu"), None))
         assert (step.fast is None) == (speedups is None)
         loss = step.loss_and_gradient("retrieval", load_tasks(cfg)["retrieval"], list(range(6)), 3)
@@ -224,8 +218,8 @@ def test_plans_keep_the_last_graphs_and_backpropagate_them_first():
     assert plan.order == (2, 3, 0, 1) and plan.sparse == {2, 3, 0}  # the last backward (1) stays dense
 
 
-def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(drop_dir, monkeypatch):
-    enc = SentenceEncoder.from_pretrained(drop_dir).double().train()
+def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(tiny_model_dir, monkeypatch):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
     texts, loss_fn = retrieval_case()
     fast = fast_path(enc, sparse=True)
     tokens = max(b.features["input_ids"].numel() for b in mini_batches(enc, texts))
@@ -256,8 +250,8 @@ def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(drop_dir
 
 
 @pytest.mark.parametrize("names", [DEFAULT_TAPED, ALL_LINEARS], ids=["default", "all"])
-def test_linear_tape_equals_the_same_mask_full_batch_in_fp32(drop_dir, names):
-    enc = SentenceEncoder.from_pretrained(drop_dir).train()
+def test_linear_tape_equals_the_same_mask_full_batch_in_fp32(tiny_model_dir, names):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir).train()
     texts, loss_fn = retrieval_case()
     torch.manual_seed(123)
     same_masks = full_batch_from_mini_batch_forwards(enc, texts, loss_fn)
@@ -265,8 +259,8 @@ def test_linear_tape_equals_the_same_mask_full_batch_in_fp32(drop_dir, names):
     assert max_rel_error(taped, same_masks) <= 1e-5
 
 
-def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(drop_dir):
-    enc = SentenceEncoder.from_pretrained(drop_dir).train()
+def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir).train()
     deck = install_linear_tape(enc.model)
     batches = mini_batches(enc, ["il gatto", "la casa di roma", "il cane"], size=2)
     tapes = [LinearTape() for _ in batches]
@@ -287,8 +281,8 @@ def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(drop
     assert tape.outputs == [] and deck.tape is None  # freed, and the deck is idle again
 
 
-def test_linear_tape_under_bf16_autocast(no_dropout_dir):
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+def test_linear_tape_under_bf16_autocast(nodrop_model_dir):
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).train()
     texts, loss_fn = retrieval_case()
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     plain = grad_cache_grads(enc, texts, loss_fn, autocast=amp)
@@ -296,11 +290,6 @@ def test_linear_tape_under_bf16_autocast(no_dropout_dir):
     err = max_rel_error(taped, plain)
     print(f"linear tape under bf16 autocast vs recomputation: {err:.2e}")
     assert err <= 1e-5  # the same bf16 operands in the same order: equal up to fp32 accumulation
-
-
-@pytest.fixture(scope="module")
-def no_dropout_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("speedups_nodrop"), dropout=0.0)
 
 
 # ================================================================================================ autocast cache
@@ -318,8 +307,8 @@ class CountWeightCasts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_autocast_casts_each_weight_once_per_pass(no_dropout_dir):
-    enc = SentenceEncoder.from_pretrained(no_dropout_dir).train()
+def test_autocast_casts_each_weight_once_per_pass(nodrop_model_dir):
+    enc = SentenceEncoder.from_pretrained(nodrop_model_dir).train()
     texts, loss_fn = retrieval_case()
     weights = [m.weight for m in enc.modules() if isinstance(m, torch.nn.Linear)]
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731

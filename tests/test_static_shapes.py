@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_distilbert
 from helpers import CASES, SCALE, fast_path, full_batch_plain, grads, max_rel_error, token_ids
 
 from bertino import SentenceEncoder
@@ -69,13 +68,8 @@ def test_a_bucket_never_exceeds_the_longest_length():
     assert max(L for _, L, _ in shapes.chunks(lengths)) == 50
 
 
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("static_drop"), dropout=0.3)
-
-
-def test_a_mini_batch_holds_its_texts_then_padding_then_empty_rows(drop_dir):
-    enc = SentenceEncoder.from_pretrained(drop_dir)
+def test_a_mini_batch_holds_its_texts_then_padding_then_empty_rows(dropout_model_dir):
+    enc = SentenceEncoder.from_pretrained(dropout_model_dir)
     texts, _ = CASES["mnrl_2_hard_negatives"]()
     ids, keys = token_ids(enc, texts), text_keys(0, 1, torch.arange(len(texts)))
     shapes = StaticShapes(enc.max_seq_length, 8, length_multiple=4, pad_rows=True)
@@ -103,14 +97,13 @@ def keyed_encoder(folder):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_static_shapes_give_the_full_batch_s_gradient_with_dropout_on(drop_dir, case):
+def test_static_shapes_give_the_full_batch_s_gradient_with_dropout_on(dropout_model_dir, case):
     """float64, keyed masks, dropout 0.3: every option, with and without the free last graph, equals ONE plain
     full-batch forward/backward — the gradient of today's mini-batching (test_keyed_dropout.py) — to 1e-10."""
-    enc, keys = keyed_encoder(drop_dir)
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts, loss_fn = CASES[case]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
-    with keys.use(tk):
-        want = full_batch_plain(enc, texts, loss_fn)
+    want = full_batch_plain(enc, texts, loss_fn, text_keys=tk)
     ids = token_ids(enc, texts)
     for name, options in OPTIONS.items():
         shapes = StaticShapes(enc.max_seq_length, 5, **options)
@@ -123,10 +116,10 @@ def test_static_shapes_give_the_full_batch_s_gradient_with_dropout_on(drop_dir, 
             assert err <= 1e-10, (name, keep_last)
 
 
-def test_empty_rows_add_nothing_and_are_cut_off(drop_dir):
+def test_empty_rows_add_nothing_and_are_cut_off(dropout_model_dir):
     """An empty row's output is not in the cache (`real_rows`): without the cut (the textbook's passes, which never
     see empty rows) the loss sees more rows and fails."""
-    enc, keys = keyed_encoder(drop_dir)
+    enc, keys = keyed_encoder(dropout_model_dir)
     texts, loss_fn = CASES["mnrl_2_hard_negatives"]()
     tk = text_keys(0, 2, torch.arange(len(texts)))
     shapes = StaticShapes(enc.max_seq_length, 8, length_multiple=4, pad_rows=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_distilbert
 from helpers import ROOT, read_metrics, retrieval_rows, run_train, train_config, write_config, write_jsonl
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'bertino[tensorboard]')")
@@ -20,11 +19,6 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("tb_model"), dropout=0.1, seed=6)
 
 
 def tb_config(tmp: Path, model: Path, **train_keys) -> dict:
@@ -75,8 +69,8 @@ def assert_events_equal_metrics_jsonl(events: dict, run: Path) -> None:
             assert got[key] == np.float32(value), key  # TensorBoard keeps float32
 
 
-def test_events_hold_every_scalar_of_metrics_jsonl(model_dir, tmp_path):
-    cfg = tb_config(tmp_path, model_dir, max_steps=4, eval_steps=2)
+def test_events_hold_every_scalar_of_metrics_jsonl(tiny_model_dir, tmp_path):
+    cfg = tb_config(tmp_path, tiny_model_dir, max_steps=4, eval_steps=2)
     train.main(["--config", str(write_config(tmp_path, cfg))])
     run = tmp_path / "run"
     events = events_by_tag(run / "runs")
@@ -88,20 +82,20 @@ def test_events_hold_every_scalar_of_metrics_jsonl(model_dir, tmp_path):
     assert [s for s, _ in events["eval/dev/ndcg@10/16d"]] == [2, 4]  # at step 2, and the final evaluation
 
 
-def test_logging_dir_moves_the_events(model_dir, tmp_path):
-    cfg = tb_config(tmp_path, model_dir, max_steps=2, logging_dir=str(tmp_path / "tb"))
+def test_logging_dir_moves_the_events(tiny_model_dir, tmp_path):
+    cfg = tb_config(tmp_path, tiny_model_dir, max_steps=2, logging_dir=str(tmp_path / "tb"))
     train.main(["--config", str(write_config(tmp_path, cfg))])
     assert not (tmp_path / "run" / "runs").exists()
     assert_events_equal_metrics_jsonl(events_by_tag(tmp_path / "tb"), tmp_path / "run")
 
 
-def test_kill_9_and_resume_continue_the_same_curves(model_dir, tmp_path):
+def test_kill_9_and_resume_continue_the_same_curves(tiny_model_dir, tmp_path):
     from test_reliability import logged_steps, popen_train, wait_for
 
     from bertino.plumbing import run_folder
 
     run = tmp_path / "run"
-    config = write_config(tmp_path, tb_config(tmp_path, model_dir, max_steps=12, save_steps=4, eval_steps=3))
+    config = write_config(tmp_path, tb_config(tmp_path, tiny_model_dir, max_steps=12, save_steps=4, eval_steps=3))
     proc = popen_train(config)
     # killed 2 steps after checkpoint-4: the events of steps 5 and 6 (and step 6's evaluation) are on disk
     wait_for(proc, lambda: run_folder.list_checkpoints(run) and logged_steps(run) >= 6, "the kill point")
@@ -119,11 +113,11 @@ def test_kill_9_and_resume_continue_the_same_curves(model_dir, tmp_path):
     assert_events_equal_metrics_jsonl(events, run)
 
 
-def test_a_fresh_run_starts_empty_and_rank_0_alone_writes(model_dir, tmp_path, monkeypatch):
+def test_a_fresh_run_starts_empty_and_rank_0_alone_writes(tiny_model_dir, tmp_path, monkeypatch):
     from bertino import distributed
     from bertino.plumbing.config import load_config
 
-    cfg = tb_config(tmp_path, model_dir, max_steps=2, save_steps=0)
+    cfg = tb_config(tmp_path, tiny_model_dir, max_steps=2, save_steps=0)
     stale = tmp_path / "run" / "runs"
     stale.mkdir(parents=True)
     (stale / "events.out.tfevents.1.host.1.0.bertino").write_bytes(b"")  # a killed earlier fresh run's file
@@ -137,12 +131,12 @@ def test_a_fresh_run_starts_empty_and_rank_0_alone_writes(model_dir, tmp_path, m
     assert train.tensorboard_log(loaded, tmp_path / "run", info) is None
 
 
-def test_runs_sharing_a_logging_dir_never_delete_each_other_s_events(model_dir, tmp_path, capsys):
+def test_runs_sharing_a_logging_dir_never_delete_each_other_s_events(tiny_model_dir, tmp_path, capsys):
     """Two runs with one train.logging_dir: the second's fresh start leaves the first's event files alone (it
     used to delete every *.bertino file there), and each run's files hold exactly its own metrics.jsonl."""
     shared = tmp_path / "tb"
     for name in ("a", "b"):
-        cfg = train_config(tmp_path, model_dir, report_to=["tensorboard"], max_steps=2, logging_dir=str(shared),
+        cfg = train_config(tmp_path, tiny_model_dir, report_to=["tensorboard"], max_steps=2, logging_dir=str(shared),
                            output_dir=str(tmp_path / name))
         train.main(["--config", str(write_config(tmp_path, cfg, f"{name}.json"))])
     assert len(list(shared.glob("events.out.tfevents.*"))) == 2  # a's file survived b's start

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_distilbert
 from helpers import (ROOT, assert_same_steps, listed_negatives, read_metrics, rel_update_diff, retrieval_rows,
                      run_train, sts_rows, train_config, weights, write_config, write_jsonl)
 
@@ -16,21 +15,11 @@ from bertino import SentenceEncoder
 from bertino.optim import decays, lr_multiplier, make_optimizer, make_scheduler, warmup_steps
 
 
-@pytest.fixture(scope="module")
-def nodrop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("train_nodrop"), dropout=0.0, seed=3)
-
-
-@pytest.fixture(scope="module")
-def drop_dir(tmp_path_factory):
-    return make_distilbert(tmp_path_factory.mktemp("train_drop"), dropout=0.1, seed=4)
-
-
-def test_grad_cache_training_equals_no_caching(nodrop_dir, tmp_path):
-    w0 = weights(nodrop_dir)
-    cached = write_config(tmp_path, train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "cached")), "a.json")
+def test_grad_cache_training_equals_no_caching(nodrop_model_dir, tmp_path):
+    w0 = weights(nodrop_model_dir)
+    cached = write_config(tmp_path, train_config(tmp_path, nodrop_model_dir, output_dir=str(tmp_path / "cached")), "a.json")
     run_train(cached)
-    plain_cfg = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "plain"), mini_batch_size=6)
+    plain_cfg = train_config(tmp_path, nodrop_model_dir, output_dir=str(tmp_path / "plain"), mini_batch_size=6)
     plain_cfg["tasks"]["retrieval"]["loss"] = "mnrl"  # one plain forward/backward of the whole batch
     run_train(write_config(tmp_path, plain_cfg, "b.json"))
     w_cached, w_plain = weights(tmp_path / "cached" / "final"), weights(tmp_path / "plain" / "final")
@@ -42,8 +31,8 @@ def test_grad_cache_training_equals_no_caching(nodrop_dir, tmp_path):
     assert moved > 1e-3  # the weights did move: the comparison above is not between two untrained models
 
 
-def test_same_seed_with_dropout_is_bitwise_reproducible(drop_dir, tmp_path):
-    cfg = write_config(tmp_path, train_config(tmp_path, drop_dir))
+def test_same_seed_with_dropout_is_bitwise_reproducible(tiny_model_dir, tmp_path):
+    cfg = write_config(tmp_path, train_config(tmp_path, tiny_model_dir))
     run_train(cfg, f"train.output_dir={tmp_path / 'r1'}")
     run_train(cfg, f"train.output_dir={tmp_path / 'r2'}")
     w1, w2 = weights(tmp_path / "r1" / "final"), weights(tmp_path / "r2" / "final")
@@ -59,13 +48,13 @@ TWO_VS_ONE = {"cached_mnrl": dict(loss="cached_mnrl", mini=2), "mnrl": dict(loss
 
 
 @pytest.mark.parametrize("case", TWO_VS_ONE)
-def test_two_processes_equal_one(nodrop_dir, tmp_path, case):
+def test_two_processes_equal_one(nodrop_model_dir, tmp_path, case):
     """torchrun 2×(B/2) with gathered candidates ≡ 1 process with batch B (dropout 0: ranks' RNG streams differ) —
     the weights, and the logged loss and gradient norm of every step: a uniform factor on the gradient (AdamW and
     clipping hide it in the weights) shows in the norm."""
     loss, mini, budget = TWO_VS_ONE[case]["loss"], TWO_VS_ONE[case]["mini"], TWO_VS_ONE[case].get("budget", 0)
-    w0 = weights(nodrop_dir)
-    base = train_config(tmp_path, nodrop_dir, gather_across_devices=True, mini_batch_size=mini)
+    w0 = weights(nodrop_model_dir)
+    base = train_config(tmp_path, nodrop_model_dir, gather_across_devices=True, mini_batch_size=mini)
     base["speedups"] = {"memory_budget": budget}
     if loss in ("cosent", "cosine"):
         base["tasks"] = {"sts": {"dataset": str(write_jsonl(tmp_path / "sts.jsonl", sts_rows(24))),
@@ -175,12 +164,12 @@ def test_loss_goes_down_on_a_learnable_task(tiny_model_dir, tmp_path):
     assert last < 0.7 * first
 
 
-def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_dir, tmp_path):
+def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_model_dir, tmp_path):
     """`speedups.linear_tape` and `speedups.memory_budget` change cost, not the updates: every step's loss and
     gradient norm are classic GradCache's."""
-    w0 = weights(nodrop_dir)
-    run_train(write_config(tmp_path, train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "classic")), "c.json"))
-    fast = train_config(tmp_path, nodrop_dir, output_dir=str(tmp_path / "fast"))
+    w0 = weights(nodrop_model_dir)
+    run_train(write_config(tmp_path, train_config(tmp_path, nodrop_model_dir, output_dir=str(tmp_path / "classic")), "c.json"))
+    fast = train_config(tmp_path, nodrop_model_dir, output_dir=str(tmp_path / "fast"))
     fast["speedups"] = {"linear_tape": True, "memory_budget": 2}
     run_train(write_config(tmp_path, fast, "f.json"))
     diff = rel_update_diff(w0, weights(tmp_path / "fast" / "final"), weights(tmp_path / "classic" / "final"))
@@ -190,11 +179,11 @@ def test_linear_tape_and_memory_budget_train_like_classic_grad_cache(nodrop_dir,
 
 
 @pytest.mark.parametrize("loss,mini", [("cached_mnrl", 5), ("mnrl", 24)])
-def test_two_processes_equal_one_with_keyed_dropout_on(drop_dir, tmp_path, loss, mini):
+def test_two_processes_equal_one_with_keyed_dropout_on(tiny_model_dir, tmp_path, loss, mini):
     """Dropout ON with keyed masks: every text draws the same masks on rank r of 2 as in one process with the
     global batch, so 2 × 3 rows equal 1 × 6 rows — weights, and the logged loss and gradient norm of every step."""
-    w0 = weights(drop_dir)
-    base = train_config(tmp_path, drop_dir, gather_across_devices=True, mini_batch_size=mini, logging_steps=1)
+    w0 = weights(tiny_model_dir)
+    base = train_config(tmp_path, tiny_model_dir, gather_across_devices=True, mini_batch_size=mini, logging_steps=1)
     base["model"]["dropout_masks"] = "keyed"
     base["tasks"]["retrieval"]["loss"] = loss
     one = dict(base, train={**base["train"], "per_device_train_batch_size": 6, "output_dir": str(tmp_path / "one")})
@@ -221,11 +210,11 @@ def test_per_dim_losses_are_logged_and_add_up_to_the_weighted_total(tiny_model_d
         assert len(set(parts)) == len(parts)  # each dim its own loss, not one number logged twice
 
 
-def test_a_larger_first_pass_trains_like_the_usual_one(drop_dir, tmp_path):
-    w0 = weights(drop_dir)
+def test_a_larger_first_pass_trains_like_the_usual_one(tiny_model_dir, tmp_path):
+    w0 = weights(tiny_model_dir)
     runs = {}
     for name, speedups in (("same", {}), ("larger", {"first_pass_mini_batch_size": 24})):
-        cfg = train_config(tmp_path, drop_dir, mini_batch_size=3, output_dir=str(tmp_path / name))
+        cfg = train_config(tmp_path, tiny_model_dir, mini_batch_size=3, output_dir=str(tmp_path / name))
         cfg["model"]["dropout_masks"] = "keyed"
         cfg["speedups"] = speedups
         run_train(write_config(tmp_path, cfg, f"{name}.json"))
@@ -235,7 +224,7 @@ def test_a_larger_first_pass_trains_like_the_usual_one(drop_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dropout", ["keyed masks", "off"])
-def test_speedups_null_trains_the_textbook_and_the_same_steps(drop_dir, nodrop_dir, tmp_path, monkeypatch, dropout):
+def test_speedups_null_trains_the_textbook_and_the_same_steps(tiny_model_dir, nodrop_model_dir, tmp_path, monkeypatch, dropout):
     """`speedups=null`: nothing is installed into the plain model and every GradCache step runs the textbook
     (bertino/grad_cache.py), never the fast passes; and each step's loss and gradient norm equal the default run's
     (every safe speed-up on) to float32 rounding — with dropout on (keyed masks: the same masks whatever runs) and
@@ -261,7 +250,7 @@ def test_speedups_null_trains_the_textbook_and_the_same_steps(drop_dir, nodrop_d
     counting(fast_grad_cache, "fast")
     original_build = train.build_step
     monkeypatch.setattr(train, "build_step", lambda *a: built.setdefault(len(built), original_build(*a)))
-    model = drop_dir if dropout == "keyed masks" else nodrop_dir
+    model = tiny_model_dir if dropout == "keyed masks" else nodrop_model_dir
     for name, extra in (("default", []), ("textbook", ["speedups=null"])):
         cfg = train_config(tmp_path, model, output_dir=str(tmp_path / name))
         if dropout == "keyed masks":
