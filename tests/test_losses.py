@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bertino.losses import DEFAULT_SCALE, LOSSES, cosent_loss, cosine_similarity_loss, mnrl_loss
+from bertino.losses import (DEFAULT_SCALE, LOSSES, PAIR_SCORE, RETRIEVAL, cosent_loss, cosine_similarity_loss,
+                            mnrl_loss)
 from bertino.matryoshka import matryoshka_loss
 from bertino.objectives import Objective
 
@@ -109,9 +110,15 @@ def test_matryoshka_is_the_weighted_sum_over_truncations_not_renormalised():
 
 def test_the_registry_names_each_loss_and_what_it_takes():
     assert {name: (loss.fn, loss.rows, loss.grad_cache) for name, loss in LOSSES.items()} == {
-        "mnrl": (mnrl_loss, "retrieval", False), "cached_mnrl": (mnrl_loss, "retrieval", True),
-        "cosent": (cosent_loss, "pair_score", False), "cosine": (cosine_similarity_loss, "pair_score", False)}
+        "mnrl": (mnrl_loss, RETRIEVAL, False), "cached_mnrl": (mnrl_loss, RETRIEVAL, True),
+        "cosent": (cosent_loss, PAIR_SCORE, False), "cosine": (cosine_similarity_loss, PAIR_SCORE, False)}
     assert LOSSES["cosine"].default_scale is None and LOSSES["mnrl"].default_scale == DEFAULT_SCALE == 20.0
+    # the row shapes: the one place the config, the readers and the objectives ask what a row holds
+    assert RETRIEVAL.text_columns(("q", "p", "n")) == ("q", "p", "n") and not RETRIEVAL.scored
+    assert PAIR_SCORE.text_columns(("a", "b", "score")) == ("a", "b") and PAIR_SCORE.scored
+    assert RETRIEVAL.column_problem(("q", "p")) is None and PAIR_SCORE.column_problem(("a", "b", "s")) is None
+    assert "needs ≥ 2 columns (anchor, positive, negatives...), found 1" in RETRIEVAL.column_problem(("q",))
+    assert "needs exactly 3 columns (sentence1, sentence2, score), found 2" in PAIR_SCORE.column_problem(("a", "b"))
 
 
 def test_objective_lays_out_columns_and_applies_scale_and_matryoshka():
