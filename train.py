@@ -40,7 +40,9 @@ import torch
 
 from bertino import SentenceEncoder, distributed
 from bertino.errors import BertinoError, DataError
-from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets
+from bertino.eval_sets import IRSet, STSSet
+from bertino.eval_tables import format_table
+from bertino.evaluation import embed_sets, score_sets, storage_vs_quality
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
@@ -53,8 +55,8 @@ from bertino.plumbing.precision import autocast_dtype
 from bertino.plumbing.stop_signal import StopSignal
 from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
-from bertino.quantization import evaluate_precisions
 from bertino.sampler import MultiTaskBatchSampler
+from bertino.vector_indexes import require_faiss
 from bertino.speedups.memory_fit import fit_mini_batch
 from bertino.step import Step, install_training_modules, make_objectives
 
@@ -116,6 +118,8 @@ def setup(cfg: Config) -> Run:
         saved_state, saved_config = run_checkpoints.read_checkpoint(resume_from)
     if "tensorboard" in train.report_to:
         require_tensorboard()  # on every rank: a missing extra stops them all here, before anything is written
+    if cfg.eval.index:
+        require_faiss()  # the same for the FAISS indexes of the cards' storage-vs-quality table
     dist_info, device = distributed.setup(timeout=train.ddp_timeout)
     for notice in notices:
         warn(notice, dist_info.is_main)
@@ -347,8 +351,9 @@ def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> N
 def evaluate(run: Run, final: bool = False) -> dict | None:
     """Rank 0 evaluates (the others wait at the barrier) → {dim: {set: {metric: value}}}. A new best score of
     `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/. For the
-    cards' storage-vs-quality table the retrieval sets are also scored at `eval.precision` — only when a card will
-    be written (a new best, or `final`), since no log holds those numbers."""
+    cards' storage-vs-quality table the retrieval sets are also scored at `eval.precision` and through the FAISS
+    indexes of `eval.index` — only when a card will be written (a new best, or `final`), since no log holds those
+    numbers."""
     state, results = run.state, None
     if run.is_main and any(run.eval_sets):
         ir_sets, sts_sets = run.eval_sets
@@ -359,8 +364,10 @@ def evaluate(run: Run, final: bool = False) -> dict | None:
         run.log.write({"step": state.step, "eval": {str(d): r for d, r in results.items()}})
         score = best_metric_value(results, run.cfg.train.metric_for_best_model, max(run.eval_dims))
         new_best = score is not None and (state.best_metric is None or score > state.best_metric)
-        run.precision_results = (evaluate_precisions(embedded, ir_sets, run.eval_dims, run.cfg.eval.precision,
-                                                     run.cfg.eval.rescore, float_results=results)
+        e = run.cfg.eval
+        run.precision_results = (storage_vs_quality(embedded, ir_sets, run.eval_dims, e.precision, rescore=e.rescore,
+                                                    int8_quantile=e.int8_quantile, indexes=e.index,
+                                                    float_results=results)
                                  if new_best or final else None)
         if new_best:
             state.best_metric, state.best_step = score, state.step
