@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .eval_names import PRECISIONS, RESCORED, bytes_per_vector, check_precisions  # noqa: F401 (importable here)
+from .eval_tables import format_precision_table  # noqa: F401 (moved to eval_tables.py; importable here as before)
 from .metrics import MATMUL_ROWS, check_ir_embeddings, ir_metrics, ranking_metrics, sort_by_score_then_id, top_k
 
 if TYPE_CHECKING:

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 INSTALL = "pip install 'bertino[faiss]' (or pip install faiss-cpu)"
 HNSW_M = 32  # links per node (FAISS's IndexHNSWFlat(d, M)); level 0 has 2·M
-HNSW_EF_CONSTRUCTION = 100  # candidates kept while inserting (FAISS's default: 40)
+HNSW_EF_CONSTRUCTION = 40  # candidates kept while inserting (FAISS's default)
 HNSW_EF_SEARCH = 128  # candidates kept while searching (FAISS's default: 16); FAISS searches at least K
 TIMED_SINGLE_QUERIES = 256  # queries timed one per search call
 ADD_ROWS = 1 << 16  # corpus rows normalised and added at a time

@@ -164,7 +164,8 @@ def test_the_contract_lists_the_schema_s_config_keys():
 
 
 STUDENT_MODULES = ["model", "encoder", "batching", "losses", "matryoshka", "objectives", "grad_cache", "sampler",
-                   "optim", "distributed", "evaluation", "quantization", "hard_negatives", "errors"]
+                   "optim", "distributed", "metrics", "evaluation", "eval_names", "eval_sets", "eval_tables",
+                   "quantization", "vector_indexes", "hard_negatives", "errors"]
 
 
 @pytest.mark.parametrize("name", STUDENT_MODULES)
