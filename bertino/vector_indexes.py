@@ -27,7 +27,7 @@ How a ranking is read from an index — the tie rule of the exact path, order by
   query is searched again twice as deep (up to N), so ties go to the smaller id as everywhere in bertino.
 - flat's own float32 sums (BLAS) differ from the exact path's (float64 sums rounded to float32) in the last bits,
   which would swap near-ties; its candidates are therefore re-scored as the exact path scores them, and a query
-  whose K-th re-scored score is within FLAT_SCORE_ERROR of the K'-th FAISS score is searched deeper. flat then
+  whose K-th re-scored score is within `flat_score_error` of the K'-th FAISS score is searched deeper. flat then
   *is* the exact float32 ranking, bit for bit: the check that an index is wired into the metrics correctly.
 - hnsw and hnsw-sq8 are approximate: one search at depth K, its results re-sorted by (−score, id).
 
@@ -39,8 +39,8 @@ depth K. FAISS runs on one OpenMP thread by default (`threads`), so that HNSW gr
 the same on every run, and the timings do not measure threads waiting for a core.
 
 Memory: the index holds what it stores (flat and hnsw: the float32 vectors); vectors are normalised and added
-ADD_ROWS at a time, the sq8 range is computed in the same pass (FAISS's own training would copy the corpus), and
-flat's re-scoring gathers RESCORE_BLOCK_ELEMENTS floats at a time. faiss-cpu is an optional extra
+ADD_ROWS at a time, the sq8 range is computed ADD_ROWS rows at a time too (FAISS's own training would copy the
+whole corpus), and flat's re-scoring gathers RESCORE_BLOCK_ELEMENTS floats at a time. faiss-cpu is an optional extra
 (`pip install 'bertino[faiss]'`), imported only here, through `require_faiss`.
 """
 
@@ -57,7 +57,8 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .eval_names import check_indexes
-from .metrics import MATMUL_ROWS, check_ir_embeddings, ranking_metrics, sort_by_score_then_id, top_k_cosine
+from .metrics import (MATMUL_ROWS, SCORE_BLOCK_ELEMENTS, check_ir_embeddings, ranking_metrics, sort_by_score_then_id,
+                      top_k_cosine)
 from .quantization import binary_codes
 
 if TYPE_CHECKING:
@@ -70,7 +71,6 @@ HNSW_EF_SEARCH = 128  # candidates kept while searching (FAISS's default: 16); F
 TIMED_SINGLE_QUERIES = 256  # queries timed one per search call
 ADD_ROWS = 1 << 16  # corpus rows normalised and added at a time
 RESCORE_BLOCK_ELEMENTS = 1 << 21  # r·K'·d floats gathered per slice of flat's re-scoring (16 MB of float64)
-FIGURES = ("recall_vs_exact@10", "bytes_per_vector", "build_seconds", "query_ms", "query_ms_batched")
 
 
 def require_faiss():
@@ -266,16 +266,25 @@ def recall_vs_exact(found: torch.Tensor, exact: torch.Tensor) -> float:
     return (hits.double() / exact.shape[1]).mean().item()
 
 
+def exact_top_ids(query_emb: torch.Tensor, corpus_emb: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """The exact float32 top k ids (Q, k) by (−cosine, id), R = SCORE_BLOCK_ELEMENTS // C queries at a time as
+    `metrics.ranking_metrics` goes, so that a (R, C) score block stays bounded whatever Q."""
+    rows = max(1, SCORE_BLOCK_ELEMENTS // min(chunk_size, corpus_emb.shape[0]))
+    return torch.cat([top_k_cosine(query_emb[q0 : q0 + rows], corpus_emb, k, chunk_size)[1]
+                      for q0 in range(0, query_emb.shape[0], rows)])
+
+
 def index_ir_metrics(
     query_emb: torch.Tensor, corpus_emb: torch.Tensor, relevant: Sequence[set[int]], names: Sequence[str], *,
     threads: int | None = 1, chunk_size: int = 50_000,
 ) -> dict[str, dict[str, float]]:
-    """{index: the IR metrics and FIGURES} of query_emb (Q, d) against corpus_emb (N, d) through each index."""
+    """{index: the IR metrics, recall_vs_exact@10, bytes_per_vector, build_seconds, query_ms, query_ms_batched}
+    of query_emb (Q, d) against corpus_emb (N, d) through each index."""
     query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
     check_indexes(names)
     n_queries, n_corpus = query_emb.shape[0], corpus_emb.shape[0]
     k = min(100, n_corpus)  # the deepest default cut-off (MAP@100)
-    exact_top10 = top_k_cosine(query_emb, corpus_emb, min(10, n_corpus), chunk_size)[1]  # (Q, 10)
+    exact_top10 = exact_top_ids(query_emb, corpus_emb, min(10, n_corpus), chunk_size)  # (Q, 10)
     out = {}
     for name in names:
         search = IndexSearch(name, query_emb, corpus_emb, threads=threads)

@@ -129,6 +129,13 @@ def test_sq8_scores_the_float_query_against_faiss_s_decoded_codes():
     assert np.array_equal(faiss.vector_to_array(trained.codes).reshape(codes.shape), codes)
 
 
+def test_the_exact_top_10_behind_recall_is_computed_in_bounded_blocks(monkeypatch):
+    queries, corpus, _ = random_case(7)
+    whole = top_k_cosine(queries, corpus, 10)[1]
+    monkeypatch.setattr(vi, "SCORE_BLOCK_ELEMENTS", 5 * 40)  # 5 queries × chunks of 40 corpus rows
+    assert torch.equal(vi.exact_top_ids(queries, corpus, 10, chunk_size=40), whole)
+
+
 # ================================================================================================ approximate
 def test_hnsw_reports_its_recall_and_is_the_same_on_every_run():
     queries, corpus, relevant = random_case(4, n_queries=40, n_corpus=600, dim=32)
