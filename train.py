@@ -40,9 +40,7 @@ import torch
 
 from bertino import SentenceEncoder, distributed
 from bertino.errors import BertinoError, DataError
-from bertino.eval_sets import IRSet, STSSet
-from bertino.eval_tables import format_table
-from bertino.evaluation import embed_sets, score_sets, storage_vs_quality
+from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets, storage_vs_quality
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
@@ -56,9 +54,9 @@ from bertino.plumbing.stop_signal import StopSignal
 from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
 from bertino.sampler import MultiTaskBatchSampler
-from bertino.vector_indexes import require_faiss
 from bertino.speedups.memory_fit import fit_mini_batch
 from bertino.step import Step, install_training_modules, make_objectives
+from bertino.vector_indexes import require_faiss
 
 
 def parse_args(argv=None) -> argparse.Namespace:

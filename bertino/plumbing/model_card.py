@@ -2,13 +2,14 @@
 
     YAML front matter (library_name, pipeline_tag, base_model, tags) → title and description → usage with bertino
     and with sentence-transformers → evaluation tables (rows: metrics, columns: dims) → storage vs quality
-    (retrieval at dims × precisions: NDCG@10 and bytes/vector) → training curves (when drawn) → training details
-    (losses, Matryoshka dims/weights, hyperparameters) → citations.
+    (retrieval at dims × precisions and FAISS indexes: NDCG@10 and bytes/vector; the indexes' recall, build and
+    query time; its plot, when drawn) → training curves (when drawn) → training details (losses, Matryoshka
+    dims/weights, hyperparameters) → citations.
 
 `results` has the shape `bertino.evaluation.evaluate` returns, {dim: {set name: {metric: value}}}; the dim keys may
 also be strings, as in the `--json` file of `evaluate.py`. A set holding "map@100" is a retrieval set, one holding
-"spearman_cosine" an STS set. `precision_results` is {precision: results} (`quantization.evaluate_precisions`, or
-`evaluate.py --precision ... --json`).
+"spearman_cosine" an STS set. `precision_results` is {precision or index: results} (`evaluation.storage_vs_quality`,
+or `evaluate.py --precision ... --index ... --json`).
 """
 
 from __future__ import annotations
