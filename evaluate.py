@@ -2,7 +2,8 @@
 
     python evaluate.py --model DIR [--model DIR2 ...] [--ir FILE]... [--sts FILE]... [--config FILE|RUN_DIR
                        [key.sub=value ...]] [--dims 768,128] [--batch-size N] [--json OUT]
-                       [--precision float32,int8,binary [--rescore K]]
+                       [--precision float32,int8,binary [--rescore K]] [--int8-quantile P]
+                       [--index flat,sq8,binary-flat,hnsw,hnsw-sq8] [--plot PNG]
 
 Prints a markdown table per eval set (one row per metric, one column per dim) and, with `--json OUT`, writes
 {"<dim>": {"<set name>": {"<metric>": value}}} (NaN as null); a set's name is its file's stem
@@ -22,6 +23,10 @@ With `--precision` (one model), each retrieval set's table has one row per dim Ã
 vector, storage relative to the full float32 vector, every IR metric; bertino/quantization.py says how int8 and
 binary vectors are made and scored; `--rescore K` adds binary's top K re-ranked by the float query), STS sets stay
 float32, and the JSON file gains the precision level: {"<precision>": {"<dim>": {"<set name>": {"<metric>": value}}}}.
+With `--index` (one model; the faiss extra) the retrieval sets also go through FAISS indexes
+(bertino/vector_indexes.py): their rows join that table at the bytes per vector each index stores, a second table
+gives recall@10 against the exact search, build seconds and query milliseconds, and each index is one more level of
+the JSON file, its figures beside its metrics. `--plot PNG` draws NDCG@10 against bytes per vector, one line per dim.
 `--dims` defaults to the Matryoshka dims the model folder records (`config_sentence_transformers.json`,
 key `bertino.matryoshka_dims`, written by `SentenceEncoder.save_pretrained`), else those of `--config` (its
 `eval.dims`, else `matryoshka.dims`), else the model's full dim. Every model's dims are checked before anything is
@@ -67,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rescore", type=int, default=None, metavar="K",
                    help="with binary: also re-rank its top K by the float query, against the Â±1 bits and against "
                         "the int8 documents")
+    p.add_argument("--int8-quantile", type=float, default=0.0, metavar="P",
+                   help="int8's range per dimension: the corpus' P and 1-P quantiles (default 0: min and max)")
+    p.add_argument("--index", type=parse_names, default=None, metavar="I,I",
+                   help="retrieval through these FAISS indexes too (needs pip install 'bertino[faiss]'): flat, "
+                        "sq8, binary-flat, hnsw, hnsw-sq8; with recall@10 against the exact search, bytes per "
+                        "vector, build seconds and query milliseconds")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="with --precision or --index: draw NDCG@10 against bytes per vector, a line per dim, into "
+                        "this PNG (needs pip install 'bertino[plots]')")
     args = p.parse_args(argv)
     if not args.ir and not args.sts and args.config is None:
         raise UsageError("nothing to evaluate: give at least one --ir FILE, --sts FILE or --config FILE")
@@ -78,12 +92,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.precision is not None and len(args.model) > 1:
         raise UsageError("--precision evaluates one model at a time; give one --model")
     if args.precision is not None:
-        from bertino.quantization import check_precisions
+        from bertino.eval_names import check_precisions
 
         check_precisions(args.precision, args.rescore)
     if args.overrides and args.config is None:
         raise UsageError(f"{args.overrides[0]}: overrides apply to --config; give --config FILE (or a run folder)")
     check_writable(args.json)  # checked now, not after an hour of encoding
+    if args.index is not None:
+        from bertino.eval_names import check_indexes
+        from bertino.vector_indexes import require_faiss
+
+        if len(args.model) > 1:
+            raise UsageError("--index evaluates one model at a time; give one --model")
+        check_indexes(args.index)
+        require_faiss()  # now, not after the encoding
+    if not 0.0 <= args.int8_quantile < 0.5:
+        raise UsageError(f"--int8-quantile must be in [0, 0.5), got {args.int8_quantile}")
+    if args.plot is not None:
+        from bertino.plot import require_matplotlib
+
+        if args.precision is None and args.index is None:
+            raise UsageError("--plot draws the storage-vs-quality results: add --precision and/or --index")
+        if not args.plot.parent.is_dir():
+            raise UsageError(f"--plot {args.plot}: folder {str(args.plot.parent)!r} does not exist")
+        require_matplotlib()
     return args
 
 
@@ -221,15 +253,27 @@ def main(argv: list[str] | None = None) -> dict:
         return per_model
 
     results = per_model[args.model[0]]
-    if args.precision is None:
+    if args.precision is None and args.index is None:
         print(format_table(results), end="")
         write_results(args.json, results)
         return results
 
-    from bertino.quantization import evaluate_precisions, format_precision_table
+    from bertino.eval_tables import format_index_table, format_precision_table
+    from bertino.evaluation import storage_vs_quality
 
-    by_level = evaluate_precisions(embedded, ir_sets, dims, args.precision, args.rescore, float_results=results)
-    print(format_precision_table(by_level, encoder.dim, rescore=args.rescore), end="")
+    # --index alone still prints the float32 row: the reference the indexes are measured against
+    by_level = storage_vs_quality(embedded, ir_sets, dims, args.precision or ["float32"], rescore=args.rescore,
+                                  int8_quantile=args.int8_quantile, indexes=args.index or (), float_results=results)
+    q = args.int8_quantile
+    statistic = f"{q:g} and {1 - q:g} quantiles" if q else "min/max"
+    print(format_precision_table(by_level, encoder.dim, rescore=args.rescore, int8_range=statistic), end="")
+    if args.index:
+        print("\n" + format_index_table(by_level), end="")
+    if args.plot is not None and by_level:
+        from bertino.plot import draw_storage
+
+        draw_storage(by_level, args.plot, title=f"{args.model[0]}: storage vs quality")
+        print(f"bertino: wrote {args.plot}", file=sys.stderr)
     if sts_sets:  # scored on float32 vectors only: today's table, and the float32 level of the JSON file
         sts = {d: {s.name: results[d][s.name] for s in sts_sets} for d in dims}
         print(("\n" if ir_sets else "") + format_table(sts), end="")

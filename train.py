@@ -43,7 +43,7 @@ import torch
 from bertino import SentenceEncoder, distributed
 from bertino.build import build_step, start_process
 from bertino.errors import BertinoError, DataError
-from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets
+from bertino.evaluation import IRSet, STSSet, embed_sets, format_table, score_sets, storage_vs_quality
 from bertino.optim import make_optimizer, make_scheduler
 from bertino.plumbing import run_checkpoints, run_folder
 from bertino.plumbing.cli import ArgumentParser, run_cli
@@ -55,9 +55,9 @@ from bertino.plumbing.metrics_log import LogWindow, MetricsLog
 from bertino.plumbing.stop_signal import StopSignal
 from bertino.plumbing.tensorboard_log import TensorBoardLog, require_tensorboard
 from bertino.plumbing.weights import load_into, read_weights
-from bertino.quantization import evaluate_precisions
 from bertino.sampler import MultiTaskBatchSampler
 from bertino.step import Step
+from bertino.vector_indexes import require_faiss
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +120,8 @@ def setup(cfg: Config) -> Run:
         saved_state, saved_config = run_checkpoints.read_checkpoint(resume_from)
     if "tensorboard" in train.report_to:
         require_tensorboard()  # on every rank: a missing extra stops them all here, before anything is written
+    if cfg.eval.index:
+        require_faiss()  # the same for the FAISS indexes of the cards' storage-vs-quality table
     process = start_process(cfg)  # torchrun (train.ddp_timeout), every generator seeded, the autocast dtype
     dist_info, device = process.dist_info, process.device
     for notice in notices:
@@ -330,8 +332,9 @@ def log_progress(run: Run, window: LogWindow, grad_norm: torch.Tensor, bar) -> N
 def evaluate(run: Run, final: bool = False) -> dict | None:
     """Rank 0 evaluates (the others wait at the barrier) → {dim: {set: {metric: value}}}. A new best score of
     `train.metric_for_best_model` (its mean over the eval sets, at the largest eval dim) is saved to best/. For the
-    cards' storage-vs-quality table the retrieval sets are also scored at `eval.precision` — only when a card will
-    be written (a new best, or `final`), since no log holds those numbers."""
+    cards' storage-vs-quality table the retrieval sets are also scored at `eval.precision` and through the FAISS
+    indexes of `eval.index` — only when a card will be written (a new best, or `final`), since no log holds those
+    numbers."""
     state, results = run.state, None
     if run.is_main and any(run.eval_sets):
         ir_sets, sts_sets = run.eval_sets
@@ -342,8 +345,10 @@ def evaluate(run: Run, final: bool = False) -> dict | None:
         run.log.write({"step": state.step, "eval": {str(d): r for d, r in results.items()}})
         score = best_metric_value(results, run.cfg.train.metric_for_best_model, max(run.eval_dims))
         new_best = score is not None and (state.best_metric is None or score > state.best_metric)
-        run.precision_results = (evaluate_precisions(embedded, ir_sets, run.eval_dims, run.cfg.eval.precision,
-                                                     run.cfg.eval.rescore, float_results=results)
+        e = run.cfg.eval
+        run.precision_results = (storage_vs_quality(embedded, ir_sets, run.eval_dims, e.precision, rescore=e.rescore,
+                                                    int8_quantile=e.int8_quantile, indexes=e.index,
+                                                    float_results=results)
                                  if new_best or final else None)
         if new_best:
             state.best_metric, state.best_step = score, state.step

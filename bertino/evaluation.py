@@ -1,297 +1,38 @@
-"""Evaluation: information-retrieval (IR) and semantic-textual-similarity (STS) metrics, and `evaluate`.
+"""Evaluation: a model scored on eval sets at each Matryoshka dim, every distinct text encoded once.
 
-Shapes: Q queries, N corpus texts, D embedding dim, d a truncated (Matryoshka) dim, C corpus chunk, R query chunk,
-K the longest cut-off (100 for MAP@100, at most N), P STS pairs.
+Shapes: Q queries, N corpus texts, D the model's embedding dim, d a truncated (Matryoshka) dim, P STS pairs.
 
-Information retrieval. Each query q has a set of relevant corpus ids rel(q). The corpus is ranked by cosine similarity
-cos(q, c) = q·c / (|q| |c|), ties broken by corpus id (smaller first), so the ranking r_1, r_2, ... is a total order
-and no result depends on how the corpus is chunked. With hit_i = [r_i ∈ rel(q)] (i = 1-based rank):
+    evaluate(encoder, ir_files, sts_files, dims)    eval files → {dim: {set name: {metric: value}}}
+      = plumbing/eval_data.py's load_eval_sets      the files → IRSet / STSSet (bertino/eval_sets.py)
+      + evaluate_sets = embed_sets                  every distinct text of every set encoded once, at full dim D
+                      + score_sets                  each dim d: the first d coordinates, scored by bertino/metrics.py
 
-    Accuracy@k  = [Σ_{i≤k} hit_i > 0]                       (a relevant text in the top k)
-    Precision@k = Σ_{i≤k} hit_i / k
-    Recall@k    = Σ_{i≤k} hit_i / |rel|
-    MRR@k       = 1 / min{i ≤ k : hit_i}                     (0 when no hit in the top k)
-    NDCG@k      = DCG@k / IDCG@k,  DCG@k = Σ_{i≤k} hit_i / log2(i + 1),  IDCG@k = Σ_{i≤min(|rel|,k)} 1 / log2(i + 1)
-    MAP@k       = Σ_{i≤k} hit_i · Precision@i / min(k, |rel|)
+Dim d uses the first d coordinates, re-normalised (cosine does that), so one encoding serves every dim.
+bertino/quantization.py scores the same embeddings with int8 and binary vectors, bertino/vector_indexes.py through
+FAISS indexes; bertino/eval_tables.py prints the results.
 
-each averaged over queries (Manning, Raghavan & Schütze, "Introduction to Information Retrieval", ch. 8; the same
-definitions as sentence-transformers' InformationRetrievalEvaluator). The scores are exact: only the top K of each
-query is kept, and a corpus chunk's top K merged with the running top K gives the top K of the union.
-
-Semantic similarity. For pairs (a_j, b_j) with gold score g_j, s_j = cos(a_j, b_j):
-
-    Pearson  = Σ (s_j − s̄)(g_j − ḡ) / sqrt(Σ (s_j − s̄)² · Σ (g_j − ḡ)²)
-    Spearman = Pearson(rank(s), rank(g))                     (tied values share their average rank)
-
-Matryoshka evaluation: every distinct text is encoded once at full dim; dim d uses the first d coordinates,
-re-normalised (cosine does that). An eval set is an `IRSet` or an `STSSet`; plumbing/eval_data.py reads them from
-JSONL files. bertino/quantization.py ranks by int8 and binary scores through the same `top_k` and `ranking_metrics`.
-
-(~400 lines, over the usual 300: the metrics, the exact top k they are defined on and its tie rule belong
-together; docs/design.md.)
-
-Why this file is long (~440 lines): the metric engine, eval-set loading and the comparison tables are still together
-here (to be split along those three jobs).
+The metric engine (`ir_metrics`, `ranking_metrics`, `top_k`, `sts_metrics`, ...) moved to bertino/metrics.py and the
+tables (`format_table`, `comparison_table`, `relative_changes`, `metric_label`) to bertino/eval_tables.py when
+this module was split along its jobs; they stay importable from here.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
-
-IR_METRICS = ("map@100", "ndcg@10", "mrr@10", "accuracy@1", "accuracy@3", "accuracy@5", "accuracy@10",
-              "recall@10", "precision@10")
-STS_METRICS = ("spearman_cosine", "pearson_cosine")
-METRIC_LABELS = {  # how tables print the metric names (the model card's spelling)
-    "map": "MAP", "ndcg": "NDCG", "mrr": "MRR", "accuracy": "Accuracy", "recall": "Recall",
-    "precision": "Precision", "spearman_cosine": "Spearman Cosine", "pearson_cosine": "Pearson Cosine",
-}
-# Scores per (query chunk × corpus chunk) block: R·C ≤ this, so a block's temporaries stay ~100 MB whatever Q and N.
-SCORE_BLOCK_ELEMENTS = 1 << 22
-MATMUL_ROWS = 1024  # corpus rows per float64 matmul (a 1024 × 768 float64 slice is 6 MB)
+from .eval_sets import IRSet, STSSet
+from .eval_tables import (METRIC_LABELS, comparison_table, format_table, metric_label,  # noqa: F401 (moved)
+                          relative_change, relative_changes)
+from .metrics import (IR_METRICS, MATMUL_ROWS, SCORE_BLOCK_ELEMENTS, STS_METRICS,  # noqa: F401 (moved)
+                      average_ranks, check_ir_embeddings, ir_metrics, ranking_metrics, sort_by_score_then_id,
+                      sts_metrics, top_k, top_k_cosine)
+from .plumbing.eval_data import load_eval_sets
 
 
-class IRSet(NamedTuple):
-    name: str  # the file's stem
-    queries: list[str]  # (Q,) distinct, in order of first appearance
-    corpus: list[str]  # (N,) every distinct positive and negative, in order of first appearance
-    relevant: list[set[int]]  # (Q,) corpus ids of each query's positives
-
-
-class STSSet(NamedTuple):
-    name: str
-    sentences1: list[str]  # (P,)
-    sentences2: list[str]  # (P,)
-    scores: list[float]  # (P,) gold scores, any scale (the correlations are scale-invariant)
-
-
-# ================================================================================================ IR metrics
-def ir_metrics(
-    query_emb: torch.Tensor,
-    corpus_emb: torch.Tensor,
-    relevant: Sequence[set[int]],
-    *,
-    chunk_size: int = 50_000,
-    **cutoffs: Sequence[int],
-) -> dict[str, float]:
-    """Retrieval metrics of query_emb (Q, D) against corpus_emb (N, D) by cosine similarity.
-
-    `relevant[q]` is the set of corpus row ids relevant to query q (non-empty). The corpus is scored `chunk_size`
-    rows at a time against a query chunk of R = SCORE_BLOCK_ELEMENTS // chunk_size queries, so the working memory
-    (~100 MB) does not grow with Q or N: the full (Q, N) score matrix is never built. `cutoffs`: `ranking_metrics`'.
-    Returns {"map@100": ..., "ndcg@10": ..., ...} (the order of IR_METRICS), each the mean over queries.
-    """
-    query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
-    check_ir_embeddings(query_emb, corpus_emb)
-    return ranking_metrics(lambda q0, q1, k: top_k_cosine(query_emb[q0:q1], corpus_emb, k, chunk_size)[1],
-                           query_emb.shape[0], corpus_emb.shape[0], relevant, chunk_size=chunk_size, **cutoffs)
-
-
-def ranking_metrics(
-    top_ids: Callable[[int, int, int], torch.Tensor],
-    n_queries: int,
-    n_corpus: int,
-    relevant: Sequence[set[int]],
-    *,
-    chunk_size: int = 50_000,
-    accuracy_at_k: Sequence[int] = (1, 3, 5, 10),
-    precision_recall_at_k: Sequence[int] = (10,),
-    mrr_at_k: Sequence[int] = (10,),
-    ndcg_at_k: Sequence[int] = (10,),
-    map_at_k: Sequence[int] = (100,),
-) -> dict[str, float]:
-    """The IR metrics of any exact ranking: `top_ids(q0, q1, K)` gives the ids (q1 − q0, K) of the top K corpus
-    texts of queries q0..q1−1, best first (`ir_metrics` ranks by cosine, bertino/quantization.py by int8 and
-    binary scores). Queries go R = SCORE_BLOCK_ELEMENTS // min(chunk_size, N) at a time."""
-    Q, N = n_queries, n_corpus
-    _check_relevant(relevant, Q, N, chunk_size)
-    cutoffs = {"map": map_at_k, "ndcg": ndcg_at_k, "mrr": mrr_at_k, "accuracy": accuracy_at_k,
-               "recall": precision_recall_at_k, "precision": precision_recall_at_k}
-    for name, ks in cutoffs.items():
-        if any(int(k) < 1 for k in ks):
-            raise DataError(f"ir_metrics: cut-offs must be >= 1, got {name}@{list(ks)}")
-    K = min(max(int(k) for ks in cutoffs.values() for k in ks), N)  # the deepest rank any metric looks at
-    R = max(1, SCORE_BLOCK_ELEMENTS // min(chunk_size, N))  # query chunk: an (R, C) score block stays bounded
-
-    # Every relevant (query, doc) pair as one int64 key q·N + doc, so "is r_i relevant?" is one torch.isin.
-    rel_keys = torch.tensor(sorted(q * N + d for q, docs in enumerate(relevant) for d in docs), dtype=torch.int64)
-    n_rel = torch.tensor([len(docs) for docs in relevant], dtype=torch.float64)  # (Q,)
-
-    per_query: dict[str, list[torch.Tensor]] = {}  # metric → [(R,) per query chunk]
-    for q0 in range(0, Q, R):
-        q1 = min(q0 + R, Q)
-        keys = top_ids(q0, q1, K) + torch.arange(q0, q1, dtype=torch.int64).unsqueeze(1) * N  # (R, K)
-        hits = torch.isin(keys, rel_keys).double()  # (R, K): hit_i of the formulas, rank i = column + 1
-        for name, value in _metrics_from_hits(hits, n_rel[q0:q1], cutoffs).items():
-            per_query.setdefault(name, []).append(value)
-    # One mean over all Q values (not a running sum of chunk sums): the same bits whatever the chunking.
-    return {name: torch.cat(per_query[name]).mean().item() for name in _ordered(per_query)}
-
-
-def top_k_cosine(
-    query_emb: torch.Tensor, corpus_emb: torch.Tensor, k: int, chunk_size: int = 50_000
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best corpus rows per query by cosine, ordered by (−score, corpus id): scores, ids, each (R, k).
-
-    k must be <= N. Scores are float32 but accumulated in float64: BLAS picks different kernels (and so different
-    summation orders) for different matrix shapes, so float32 dot products change in the last bit with the chunk
-    size and near-ties would swap; float64 sums rounded to float32 are the same bits for every chunking.
-    """
-    q = F.normalize(query_emb.double(), dim=-1)  # (R, D)
-    return top_k(lambda c0, c1: _cosine(q, corpus_emb[c0:c1]), q.shape[0], corpus_emb.shape[0], k, chunk_size)
-
-
-def top_k(
-    scores_of: Callable[[int, int], torch.Tensor], n_queries: int, n_corpus: int, k: int, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact top k by (−score, corpus id) of any score: `scores_of(c0, c1)` (R, c1 − c0) scores corpus rows
-    c0..c1−1, chunk_size of them at a time. Returns scores (R, k) and ids (R, k); k must be <= N."""
-    best_scores = torch.empty(n_queries, 0)  # running top k over the chunks seen so far (the scores' dtype)
-    best_ids = torch.empty(n_queries, 0, dtype=torch.int64)
-    for c0 in range(0, n_corpus, chunk_size):
-        scores = scores_of(c0, min(c0 + chunk_size, n_corpus))  # (R, C)
-        if not torch.isfinite(scores).all():
-            raise DataError(f"ir_metrics: corpus rows {c0}..{c0 + scores.shape[1] - 1} or the queries hold NaN/inf")
-        chunk_scores, chunk_ids = _chunk_top_k(scores, min(k, scores.shape[1]))  # (R, k')
-        # Merge: the top k of (running top k ∪ this chunk's top k) is the top k of everything seen so far.
-        best_scores = torch.cat([best_scores.to(scores.dtype), chunk_scores], dim=1)  # (R, k + k')
-        best_ids = torch.cat([best_ids, chunk_ids + c0], dim=1)  # (R, k + k')
-        best_scores, best_ids = sort_by_score_then_id(best_scores, best_ids)
-        best_scores, best_ids = best_scores[:, :k], best_ids[:, :k]  # (R, k)
-    return best_scores, best_ids
-
-
-def _cosine(q: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
-    """cos(q_i, c_j) as float32 (R, C), for unit rows q (R, D) float64 and any rows corpus (C, D).
-
-    The float64 copy is made MATMUL_ROWS corpus rows at a time, so the working memory stays small for any C.
-    """
-    scores = torch.empty(q.shape[0], corpus.shape[0], dtype=torch.float32)  # (R, C)
-    for s in range(0, corpus.shape[0], MATMUL_ROWS):
-        c = corpus[s : s + MATMUL_ROWS].double()  # (c, D)
-        norm = torch.linalg.vector_norm(c, dim=1).clamp_min(1e-12)  # (c,) as F.normalize's eps
-        scores[:, s : s + MATMUL_ROWS] = (q @ c.T) / norm  # (R, c), rounded to float32 on assignment
-    return scores
-
-
-def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of each row of scores (R, C) by (−score, column): scores, columns (R, k), in that order.
-
-    torch.topk picks an arbitrary subset of the values tied at the cut-off, so only its k-th value is trusted:
-    everything strictly above it is in, and the remaining places go to the tied columns with the smallest ids.
-    """
-    kth = scores.topk(k, dim=1).values[:, -1:]  # (R, 1) the cut-off score
-    above = scores > kth  # (R, C) always kept
-    tied = scores == kth  # (R, C) kept while places are left, smallest column first
-    places = k - above.sum(dim=1, keepdim=True)  # (R, 1) ≥ 1
-    if (tied.sum(dim=1, keepdim=True) > places).any():  # more ties than places (rare): first ones by column id
-        tied &= tied.cumsum(dim=1, dtype=torch.int32) <= places  # (R, C)
-    keep = above | tied  # (R, C), exactly k per row
-    cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k) ascending column ids (nonzero is row-major)
-    return sort_by_score_then_id(scores.gather(1, cols), cols)
-
-
-def sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row of scores, ids (R, M) by (−score, id): sort by the secondary key, then stably by the primary."""
-    by_id = ids.argsort(dim=1, stable=True)  # (R, M)
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    by_score = scores.argsort(dim=1, descending=True, stable=True)  # ties keep the id order just made
-    return scores.gather(1, by_score), ids.gather(1, by_score)
-
-
-def _metrics_from_hits(hits: torch.Tensor, n_rel: torch.Tensor, cutoffs: dict) -> dict[str, torch.Tensor]:
-    """Per-query metrics (R,) from hits (R, K) (1.0 where the rank-(i+1) text is relevant) and |rel| n_rel (R,)."""
-    K = hits.shape[1]
-    ranks = torch.arange(1, K + 1, dtype=torch.float64)  # (K,) 1-based ranks
-    precision_at_rank = hits.cumsum(dim=1) / ranks  # (R, K) Precision@i for every i
-    out = {}
-    for k in cutoffs["accuracy"]:
-        out[f"accuracy@{k}"] = hits[:, :k].amax(dim=1)
-    for k in cutoffs["precision"]:
-        out[f"precision@{k}"] = hits[:, :k].sum(dim=1) / k  # / k even when k > N, as in the reference
-        out[f"recall@{k}"] = hits[:, :k].sum(dim=1) / n_rel
-    for k in cutoffs["mrr"]:
-        out[f"mrr@{k}"] = (hits[:, :k] / ranks[:k]).amax(dim=1)  # 1/i is decreasing: the max is the first hit
-    for k in cutoffs["ndcg"]:
-        discount = 1.0 / torch.log2(torch.arange(1, k + 1, dtype=torch.float64) + 1)  # (k,) 1/log2(i+1)
-        ideal = discount.cumsum(dim=0)[(n_rel.clamp(max=k) - 1).long()]  # (R,) IDCG: min(|rel|, k) hits on top
-        out[f"ndcg@{k}"] = (hits[:, :k] * discount[: min(k, K)]).sum(dim=1) / ideal
-    for k in cutoffs["map"]:
-        out[f"map@{k}"] = (hits[:, :k] * precision_at_rank[:, :k]).sum(dim=1) / n_rel.clamp(max=k)
-    return out
-
-
-def check_ir_embeddings(query_emb: torch.Tensor, corpus_emb: torch.Tensor) -> None:
-    """query_emb (Q, D) and corpus_emb (N, D), or a DataError."""
-    if query_emb.ndim != 2 or corpus_emb.ndim != 2 or query_emb.shape[1] != corpus_emb.shape[1]:
-        raise DataError(f"ir_metrics: expected query_emb (Q, D) and corpus_emb (N, D), got "
-                        f"{tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
-
-
-def _check_relevant(relevant, Q: int, N: int, chunk_size: int) -> None:
-    if Q == 0 or N == 0:
-        raise DataError(f"ir_metrics: needs at least one query and one corpus text, got Q={Q}, N={N}")
-    if len(relevant) != Q:
-        raise DataError(f"ir_metrics: relevant has {len(relevant)} sets for {Q} queries")
-    for q, docs in enumerate(relevant):
-        if not docs:
-            raise DataError(f"ir_metrics: query {q} has no relevant corpus id")
-        if any(not 0 <= d < N for d in docs):
-            raise DataError(f"ir_metrics: query {q} lists relevant ids {sorted(docs)}, outside 0..{N - 1}")
-    if chunk_size < 1:
-        raise DataError(f"ir_metrics: chunk_size must be >= 1, got {chunk_size}")
-
-
-def _ordered(names) -> list[str]:
-    """IR_METRICS' order first, any extra cut-offs after it."""
-    return [m for m in IR_METRICS if m in names] + sorted(m for m in names if m not in IR_METRICS)
-
-
-# ================================================================================================ STS metrics
-def sts_metrics(e1, e2, gold) -> dict[str, float]:
-    """Spearman and Pearson correlation of cos(e1_j, e2_j) with gold_j; e1, e2 (P, D), gold (P,). numpy math.
-
-    A constant gold score has no correlation (DataError); constant cosines (a collapsed model) give NaN.
-    """
-    a, b, g = _to_numpy(e1), _to_numpy(e2), _to_numpy(gold).reshape(-1)
-    if a.ndim != 2 or a.shape != b.shape or a.shape[0] != g.shape[0]:
-        raise DataError(f"sts_metrics: expected e1, e2 (P, D) and gold (P,), got {a.shape}, {b.shape}, {g.shape}")
-    if g.shape[0] < 2 or np.all(g == g[0]):
-        raise DataError(f"sts_metrics: needs at least 2 pairs with different gold scores, got {g.shape[0]} pairs")
-    norms = np.maximum(np.linalg.norm(a, axis=1), 1e-12) * np.maximum(np.linalg.norm(b, axis=1), 1e-12)
-    cosine = (a * b).sum(axis=1) / norms  # (P,)
-    return {"spearman_cosine": _pearson(average_ranks(cosine), average_ranks(g)),
-            "pearson_cosine": _pearson(cosine, g)}
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x (P,); tied values share the mean of their ranks: [10, 20, 20, 30] → [1, 2.5, 2.5, 4]."""
-    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)  # group of each value, group sizes
-    last = np.cumsum(counts)  # rank of each group's last member
-    return (last - (counts - 1) / 2.0)[group]  # mean of ranks last-count+1 .. last
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if np.all(x == x[0]) or np.all(y == y[0]):  # undefined; test equality, as x - mean(x) may not round to 0
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    return float((dx * dy).sum() / math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum())))
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-# ================================================================================================ evaluate
 def evaluate(
     encoder,
     ir_files: Sequence[str | os.PathLike] = (),
@@ -301,8 +42,6 @@ def evaluate(
     show_progress_bar: bool = True,
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Load the eval files and score `encoder` on each at each dim: {dim: {set name: {metric: value}}}."""
-    from .plumbing.eval_data import load_eval_sets
-
     ir_sets, sts_sets = load_eval_sets(ir_files, sts_files)
     return evaluate_sets(encoder, ir_sets, sts_sets, dims, batch_size=batch_size, show_progress_bar=show_progress_bar)
 
@@ -382,64 +121,18 @@ def check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
     return dims
 
 
-def format_table(results: dict) -> str:
-    """Markdown: per set, one row per metric, one column per dim ("| metric | 768d | 128d |"), 4 decimals."""
-    dims = list(results)
-    if not dims:
-        return ""
-    blocks = []
-    for name in results[dims[0]]:
-        lines = [f"### {name}", "", "| metric | " + " | ".join(f"{d}d" for d in dims) + " |",
-                 "|---" + "|---:" * len(dims) + "|"]
-        for metric in results[dims[0]][name]:
-            values = " | ".join(_fmt(results[d].get(name, {}).get(metric)) for d in dims)
-            lines.append(f"| {metric_label(metric)} | {values} |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
+def storage_vs_quality(
+    embedded: dict[str, tuple[torch.Tensor, torch.Tensor]], ir_sets: Sequence[IRSet], dims: Sequence[int],
+    precisions: Sequence[str], *, rescore: int | None = None, int8_quantile: float = 0.0,
+    indexes: Sequence[str] = (), float_results: dict | None = None,
+) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """{level: {dim: {IR set name: {metric: value}}}} for the model card's storage-vs-quality table and
+    `evaluate.py --precision/--index`: each precision (and the rescored rows) by bertino/quantization.py's exact
+    search, then each FAISS index by bertino/vector_indexes.py (its figures beside the metrics)."""
+    from .quantization import evaluate_precisions
+    from .vector_indexes import evaluate_indexes
 
-
-def relative_change(value: float, reference: float) -> float | None:
-    """100 · (value − reference) / reference: the card's "+0.48%"; None where it is undefined (0 or NaN)."""
-    if reference == 0 or math.isnan(reference) or math.isnan(value):
-        return None
-    return 100.0 * (value - reference) / reference
-
-
-def relative_changes(per_model: dict) -> dict:
-    """{model: {dim: {set: {metric: percent}}}} for every model but the first, against the first, dim by dim."""
-    first = next(iter(per_model.values()))
-    return {model: {d: {name: {m: relative_change(v, first[d][name][m]) for m, v in metrics.items()
-                               if d in first and m in first[d].get(name, {})}
-                        for name, metrics in sets.items()} for d, sets in results.items()}
-            for model, results in list(per_model.items())[1:]}
-
-
-def comparison_table(per_model: dict, changes: dict) -> str:
-    """Markdown, per set: one row per metric; columns (model, dim), dims first as in the card's comparison."""
-    models = list(per_model)
-    dims = [d for d in per_model[models[0]] if all(d in r for r in per_model.values())]
-    columns = [(m, d) for d in dims for m in models]
-    blocks = []
-    for name, metrics in per_model[models[0]][dims[0]].items():
-        lines = [f"### {name}", "", "| metric | " + " | ".join(f"{m} ({d}d)" for m, d in columns) + " |",
-                 "|---" + "|---:" * len(columns) + "|"]
-        for metric in metrics:
-            cells = []
-            for m, d in columns:
-                value = per_model[m][d].get(name, {}).get(metric)
-                cell = "–" if value is None or math.isnan(value) else f"{value:.4f}"
-                change = changes.get(m, {}).get(d, {}).get(name, {}).get(metric)
-                cells.append(cell + (f" ({change:+.2f}%)" if change is not None else ""))
-            lines.append(f"| {metric_label(metric)} | " + " | ".join(cells) + " |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
-
-
-def metric_label(metric: str) -> str:
-    """"map@100" → "MAP@100", "spearman_cosine" → "Spearman Cosine" (unknown names pass through)."""
-    name, at, k = metric.partition("@")
-    return METRIC_LABELS.get(name, name) + at + k
-
-
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.4f}"
+    by_level = evaluate_precisions(embedded, ir_sets, dims, precisions, rescore, float_results=float_results,
+                                   int8_quantile=int8_quantile)
+    by_level.update(evaluate_indexes(embedded, ir_sets, dims, indexes))
+    return by_level

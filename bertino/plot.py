@@ -7,7 +7,10 @@ unweighted loss at each Matryoshka dim of every task that logs them, the learnin
 each chosen metric (default: ndcg@10 for retrieval sets, spearman_cosine for STS sets) with one line per dim.
 `curve_series` builds the series from the records (no drawing, so they can be checked against metrics.jsonl);
 `figure` draws them, `draw` writes the image (PNG; `--output` in the format its suffix names: .pdf, .svg, ...).
-The run's model folders (final/, best/) get a copy of the image and a link to it in their model card. matplotlib is an optional extra (`pip install 'bertino[plots]'`), imported only here.
+The run's model folders (final/, best/) get a copy of the image and a link to it in their model card, and — where
+they hold storage-vs-quality results (eval_results_by_precision.json) — a plot of NDCG@10 against bytes per vector,
+one line per dim (`storage_series`, `draw_storage`; also `evaluate.py --plot`), linked under the card's "Storage vs
+quality" table. matplotlib is an optional extra (`pip install 'bertino[plots]'`), imported only here.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .eval_tables import metric_label
 from .plumbing.cli import ArgumentParser, run_cli
-from .plumbing.files import atomic_write
-from .plumbing.model_card import with_curves
+from .plumbing.files import atomic_write, read_json
+from .plumbing.model_card import with_curves, with_storage_plot
+from .plumbing.run_folder import PRECISION_RESULTS
 
 DEFAULT_METRICS = ("ndcg@10", "spearman_cosine")
+STORAGE_PLOT = "storage_vs_quality.png"  # in final/ and best/: NDCG@10 against bytes per vector
 INSTALL = "pip install 'bertino[plots]' (or pip install matplotlib)"
 
 Series = dict[str, dict[str, tuple[list[int], list[float]]]]  # panel title → line label → (steps, values)
@@ -98,8 +104,12 @@ def image_format(path: Path) -> str:
 def draw(series: Series, path: Path, title: str) -> None:
     """`figure(series)` written to `path` (atomically), in the format its suffix names (`curves.png`: PNG)."""
     plt = require_matplotlib()
+    _save_image(plt, figure(series, title), path)
+
+
+def _save_image(plt, fig, path: Path) -> None:
+    """`fig` written to `path` atomically, in the format its suffix names."""
     fmt = image_format(path)
-    fig = figure(series, title)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         fig.savefig(tmp, format=fmt, dpi=100)
@@ -136,6 +146,60 @@ def figure(series: Series, title: str):
     return fig
 
 
+# ================================================================================================ storage vs quality
+def storage_series(by_level: dict, metric: str = "ndcg@10") -> dict[str, dict[str, list[tuple[float, float, str]]]]:
+    """{IR set: {"384d": [(bytes per vector, metric, level), ...] by bytes}} from storage-vs-quality results
+    ({level: {dim: {set: metrics}}}, as `evaluate.py --precision/--index --json` and a model folder's
+    eval_results_by_precision.json hold them): one line per dim, a point per precision or index."""
+    from .eval_tables import stored_bytes
+
+    out: dict[str, dict[str, list[tuple[float, float, str]]]] = {}
+    for level, by_dim in by_level.items():
+        for d, sets in by_dim.items():
+            for name, values in sets.items():
+                if values.get(metric) is not None and "map@100" in values:  # retrieval sets only
+                    point = (float(stored_bytes(level, int(d), values)), float(values[metric]), level)
+                    out.setdefault(name, {}).setdefault(f"{int(d)}d", []).append(point)
+    for lines in out.values():
+        for points in lines.values():
+            points.sort()
+    return out
+
+
+def draw_storage(by_level: dict, path: Path, title: str, metric: str = "ndcg@10") -> None:
+    """NDCG@10 against bytes per vector (log scale): one panel per IR set, one line (colour) per dim through its
+    precisions and indexes by size, a marker shape per precision or index; written as a PNG to `path`."""
+    plt = require_matplotlib()
+    from matplotlib.lines import Line2D
+
+    series = storage_series(by_level, metric)
+    if not series:
+        raise DataError(f"{title}: no retrieval results to draw")
+    shapes = "os^vD<>pP*Xh"
+    levels = list(dict.fromkeys(level for lines in series.values() for points in lines.values()
+                                for _, _, level in points))
+    marker = {level: shapes[i % len(shapes)] for i, level in enumerate(levels)}
+    fig, axes = plt.subplots(1, len(series), figsize=(8 * len(series), 5.5), squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, series.items()):
+        for label, points in lines.items():
+            xs, ys, _ = zip(*points)
+            (line,) = ax.plot(xs, ys, linewidth=1.2, label=label)
+            for x, y, level in points:
+                ax.plot([x], [y], marker=marker[level], color=line.get_color(), markersize=6, fillstyle="none")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bytes per vector")
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(name)
+        dims_legend = ax.legend(fontsize="small", title="dim", loc="lower right")
+        ax.add_artist(dims_legend)
+        ax.legend(handles=[Line2D([], [], color="gray", marker=marker[lv], linestyle="", fillstyle="none", label=lv)
+                           for lv in levels], fontsize="x-small", title="precision / index", loc="upper left")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_image(plt, fig, path)
+
+
 def require_matplotlib():
     """matplotlib.pyplot on the file-only Agg backend, or one clear error naming the extra to install."""
     try:
@@ -149,14 +213,20 @@ def require_matplotlib():
 
 
 def link_in_model_folders(run_dir: Path, image: Path) -> list[Path]:
-    """Copy the image into the run's final/ and best/ and link it from their model cards; the folders updated."""
+    """Copy the image into the run's final/ and best/ and link it from their model cards; and where a folder holds
+    storage-vs-quality results, draw their plot (STORAGE_PLOT) into it and link it too. The folders updated."""
     updated = []
     for folder in (run_dir / "final", run_dir / "best"):
         card = folder / "README.md"
         if card.is_file():
             shutil.copyfile(image, folder / "curves.png")
-            text = card.read_text(encoding="utf-8")
-            atomic_write(card, with_curves(text, "curves.png"))
+            text = with_curves(card.read_text(encoding="utf-8"), "curves.png")
+            by_level = folder / PRECISION_RESULTS
+            if by_level.is_file() and storage_series(read_json(by_level, DataError)):
+                draw_storage(read_json(by_level, DataError), folder / STORAGE_PLOT,
+                             title=f"{folder}: storage vs quality")
+                text = with_storage_plot(text, STORAGE_PLOT)
+            atomic_write(card, text)
             updated.append(folder)
     return updated
 

@@ -1,5 +1,5 @@
-"""Quantized retrieval: int8 and binary embeddings stored and scored as a vector database does, with the IR metrics
-of bertino/evaluation.py (the same exact top k, the same tie rule, the same chunking).
+"""Quantized retrieval: int8 and binary embeddings stored and scored as a vector index does, with the IR metrics
+of bertino/metrics.py (the same exact top k, the same tie rule, the same chunking).
 
 Shapes: Q queries, N corpus texts, d the evaluated (truncated) dim, B = ceil(d / 8) bytes of packed sign bits,
 R query chunk, C corpus chunk, c a slice of MATMUL_ROWS corpus rows, K the rescoring depth, M candidates.
@@ -7,48 +7,62 @@ R query chunk, C corpus chunk, c a slice of MATMUL_ROWS corpus rows, K the resco
 Every vector is first cut to its first d coordinates and L2-normalised (what cosine does): x ∈ R^d, |x| = 1.
 The precision levels, each with what one stored vector costs:
 
-    float32   cos(q, c), bertino.evaluation.ir_metrics unchanged                                       4·d bytes
-    int8      calibration: per dimension i the corpus' range lo_i = min_n x_ni, hi_i = max_n x_ni (the min/max
-              statistic of sentence-transformers' quantize_embeddings, over the N corpus vectors of the set), cut
-              into 255 steps of step_i = (hi_i − lo_i) / 255 (1 where hi_i = lo_i). Queries and documents alike:
+    float32   cos(q, c), bertino.metrics.ir_metrics unchanged                                          4·d bytes
+    int8      calibration on the corpus: per dimension i a range [lo_i, hi_i] — by default the minimum and
+              maximum of x_ni over the N corpus vectors of the set (the min/max statistic of FAISS's
+              ScalarQuantizer RS_minmax and of sentence-transformers' quantize_embeddings); with `quantile=p`
+              the p and 1 − p quantiles instead (FAISS's RS_quantiles: a few outliers no longer stretch the
+              range, values beyond it are clipped) — cut into 255 steps of step_i = (hi_i − lo_i) / 255
+              (1 where hi_i = lo_i). A document is stored as
                   code_i = clip(round((x_i − lo_i) / step_i), 0, 255) − 128     ∈ {−128, …, 127}
-              (round half to even; a query outside the corpus' range is clipped). The score is the integer dot
-              product of the codes, s(q, c) = Σ_i qcode_i · ccode_i, as an int8 index computes it: no float
-              vector is used.                                                                         d bytes
+              (round half to even) and decoded as x̂_i = lo_i + (code_i + 128) · step_i, within step_i / 2 of
+              x_i inside the range. The score is the float query against the decoded document,
+                  s(q, c) = Σ_i q_i · x̂_i(c)
+              — asymmetric, as FAISS's IndexScalarQuantizer (SQ8) and Qdrant's scalar quantization score:
+              the query is never quantized. (FAISS's own codes floor into 255 bins and decode to the bin's
+              middle; its `sq8` index is evaluated by bertino/vector_indexes.py.)                          d bytes
     binary    sign bits b_i = [x_i > 0], 8 to a byte. The score is the Hamming distance
                   H(q, c) = popcount(bits(q) XOR bits(c))               (smaller is better)
               computed as a matrix product of the ±1 vectors, s(q, c) = Σ_i (2b_i(q) − 1)(2b_i(c) − 1)
-              = d − 2·H(q, c) (larger is better: the same order).                                                     B bytes
+              = d − 2·H(q, c) (larger is better: the same order).                                        B bytes
     binary+rescore-bits   the top K by Hamming, re-ranked by the float query against the documents' bits
               decoded to ±1: s = q · (2b(c) − 1). (sentence-transformers' rescoring decodes to 0/1 instead; the
               order is the same, q · b = (q · (2b − 1) + Σ_i q_i) / 2 and Σ_i q_i is the query's own constant.)
                                                                                                       B bytes
-    binary+rescore-int8   the same top K re-ranked by the float query against the dequantized int8 documents,
-              s = q · x̂,  x̂_i = lo_i + (code_i + 128) · step_i                                       B + d bytes
+    binary+rescore-int8   the same top K re-ranked by the int8 score above, s = q · x̂(c)          B + d bytes
+
+Why the int8 score is the float query against decoded documents: the dot product of two offset codes,
+Σ_i qcode_i · ccode_i, is about Σ_i (q_i − m_i)(x_i − m_i) / step_i² with m_i the middle of dimension i's range
+— every dimension shifted and weighted by 1 / step_i², not the cosine — and no vector index scores that way
+(FAISS SQ8 decodes, Qdrant corrects the product for the offset, USearch's i8 codes are symmetric, without one).
 
 Ranks after the K rescored ones keep their Hamming order, so every cut-off is defined (K ≥ 10 rescores all of
-NDCG@10). Ties are broken by corpus id, smaller first, as in the float path: the int8 and binary scores are
-integers (computed exactly, whatever the summation order: `exact_dtype`), and the rescored scores are float64
-sums rounded to float32, so no result depends on the chunk size. Storage relative to the full float32 vector: bytes / (4·D).
-The stored codes (N·d bytes of int8 and N·B of bits, what the index itself holds) are the only memory that grows
-with N; scores are computed in the (R, C) blocks of bertino/evaluation.py.
+NDCG@10); a depth K ≥ N rescores the whole corpus. Ties are broken by corpus id, smaller first, as in the float
+path: the binary scores are integers (computed exactly, whatever the summation order: `exact_dtype`), and the
+int8 and rescored scores are float64 sums rounded to float32, so no result depends on the chunk size. Storage
+relative to the full float32 vector: bytes / (4·D). The stored codes (N·d bytes of int8 and N·B of bits, what the
+index itself holds) are the only memory that grows with N; scores are computed in the (R, C) blocks of
+bertino/metrics.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
-from .evaluation import (IR_METRICS, MATMUL_ROWS, IRSet, check_ir_embeddings, ir_metrics,
-                         metric_label, ranking_metrics, sort_by_score_then_id, top_k)
+from .eval_names import PRECISIONS, RESCORED, bytes_per_vector, check_precisions  # noqa: F401 (importable here)
+from .eval_tables import format_precision_table  # noqa: F401 (moved to eval_tables.py; importable here as before)
+from .metrics import MATMUL_ROWS, check_ir_embeddings, ir_metrics, ranking_metrics, sort_by_score_then_id, top_k
 
-PRECISIONS = ("float32", "int8", "binary")  # `evaluate.py --precision`, `eval.precision`
-RESCORED = ("binary+rescore-bits", "binary+rescore-int8")  # added after "binary" by `--rescore K` / eval.rescore
+if TYPE_CHECKING:
+    from .eval_sets import IRSet
+
 RESCORE_BLOCK_ELEMENTS = 1 << 20  # r·K·d per rescoring slice: each float64 temporary 8 MB
+QUANTILE_BLOCK_ELEMENTS = 1 << 23  # N·b per block of b dimensions sorted for the quantiles: 64 MB of float64
 
 
 def result_levels(precisions: Sequence[str], rescore: int | None) -> list[str]:
@@ -60,29 +74,6 @@ def result_levels(precisions: Sequence[str], rescore: int | None) -> list[str]:
     return out
 
 
-def check_precisions(precisions: Sequence[str], rescore: int | None, key: str = "--precision") -> None:
-    """Names from PRECISIONS, each once; a rescore depth K ≥ 1 only together with "binary"."""
-    precisions = list(precisions)
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if not precisions or unknown or len(set(precisions)) != len(precisions):
-        raise ConfigError(f"{key}: expected distinct names from {', '.join(PRECISIONS)}, found "
-                          f"{','.join(precisions) or 'nothing'}")
-    if rescore is not None:
-        where = "--rescore" if key == "--precision" else "eval.rescore"
-        if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 1:
-            raise ConfigError(f"{where}: expected a number of candidates >= 1, found {rescore!r}")
-        if "binary" not in precisions:
-            raise ConfigError(f"{where} {rescore}: rescoring re-ranks the binary search's candidates; add binary "
-                              f"to {key} (found {','.join(precisions)})")
-
-
-def bytes_per_vector(level: str, d: int) -> int:
-    """What one stored vector of `d` dims costs at `level` (for rescore-int8: the bits and the int8 codes)."""
-    bits = math.ceil(d / 8)
-    return {"float32": 4 * d, "int8": d, "binary": bits, "binary+rescore-bits": bits,
-            "binary+rescore-int8": bits + d}[level]
-
-
 # ================================================================================================ the codes
 def unit(x: torch.Tensor) -> torch.Tensor:
     """x (n, d) → float64 rows of length 1 (a zero row stays zero, as in F.normalize)."""
@@ -90,20 +81,42 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Calibration(NamedTuple):
-    lo: torch.Tensor  # (d,) float64: the corpus' minimum per dimension
-    step: torch.Tensor  # (d,) float64: (max − min) / 255 per dimension (1 where max = min)
+    lo: torch.Tensor  # (d,) float64: the bottom of each dimension's range
+    step: torch.Tensor  # (d,) float64: (hi − lo) / 255 per dimension (1 where hi = lo)
 
 
-def calibrate_int8(corpus: torch.Tensor) -> Int8Calibration:
-    """Per-dimension min and max of the unit corpus vectors (N, d), MATMUL_ROWS rows at a time (min/max are exact,
-    so the chunking does not matter)."""
-    lo = torch.full((corpus.shape[1],), math.inf, dtype=torch.float64)  # (d,)
-    hi = torch.full((corpus.shape[1],), -math.inf, dtype=torch.float64)  # (d,)
-    for s in range(0, corpus.shape[0], MATMUL_ROWS):
-        x = unit(corpus[s : s + MATMUL_ROWS])  # (c, d)
-        lo, hi = torch.minimum(lo, x.amin(dim=0)), torch.maximum(hi, x.amax(dim=0))
+def calibrate_int8(corpus: torch.Tensor, quantile: float = 0.0) -> Int8Calibration:
+    """Each dimension's range over the unit corpus vectors (N, d): [min, max] (quantile 0), else the `quantile` and
+    1 − `quantile` quantiles (linear interpolation between order statistics, as numpy.quantile). Min/max go
+    MATMUL_ROWS rows at a time (exact, so the chunking does not matter); quantiles sort a block of dimensions at
+    a time, QUANTILE_BLOCK_ELEMENTS values of it."""
+    if not 0.0 <= quantile < 0.5:
+        raise ConfigError(f"int8 calibration: the quantile must be in [0, 0.5), found {quantile}")
+    n, d = corpus.shape
+    if quantile == 0.0:
+        lo = torch.full((d,), math.inf, dtype=torch.float64)  # (d,)
+        hi = torch.full((d,), -math.inf, dtype=torch.float64)  # (d,)
+        for s in range(0, n, MATMUL_ROWS):
+            x = unit(corpus[s : s + MATMUL_ROWS])  # (c, d)
+            lo, hi = torch.minimum(lo, x.amin(dim=0)), torch.maximum(hi, x.amax(dim=0))
+    else:
+        norms = torch.cat([torch.linalg.vector_norm(corpus[s : s + MATMUL_ROWS].double(), dim=1)
+                           for s in range(0, n, MATMUL_ROWS)]).clamp_min(1e-12)  # (N,) as F.normalize's eps
+        lo, hi = torch.empty(d, dtype=torch.float64), torch.empty(d, dtype=torch.float64)
+        width = max(1, QUANTILE_BLOCK_ELEMENTS // n)  # dimensions per block
+        for j in range(0, d, width):
+            column = (corpus[:, j : j + width].double() / norms.unsqueeze(1)).sort(dim=0).values  # (N, b) sorted
+            lo[j : j + width], hi[j : j + width] = _interpolate(column, quantile), _interpolate(column, 1 - quantile)
     step = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(lo))  # (d,)
     return Int8Calibration(lo, step)
+
+
+def _interpolate(sorted_columns: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-quantile of each column of sorted values (N, b): v[⌊t⌋] + (t − ⌊t⌋)(v[⌊t⌋+1] − v[⌊t⌋]), t = p(N − 1)."""
+    t = p * (sorted_columns.shape[0] - 1)
+    below = math.floor(t)
+    above = min(below + 1, sorted_columns.shape[0] - 1)
+    return sorted_columns[below] + (t - below) * (sorted_columns[above] - sorted_columns[below])  # (b,)
 
 
 def int8_codes(x: torch.Tensor, cal: Int8Calibration) -> torch.Tensor:
@@ -144,20 +157,20 @@ def signs(packed: torch.Tensor, d: int) -> torch.Tensor:
 
 # ================================================================================================ search
 class QuantizedIndex:
-    """One eval set at one dim d, stored as a vector database would: the float queries for rescoring, the int8
-    codes (calibrated on this corpus) and the packed sign bits. `top_ids(level)` is the exact ranking
-    `evaluation.ranking_metrics` scores."""
+    """One eval set at one dim d, stored as a vector index would: the float queries (int8 is scored, and binary
+    rescored, against them), the int8 codes (calibrated on this corpus) and the packed sign bits.
+    `top_ids(level)` is the exact ranking `metrics.ranking_metrics` scores."""
 
     def __init__(self, queries: torch.Tensor, corpus: torch.Tensor, *, chunk_size: int = 50_000,
-                 rescore: int | None = None):
+                 rescore: int | None = None, int8_quantile: float = 0.0):
         check_ir_embeddings(queries, corpus)
         if not (_all_finite(queries) and _all_finite(corpus)):
             raise DataError("quantized search: the query or corpus embeddings hold NaN/inf")
         self.d, self.n_corpus, self.chunk_size = corpus.shape[1], corpus.shape[0], chunk_size
-        self.rescore = None if rescore is None else min(rescore, self.n_corpus)
-        self.query_unit = unit(queries)  # (Q, d) the float query of the rescoring
-        self.cal = calibrate_int8(corpus)
-        self.query_int8, self.corpus_int8 = int8_codes(queries, self.cal), int8_codes(corpus, self.cal)  # (Q|N, d)
+        self.rescore = None if rescore is None else min(rescore, self.n_corpus)  # K ≥ N: the whole corpus
+        self.query_unit = unit(queries)  # (Q, d) the float query of int8 and of the rescoring
+        self.cal = calibrate_int8(corpus, int8_quantile)
+        self.corpus_int8 = int8_codes(corpus, self.cal)  # (N, d)
         self.query_bits, self.corpus_bits = binary_codes(queries), binary_codes(corpus)  # (Q|N, B)
         self._candidates: dict[tuple[int, int], torch.Tensor] = {}  # (q0, q1) → binary top M ids (R, M)
 
@@ -175,11 +188,11 @@ class QuantizedIndex:
         return top_k(scores_of, n_queries, self.n_corpus, k, self.chunk_size)[1]
 
     def _int8_scores(self, q0: int, q1: int):
-        dtype = exact_dtype(self.d, 128 * 128)
-        q = self.query_int8[q0:q1].to(dtype)  # (R, d) integers: every product and sum below is exact
+        q = self.query_unit[q0:q1]  # (R, d) float64
 
-        def scores_of(c0: int, c1: int) -> torch.Tensor:  # Σ_i qcode_i · ccode_i, (R, C)
-            return _blockwise(q, self.corpus_int8, c0, c1, lambda codes: codes.to(dtype))
+        def scores_of(c0: int, c1: int) -> torch.Tensor:  # Σ_i q_i · x̂_i, (R, C) float64 sums → float32
+            return _blockwise(q, self.corpus_int8, c0, c1, lambda codes: dequantize_int8(codes, self.cal),
+                              out_dtype=torch.float32)
 
         return scores_of
 
@@ -228,9 +241,11 @@ def exact_dtype(d: int, largest_product: int) -> torch.dtype:
     return torch.float32 if d * largest_product <= 2**24 else torch.float64
 
 
-def _blockwise(q: torch.Tensor, stored: torch.Tensor, c0: int, c1: int, decode) -> torch.Tensor:
-    """q (R, d) · decode(stored rows)ᵀ for corpus rows c0..c1−1, MATMUL_ROWS at a time → (R, C), q's dtype."""
-    scores = torch.empty(q.shape[0], c1 - c0, dtype=q.dtype)  # (R, C)
+def _blockwise(q: torch.Tensor, stored: torch.Tensor, c0: int, c1: int, decode,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q (R, d) · decode(stored rows)ᵀ for corpus rows c0..c1−1, MATMUL_ROWS at a time → (R, C) in `out_dtype`
+    (default q's dtype; a float64 product is rounded to float32 on assignment)."""
+    scores = torch.empty(q.shape[0], c1 - c0, dtype=out_dtype or q.dtype)  # (R, C)
     for s in range(c0, c1, MATMUL_ROWS):
         e = min(s + MATMUL_ROWS, c1)
         scores[:, s - c0 : e - c0] = q @ decode(stored[s:e]).T  # (R, c)
@@ -239,10 +254,10 @@ def _blockwise(q: torch.Tensor, stored: torch.Tensor, c0: int, c1: int, decode) 
 
 def quantized_ir_metrics(
     query_emb: torch.Tensor, corpus_emb: torch.Tensor, relevant: Sequence[set[int]], levels: Sequence[str], *,
-    rescore: int | None = None, chunk_size: int = 50_000, **cutoffs: Sequence[int],
+    rescore: int | None = None, chunk_size: int = 50_000, int8_quantile: float = 0.0, **cutoffs: Sequence[int],
 ) -> dict[str, dict[str, float]]:
     """{level: the IR metrics} of query_emb (Q, d) against corpus_emb (N, d) at each level of `levels`
-    (float32: `ir_metrics` itself). `cutoffs` as in `evaluation.ranking_metrics`."""
+    (float32: `ir_metrics` itself). `cutoffs` as in `metrics.ranking_metrics`."""
     query_emb, corpus_emb = torch.as_tensor(query_emb), torch.as_tensor(corpus_emb)
     if any(level in RESCORED for level in levels) and rescore is None:
         raise ConfigError(f"levels {list(levels)}: rescoring needs a depth (rescore=K)")
@@ -253,7 +268,8 @@ def quantized_ir_metrics(
             out[level] = ir_metrics(query_emb, corpus_emb, relevant, chunk_size=chunk_size, **cutoffs)
             continue
         if index is None:  # built once, shared by the quantized levels
-            index = QuantizedIndex(query_emb, corpus_emb, chunk_size=chunk_size, rescore=rescore)
+            index = QuantizedIndex(query_emb, corpus_emb, chunk_size=chunk_size, rescore=rescore,
+                                   int8_quantile=int8_quantile)
         out[level] = ranking_metrics(index.top_ids(level), query_emb.shape[0], corpus_emb.shape[0], relevant,
                                      chunk_size=chunk_size, **cutoffs)
     return out
@@ -262,6 +278,7 @@ def quantized_ir_metrics(
 def evaluate_precisions(
     embedded: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ir_sets: Sequence[IRSet], dims: Sequence[int],
     precisions: Sequence[str], rescore: int | None = None, float_results: Mapping | None = None,
+    int8_quantile: float = 0.0,
 ) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
     """{level: {dim: {IR set name: {metric: value}}}} from `evaluation.embed_sets`' embeddings ({} without IR
     sets); float32 is taken from `float_results` ({dim: {set: metrics}}, as `score_sets` returns) when given."""
@@ -274,46 +291,8 @@ def evaluate_precisions(
         for d in dims:
             todo = [lv for lv in wanted if not (lv == "float32" and float_results is not None)]
             for level, metrics in quantized_ir_metrics(queries[:, :d], corpus[:, :d], s.relevant, todo,
-                                                       rescore=rescore).items():
+                                                       rescore=rescore, int8_quantile=int8_quantile).items():
                 out[level][d][s.name] = metrics
             if "float32" in wanted and float_results is not None:
                 out["float32"][d][s.name] = dict(float_results[d][s.name])
     return out
-
-
-# ================================================================================================ tables
-def format_precision_table(results: Mapping[str, Mapping], full_dim: int, metrics: Sequence[str] = IR_METRICS,
-                           rescore: int | None = None) -> str:
-    """Markdown, per IR set: one row per (dim, level) with bytes/vector and the storage relative to the full
-    float32 vector (4·full_dim bytes), one column per metric, 4 decimals."""
-    levels = list(results)
-    dims = [int(d) for d in results[levels[0]]] if levels else []
-    names = list(dict.fromkeys(name for lv in levels for sets in results[lv].values() for name in sets))
-    blocks = []
-    for name in names:
-        lines = [f"### {name}: storage vs quality", "",
-                 "| dim | precision | bytes/vector | storage | " + " | ".join(map(metric_label, metrics)) + " |",
-                 "|---:|---|---:|---:|" + "---:|" * len(metrics)]
-        for d in dims:
-            for level in levels:
-                values = _lookup(results, level, d).get(name)
-                if values is None:
-                    continue
-                size = bytes_per_vector(level, d)
-                cells = " | ".join(_fmt(values.get(m)) for m in metrics)
-                lines.append(f"| {d} | {level} | {size} | {size / (4 * full_dim):.1%} | {cells} |")
-        blocks.append("\n".join(lines))
-    note = (f"storage: bytes/vector over the full {full_dim}-dim float32 vector's {4 * full_dim} bytes; "
-            "int8: per-dimension min/max of the corpus; binary: sign bits, Hamming distance"
-            + (f"; +rescore: its top {rescore} re-ranked by the float query (bits: against the ±1 bits, "
-               f"int8: against the dequantized int8 codes, which are stored too)" if rescore else "") + ".")
-    return "\n\n".join(blocks) + f"\n\n{note}\n" if blocks else ""
-
-
-def _lookup(results: Mapping, level: str, d: int) -> Mapping:
-    sets = results[level]
-    return sets.get(d, sets.get(str(d), {}))  # int dims, or the strings of a --json file
-
-
-def _fmt(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

@@ -154,6 +154,8 @@ def test_wrong_type_messages(override, fragments):
     ("train.lr_scheduler_type=step", "'cosine', 'linear', 'constant'"),
     ("train.batch_sampler=random", "'no_duplicates', 'batch_sampler'"),
     ("train.multi_dataset_batch_sampler=mix", "'proportional', 'round_robin'"),
+    ('eval.index=["ivf-pq"]', "'flat', 'sq8', 'binary-flat', 'hnsw', 'hnsw-sq8'"),
+    ('eval.precision=["int4"]', "'float32', 'int8', 'binary'"),
 ])
 def test_unknown_names_list_the_valid_ones(override, valid):
     msg = error_of(override)
@@ -240,6 +242,10 @@ def test_accepted_types():
     (["eval.dims=[128,128]"], "eval.dims"),
     (["eval.dims=[]"], "eval.dims"),
     (["eval.batch_size=0"], "eval.batch_size"),
+    (['eval.index=["hnsw","hnsw"]'], "eval.index: expected distinct names from flat, sq8, binary-flat, hnsw"),
+    (["eval.int8_quantile=0.5"], "eval.int8_quantile: expected in [0, 0.5) (0: min/max; p: the p and 1 − p"),
+    (["eval.int8_quantile=-0.01"], "eval.int8_quantile: expected in [0, 0.5)"),
+    (["eval.rescore=10", 'eval.precision=["int8"]'], "eval.rescore 10: rescoring re-ranks the binary search's"),
     (["model.max_seq_length=0"], "model.max_seq_length"),
     (['tasks.a.b.dataset=x', 'tasks.a.b.columns=["q","p"]', 'tasks.a.b.loss=mnrl'], "unknown key"),
 ])
@@ -282,6 +288,9 @@ def test_valid_edge_values():
     assert cfg.train.mini_batch_size == cfg.train.per_device_train_batch_size
     assert build("train.warmup_ratio=1").train.warmup_ratio == 1.0
     assert build("train.mini_batch_size=1").train.mini_batch_size == 1
+    cfg = build('eval.index=["sq8","hnsw"]', "eval.int8_quantile=0.001")
+    assert cfg.eval.index == ("sq8", "hnsw") and cfg.eval.int8_quantile == 0.001
+    assert build().eval.index == () and build().eval.int8_quantile == 0.0  # the defaults: no index, min/max
 
 
 @pytest.mark.parametrize("overrides, batch, mini", [

@@ -171,7 +171,8 @@ def test_the_contract_lists_the_schema_s_config_keys():
 
 
 STUDENT_MODULES = ["model", "encoder", "batching", "losses", "matryoshka", "objectives", "grad_cache", "keyed_dropout",
-                   "step", "sampler", "optim", "distributed", "evaluation", "quantization", "hard_negatives", "errors"]
+                   "step", "sampler", "optim", "distributed", "metrics", "evaluation", "eval_names", "eval_sets",
+                   "eval_tables", "quantization", "vector_indexes", "hard_negatives", "errors"]
 # Every other module of bertino/ says here why it may lean on the speed-ups or the plumbing: no silent exemption.
 MEETING_POINTS = {
     "__init__": "the package's public names",
@@ -212,3 +213,85 @@ def test_a_long_module_says_why_at_its_top():
         if text.count("\n") > 400 and "Why this file is long" not in doc:
             long.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
     assert not long, long
+
+
+# ================================================================================================ import cycles
+def bertino_imports() -> dict[str, set[str]]:
+    """{module: the bertino modules it imports}, for every module of bertino/, from its source: every import
+    statement anywhere in the file (function-local ones too: they run, only later), relative ones resolved against
+    the importing module's package. `from PACKAGE import NAME` counts as importing PACKAGE.NAME when that is a
+    module. Parent packages' __init__ files are not counted (Python runs them first, but they import nothing that
+    imports back: the test below would not hold otherwise)."""
+    files = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in sorted((ROOT / "bertino").rglob("*.py"))}
+    names = {name.removesuffix(".__init__") for name in files.values()}
+    graph: dict[str, set[str]] = {}
+    for path, name in files.items():
+        module = name.removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in names else base
+                           for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in names:  # `import bertino.x.y` where y is an attribute
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    found.add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each as a list: every cycle lies in
+    one of them."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_inside_bertino():
+    """No module of bertino/ imports, directly or through others, a module that imports it back — counting imports
+    inside functions too (a cycle hidden in a function still ties the two modules together)."""
+    graph = bertino_imports()
+    assert graph["bertino.plumbing.config"] >= {"bertino.eval_names", "bertino.losses"}  # the parser sees them
+    assert "bertino.plumbing.eval_data" in graph["bertino.evaluation"]
+    assert not import_cycles(graph), import_cycles(graph)
+
+
+def test_the_cycle_finder_finds_function_local_and_relative_cycles():
+    graph = {"bertino.a": {"bertino.b"}, "bertino.b": {"bertino.plumbing.c"}, "bertino.plumbing.c": {"bertino.a"},
+             "bertino.d": {"bertino.a"}}
+    assert import_cycles(graph) == [["bertino.a", "bertino.b", "bertino.plumbing.c"]]
+    assert import_cycles({"bertino.a": {"bertino.b"}, "bertino.b": set()}) == []

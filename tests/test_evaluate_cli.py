@@ -107,6 +107,14 @@ def test_bad_input_is_one_line_and_exit_2_without_traceback(tiny_model_dir, eval
     (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "int8", "--rescore", "5"], "add binary to --precision"),
     (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "binary", "--rescore", "0"],
      "--rescore: expected a number of candidates >= 1, found 0"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--index", "flat,ivf-pq"],
+     "--index: expected distinct names from flat, sq8, binary-flat, hnsw, hnsw-sq8, found flat,ivf-pq"),
+    (lambda m, f: ["--model", m, "--model", m, "--ir", f["ir"], "--index", "flat"], "--index evaluates one model"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--precision", "int8", "--int8-quantile", "0.5"],
+     "--int8-quantile must be in [0, 0.5), got 0.5"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--plot", "x.png"], "--plot draws the storage-vs-quality"),
+    (lambda m, f: ["--model", m, "--ir", f["ir"], "--index", "flat", "--plot", "/no/such/dir/x.png"],
+     "does not exist"),
 ])
 def test_each_user_error_is_one_line(tiny_model_dir, eval_files, capsys, make_args, message):
     files = {k: str(v) for k, v in eval_files.items()}
@@ -148,6 +156,39 @@ def test_precision_tables_and_json(tiny_model_dir, eval_files, tmp_path, capsys)
     assert rows[("| 32", "float32")] == f"| 32 | float32 | 128 | 100.0% | {float_row} |"
     assert "### sts_dev\n\n| metric | 32d | 16d |" in out and out.split("### sts_dev")[1] == \
         plain_out.split("### sts_dev")[1]
+
+
+def test_index_tables_json_and_plot(tiny_model_dir, eval_files, tmp_path, capsys):
+    """--index: the FAISS indexes join the storage table at their own bytes per vector, a second table gives what
+    each costs and finds, each is one more level of the JSON file; flat's metrics are the float32 rows exactly, and
+    --plot draws NDCG@10 against bytes per vector."""
+    pytest.importorskip("faiss", reason="the faiss extra is not installed")
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed")
+    out, png = tmp_path / "levels.json", tmp_path / "storage.png"
+    assert CLI.run(["--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]), "--sts", str(eval_files["sts"]),
+                    "--dims", "32,16", "--precision", "float32,int8", "--index", "flat,sq8,hnsw",
+                    "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    levels = json.loads(out.read_text())
+    assert list(levels) == ["float32", "int8", "flat", "sq8", "hnsw"]
+    for d in ("32", "16"):
+        flat = levels["flat"][d]["dev_ir"]
+        assert {m: flat[m] for m in IR_METRICS} == levels["float32"][d]["dev_ir"]
+        assert flat["recall_vs_exact@10"] == 1.0 and flat["bytes_per_vector"] == 4 * int(d)
+        assert levels["sq8"][d]["dev_ir"]["bytes_per_vector"] == int(d)
+        assert levels["hnsw"][d]["dev_ir"]["bytes_per_vector"] > 4 * int(d)  # the graph
+        assert set(levels["hnsw"][d]["dev_ir"]) == set(IR_METRICS) | {"recall_vs_exact@10", "bytes_per_vector",
+                                                                      "build_seconds", "query_ms", "query_ms_batched"}
+    assert "sts_dev" in levels["float32"]["32"] and "sts_dev" not in levels["flat"]["32"]
+    assert "| 32 | sq8 | 32 | 25.0% |" in printed and "| 16 | flat | 64 | 50.0% |" in printed
+    assert "### dev_ir: vector indexes (FAISS)\n\n| dim | index | bytes/vector | build s |" in printed
+    hnsw = levels["hnsw"]["16"]["dev_ir"]
+    assert f"| 16 | hnsw | {hnsw['bytes_per_vector']:.0f} | {hnsw['build_seconds']:.3f} |" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # --index alone: the float32 row (the reference) and the indexes
+    assert CLI.run(["--model", str(tiny_model_dir), "--ir", str(eval_files["ir"]), "--dims", "16",
+                    "--index", "binary-flat", "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())) == ["float32", "binary-flat"]
 
 
 # ──────────────────────────────────────────────────────────────────────── several models: the card's comparison

@@ -1,4 +1,6 @@
-"""bertino.evaluation: IR/STS metrics against hand-computed values and a naive reference, eval-file loading."""
+"""The evaluation modules: bertino/metrics.py (IR/STS metrics against hand-computed values and a naive reference, the
+exact chunked top k), eval-file loading (plumbing/eval_data.py), bertino/evaluation.py (a model on eval sets) and
+the metric table of bertino/eval_tables.py."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from bertino import evaluation as ev
+from bertino import evaluation
+from bertino import metrics as ev
 from bertino.errors import BertinoError, ConfigError, DataError
-from bertino.evaluation import (IRSet, STSSet, average_ranks, evaluate, format_table, ir_metrics, sts_metrics,
-                                top_k_cosine)
+from bertino.eval_sets import IRSet, STSSet
+from bertino.eval_tables import format_table
+from bertino.evaluation import evaluate
+from bertino.metrics import average_ranks, ir_metrics, sts_metrics, top_k_cosine
 from bertino.plumbing.eval_data import load_eval_sets, load_ir_file, load_sts_file
 
 
@@ -390,3 +395,16 @@ def test_format_table_one_row_per_metric_one_column_per_dim():
     assert "| MAP@100 | 0.8398 | 0.8065 |" in table
     assert "| Accuracy@1 | 0.7617 | 0.7233 |" in table
     assert "| Spearman Cosine | 0.8549 | 0.8510 |" in table
+
+
+def test_names_that_moved_out_of_evaluation_stay_importable_from_it():
+    """evaluation.py was split along its jobs (the metric engine, the tables, the sets); code that imported from it
+    keeps working, with the very same objects."""
+    from bertino import eval_tables, metrics
+
+    for name in ("ir_metrics", "ranking_metrics", "top_k", "top_k_cosine", "sort_by_score_then_id", "sts_metrics",
+                 "average_ranks", "check_ir_embeddings", "IR_METRICS", "STS_METRICS", "SCORE_BLOCK_ELEMENTS"):
+        assert getattr(evaluation, name) is getattr(metrics, name), name
+    for name in ("format_table", "comparison_table", "relative_change", "relative_changes", "metric_label"):
+        assert getattr(evaluation, name) is getattr(eval_tables, name), name
+    assert evaluation.IRSet is IRSet and evaluation.STSSet is STSSet

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bertino.errors import ConfigError
-from bertino.plumbing.model_card import render_model_card, with_curves
+from bertino.plumbing.model_card import render_model_card, with_curves, with_storage_plot
 
 V5_RESULTS = {  # the seed card's numbers, in the shape evaluate() returns
     768: {"dev_ir": {"map@100": 0.83981, "ndcg@10": 0.86801, "mrr@10": 0.8, "accuracy@1": 0.76172,
@@ -132,6 +132,31 @@ def test_storage_vs_quality_table():
                          "| 128 | binary+rescore-int8 | 144 | 4.7% | 0.7600 |"]
     assert text.index("## Evaluation") < text.index("## Storage vs quality") < text.index("## Training details")
     assert "## Storage vs quality" not in card() and "## Storage vs quality" not in card(precision_results={})
+
+
+def test_storage_vs_quality_with_faiss_indexes_and_its_plot():
+    """eval.index: the indexes join the table at the bytes they measured (HNSW: its graph too), and a second table
+    gives recall against the exact search, build seconds and query milliseconds; the plot's link goes at the end of
+    the section, once."""
+    figures = {"recall_vs_exact@10": 0.98, "build_seconds": 0.0123, "query_ms": 0.0456, "query_ms_batched": 0.0078}
+    by_level = {"float32": {128: {"dev_ir": {"ndcg@10": 0.77}}}, "int8": {128: {"dev_ir": {"ndcg@10": 0.769}}},
+                "sq8": {128: {"dev_ir": {"ndcg@10": 0.768, "bytes_per_vector": 128.0, **figures}}},
+                "hnsw": {128: {"dev_ir": {"ndcg@10": 0.765, "bytes_per_vector": 783.4, **figures}}}}
+    text = card(precision_results=json.loads(json.dumps(by_level)), int8_quantile=0.001)
+    section = text.split("## Storage vs quality\n\n")[1].split("\n## ")[0]
+    assert "--precision float32,int8 --int8-quantile 0.001 --index sq8,hnsw`" in section
+    assert "each dimension's 0.001 and 0.999 quantiles on the corpus" in section and "**sq8**, **hnsw**" in section
+    assert "| 128 | sq8 | 128 | 4.2% | 0.7680 |\n| 128 | hnsw | 783 | 25.5% | 0.7650 |" in section
+    faiss_table = section.split("#### dev_ir: FAISS indexes\n\n")[1]
+    assert "| Dim | Index | Recall vs exact@10 | Build s | Query ms (1 at a time) | Query ms (batched) |" in faiss_table
+    assert "| 128 | hnsw | 0.9800 | 0.012 | 0.046 | 0.008 |" in faiss_table
+
+    plotted = with_storage_plot(text)
+    assert with_storage_plot(plotted) == plotted and plotted.count("storage_vs_quality.png") == 1
+    section = plotted.split("## Storage vs quality\n\n")[1].split("\n## ")[0]
+    assert section.rstrip().endswith("Drawn by `python -m bertino.plot RUN_DIR`.")
+    assert "![NDCG@10 against bytes per vector, one line per dim](storage_vs_quality.png)" in section
+    assert with_storage_plot(card()) == card()  # no storage section, nothing to link
 
 
 def test_the_curves_link_goes_before_the_training_details_once():

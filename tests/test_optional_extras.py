@@ -1,8 +1,9 @@
-"""Without the optional extras (tensorboard, matplotlib) training and evaluation work, and asking for TensorBoard
-or plots is one `error:` line naming the extra to install.
+"""Without the optional extras (tensorboard, matplotlib, faiss) training and evaluation work, and asking for
+TensorBoard, plots or FAISS indexes is one `error:` line naming the extra to install.
 
-The environment is real, not a patched import: a folder of links to every installed package but those two (and
-their mpl_toolkits), used by an interpreter started with -S (no site-packages of its own).
+The environment is real, not a patched import: a folder of links to every installed package but those three (and
+matplotlib's mpl_toolkits, faiss-cpu's libraries), used by an interpreter started with -S (no site-packages of its
+own).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from conftest import make_distilbert
 from helpers import ROOT, retrieval_rows, train_config, write_config, write_jsonl
 
-EXTRAS = ("tensorboard", "matplotlib", "mpl_toolkits")
+EXTRAS = ("tensorboard", "matplotlib", "mpl_toolkits", "faiss")
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def without_extras(tmp_path_factory):
         return subprocess.run([sys.executable, "-S", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
 
-    probe = run("-c", "import importlib.util as u, bertino, torch, transformers; "
-                      "print([u.find_spec(m) is None for m in ('tensorboard', 'matplotlib')], bertino.__file__)")
+    probe = run("-c", "import importlib.util as u, bertino, torch, transformers; print([u.find_spec(m) is None "
+                      "for m in ('tensorboard', 'matplotlib', 'faiss')], bertino.__file__)")
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split()[:2] == ["[True,", "True]"] and str(ROOT) in probe.stdout  # truly absent
+    assert probe.stdout.split()[:3] == ["[True,", "True,", "True]"] and str(ROOT) in probe.stdout  # truly absent
     return run
 
 
@@ -59,6 +60,9 @@ def test_training_evaluation_and_the_error_lines_without_the_extras(without_extr
     line = one_error_line(without_extras("train.py", "--config", str(config), 'train.report_to=["tensorboard"]'))
     assert "needs the tensorboard package" in line and "pip install 'bertino[tensorboard]'" in line
     assert not run.exists()  # refused before the run folder is touched
+    line = one_error_line(without_extras("train.py", "--config", str(config), 'eval.index=["hnsw"]'))
+    assert "needs the faiss package" in line and "pip install 'bertino[faiss]'" in line
+    assert not run.exists()
 
     trained = without_extras("train.py", "--config", str(config))
     assert trained.returncode == 0, trained.stderr
@@ -68,6 +72,9 @@ def test_training_evaluation_and_the_error_lines_without_the_extras(without_extr
                                "--precision", "float32,int8,binary", "--rescore", "3")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "| 16 | binary+rescore-int8 | 18 | 14.1% |" in evaluated.stdout
+    line = one_error_line(without_extras("evaluate.py", "--model", str(run / "final"), "--ir",
+                                         str(tmp_path / "dev.jsonl"), "--index", "flat,sq8"))
+    assert "--index" in line and "needs the faiss package" in line and "pip install 'bertino[faiss]'" in line
 
     line = one_error_line(without_extras("-m", "bertino.plot", str(run)))
     assert "needs matplotlib" in line and "pip install 'bertino[plots]'" in line

@@ -3,6 +3,7 @@ cards link the image, and mistakes are one `error:` line."""
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import sys
@@ -12,6 +13,7 @@ from conftest import make_distilbert
 from helpers import ROOT, read_metrics, retrieval_rows, train_config, write_config, write_jsonl
 
 pytest.importorskip("matplotlib", reason="the plots extra is not installed (pip install 'bertino[plots]')")
+pytest.importorskip("faiss", reason="the faiss extra is not installed (pip install 'bertino[faiss]')")
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
@@ -20,11 +22,12 @@ from bertino import plot  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A real 6-step run: one retrieval task with Matryoshka [32, 16], evaluated at steps 3 and 6."""
+    """A real 6-step run: one retrieval task with Matryoshka [32, 16], evaluated at steps 3 and 6, its cards with
+    the storage-vs-quality table of every precision, binary rescoring and two FAISS indexes."""
     tmp = tmp_path_factory.mktemp("plot_run")
     cfg = train_config(tmp, make_distilbert(tmp / "model", seed=8), max_steps=6, eval_steps=3, save_steps=0)
     dev = [{"query": r["query"], "positive": r["positive"]} for r in retrieval_rows(24)[:10]]
-    cfg["eval"] = {"ir": [str(write_jsonl(tmp / "dev.jsonl", dev))]}
+    cfg["eval"] = {"ir": [str(write_jsonl(tmp / "dev.jsonl", dev))], "rescore": 4, "index": ["flat", "hnsw-sq8"]}
     train.main(["--config", str(write_config(tmp, cfg))])
     return tmp / "run"
 
@@ -47,6 +50,35 @@ def test_plot_writes_a_png_and_links_it_in_the_model_card(run_dir, capsys):
     assert plot.run([str(run_dir)]) == 0  # again: the card still links it once
     assert (run_dir / "final" / "README.md").read_text().count("## Training curves") == 1
     assert "linked it in" in capsys.readouterr().err
+
+
+def test_the_card_s_storage_table_and_plot(run_dir):
+    """final/README.md holds the storage-vs-quality table from eval.precision and eval.index (the same numbers as
+    final/eval_results_by_precision.json), and `python -m bertino.plot` draws NDCG@10 against bytes per vector —
+    one line per dim through every precision and index — into final/ and links it under the table."""
+    by_level = json.loads((run_dir / "final" / "eval_results_by_precision.json").read_text())
+    assert list(by_level) == ["float32", "int8", "binary", "binary+rescore-bits", "binary+rescore-int8", "flat",
+                              "hnsw-sq8"]
+    card = (run_dir / "final" / "README.md").read_text()
+    for level, d in (("int8", 16), ("flat", 32), ("hnsw-sq8", 16)):
+        values = by_level[level][str(d)]["dev"]
+        size = values.get("bytes_per_vector", d)
+        assert f"| {d} | {level} | {size:.0f} | {size / 128:.1%} | {values['ndcg@10']:.4f} |" in card
+    assert "#### dev: FAISS indexes" in card and "| 32 | flat | 1.0000 |" in card
+
+    assert plot.run([str(run_dir)]) == 0
+    card = (run_dir / "final" / "README.md").read_text()
+    storage = card.split("## Storage vs quality")[1].split("\n## ")[0]
+    assert "![NDCG@10 against bytes per vector, one line per dim](storage_vs_quality.png)" in storage
+    width, height = png_size(run_dir / "final" / "storage_vs_quality.png")
+    assert width >= 600 and height >= 400
+    series = plot.storage_series(by_level)
+    assert list(series) == ["dev"] and list(series["dev"]) == ["32d", "16d"]
+    points = series["dev"]["16d"]
+    levels = [level for _, _, level in points]  # by bytes: 2, 2, 16, ...
+    assert set(levels[:2]) == {"binary", "binary+rescore-bits"} and levels[2] == "int8"
+    assert (64.0, by_level["float32"]["16"]["dev"]["ndcg@10"], "float32") in points
+    assert len(points) == 7 and [x for x, _, _ in points] == sorted(x for x, _, _ in points)
 
 
 def test_the_plotted_series_are_the_jsonl_values(run_dir):

@@ -12,19 +12,23 @@ import torch
 
 from bertino import quantization as qz
 from bertino.errors import ConfigError, DataError
-from bertino.evaluation import IRSet, embed_sets, ir_metrics, score_sets
+from bertino.eval_sets import IRSet
+from bertino.eval_tables import format_precision_table
+from bertino.evaluation import embed_sets, score_sets
+from bertino.metrics import ir_metrics
 
 LEVELS = ["float32", "int8", "binary", "binary+rescore-bits", "binary+rescore-int8"]
 
 
 # ================================================================================================ naive reference
-def naive_rankings(queries: np.ndarray, corpus: np.ndarray, level: str, rescore: int | None = None) -> list[list[int]]:
+def naive_rankings(queries: np.ndarray, corpus: np.ndarray, level: str, rescore: int | None = None,
+                   quantile: float = 0.0) -> list[list[int]]:
     """Each query's whole ranking of the corpus, best first, ties by corpus id: numpy, one query at a time."""
     q, c = queries.astype(np.float64), corpus.astype(np.float64)
     qu = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     cu = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
     n, d = c.shape
-    lo, hi = cu.min(axis=0), cu.max(axis=0)
+    lo, hi = np.quantile(cu, quantile, axis=0), np.quantile(cu, 1 - quantile, axis=0)  # quantile 0: min and max
     step = np.where(hi > lo, (hi - lo) / 255, 1.0)
 
     def int8(x):
@@ -38,9 +42,9 @@ def naive_rankings(queries: np.ndarray, corpus: np.ndarray, level: str, rescore:
         if level == "float32":
             s = [float(np.float32(qu[i] @ cu[j])) for j in range(n)]
             out.append(ranked(lambda j: (-s[j], j)))
-        elif level == "int8":
-            qi, ci = int8(qu[i : i + 1]).astype(np.int64), int8(cu).astype(np.int64)
-            s = (qi @ ci.T)[0]  # exact integers
+        elif level == "int8":  # the float query against the decoded documents, as FAISS SQ8 scores
+            decoded = lo + (int8(cu).astype(np.float64) + 128) * step  # (N, d)
+            s = [float(np.float32(qu[i] @ decoded[j])) for j in range(n)]
             out.append(ranked(lambda j: (-s[j], j)))
         else:
             qb, cb = np.packbits(q[i : i + 1] > 0, axis=1), np.packbits(c > 0, axis=1)
@@ -167,6 +171,72 @@ def test_ties_go_to_the_smaller_corpus_id_at_every_level():
         assert index.top_ids(level)(0, 1, 3).tolist() == [[1, 2, 3]], level
 
 
+def test_a_rescore_depth_at_or_beyond_the_corpus_size_rescores_every_document():
+    """K ≥ N re-ranks the whole corpus (K is clamped to N, not N − 1): whole rankings equal the naive reference."""
+    queries, corpus, _ = random_case(0)
+    q, c = queries[:, :13], corpus[:, :13]
+    n = c.shape[0]
+    for rescore in (n - 1, n, n + 5):
+        index = qz.QuantizedIndex(torch.from_numpy(q), torch.from_numpy(c), chunk_size=64, rescore=rescore)
+        for level in qz.RESCORED:
+            got = index.top_ids(level)(0, q.shape[0], n).tolist()  # (Q, N): every rank
+            assert got == naive_rankings(q, c, level, rescore), (rescore, level)
+
+
+def test_rescored_ties_go_to_the_smaller_id_not_to_the_hamming_order():
+    """Documents whose rescored scores tie but whose Hamming distances differ: the tie goes to the smaller corpus
+    id, as everywhere, not to the document the binary search ranked first."""
+    # bits: q · (2b − 1) = (0.5 − 0.25 − 0.25)/|q| = 0 for documents 0 and 1 alike (exactly: halves of one number),
+    # but document 1 differs from the query's bits in 1 place and document 0 in 2, so Hamming ranks 1 before 0.
+    query = torch.tensor([[0.5, 0.25, 0.25]])
+    corpus = torch.tensor([[0.9, -0.3, -0.3], [-0.9, 0.3, 0.3], [-0.5, -0.5, -0.5]])
+    index = qz.QuantizedIndex(query, corpus, chunk_size=2, rescore=3)
+    assert index.top_ids("binary")(0, 1, 3).tolist() == [[1, 0, 2]]  # the Hamming order
+    assert index.top_ids("binary+rescore-bits")(0, 1, 3).tolist() == [[0, 1, 2]]
+    assert naive_rankings(query.numpy(), corpus.numpy(), "binary+rescore-bits", 3) == [[0, 1, 2]]
+    # int8: documents 0 and 1 differ only in the sign of a tiny coordinate — the same int8 codes (so the same
+    # rescored score), different sign bits (document 1 agrees with the query's, so Hamming ranks it first).
+    query = torch.tensor([[0.6, 0.1, 0.8]])
+    corpus = torch.tensor([[0.6, -0.0005, 0.8], [0.6, 0.0005, 0.8], [0.6, 0.8, 0.0], [0.0, -1.0, 0.0]])
+    index = qz.QuantizedIndex(query, corpus, chunk_size=3, rescore=4)
+    assert torch.equal(index.corpus_int8[0], index.corpus_int8[1])  # the premise: one code, two bit patterns
+    assert not torch.equal(index.corpus_bits[0], index.corpus_bits[1])
+    assert index.top_ids("binary")(0, 1, 4).tolist() == [[1, 0, 2, 3]]
+    for level in ("int8", "binary+rescore-int8"):
+        assert index.top_ids(level)(0, 1, 4).tolist() == [[0, 1, 2, 3]], level
+        assert naive_rankings(query.numpy(), corpus.numpy(), level, 4) == [[0, 1, 2, 3]], level
+
+
+@pytest.mark.parametrize("quantile", [0.01, 0.2])
+def test_int8_calibrated_on_quantiles_equals_the_naive_reference(quantile):
+    """The p and 1 − p quantiles of each dimension (numpy.quantile's linear interpolation) instead of min/max:
+    the range, and every ranking built on it, as numpy computes them; values beyond the range are clipped."""
+    queries, corpus, relevant = random_case(4)
+    q, c = queries[:, :13], corpus[:, :13]
+    cu = c.astype(np.float64) / np.linalg.norm(c.astype(np.float64), axis=1, keepdims=True)
+    cal = qz.calibrate_int8(torch.from_numpy(c), quantile)
+    assert np.allclose(cal.lo.numpy(), np.quantile(cu, quantile, axis=0), rtol=0, atol=1e-15)
+    assert np.allclose((cal.lo + 255 * cal.step).numpy(), np.quantile(cu, 1 - quantile, axis=0), rtol=0, atol=1e-14)
+    codes = qz.int8_codes(torch.from_numpy(c), cal)
+    assert (codes == -128).sum() > 1 and (codes == 127).sum() > 1  # some values are clipped at both ends
+    levels = ["int8", "binary+rescore-int8"]
+    got = qz.quantized_ir_metrics(torch.from_numpy(q), torch.from_numpy(c), relevant, levels, rescore=20,
+                                  int8_quantile=quantile)
+    for level in levels:
+        assert_close(got[level], naive_metrics(naive_rankings(q, c, level, 20, quantile=quantile), relevant))
+    with pytest.raises(ConfigError, match="quantile must be in"):
+        qz.calibrate_int8(torch.from_numpy(c), 0.5)
+
+
+def test_quantiles_are_computed_in_blocks_of_dimensions(monkeypatch):
+    queries, corpus, _ = random_case(5)
+    whole = qz.calibrate_int8(torch.from_numpy(corpus), 0.05)
+    monkeypatch.setattr(qz, "QUANTILE_BLOCK_ELEMENTS", 3 * corpus.shape[0])  # 3 dimensions at a time
+    monkeypatch.setattr(qz, "MATMUL_ROWS", 10)
+    blocks = qz.calibrate_int8(torch.from_numpy(corpus), 0.05)
+    assert torch.equal(whole.lo, blocks.lo) and torch.equal(whole.step, blocks.step)
+
+
 # ================================================================================================ the codes
 def test_codes_match_numpy():
     g = torch.Generator().manual_seed(0)
@@ -234,7 +304,7 @@ def test_evaluate_precisions_and_the_table(tiny_model_dir):
     # without float_results the float32 level is computed, to the same bits
     assert qz.evaluate_precisions(embedded, [s], [32, 8], ["float32"])["float32"] == got["float32"]
 
-    table = qz.format_precision_table(got, full_dim=32, rescore=2)
+    table = format_precision_table(got, full_dim=32, rescore=2)
     lines = table.splitlines()
     assert lines[0] == "### dev: storage vs quality"
     assert lines[2].startswith("| dim | precision | bytes/vector | storage | MAP@100 | NDCG@10 |")
@@ -245,4 +315,5 @@ def test_evaluate_precisions_and_the_table(tiny_model_dir):
                     ["| 8", "int8", "8", "6.2%"], ["| 8", "binary", "1", "0.8%"],
                     ["| 8", "binary+rescore-bits", "1", "0.8%"], ["| 8", "binary+rescore-int8", "9", "7.0%"]]
     assert f"| {got['int8'][8]['dev']['ndcg@10']:.4f} |" in lines[10]
-    assert "per-dimension min/max of the corpus" in table and "top 2 re-ranked" in table
+    assert "per-dimension min/max, the float query scored against the decoded codes" in table
+    assert "top 2 re-ranked" in table

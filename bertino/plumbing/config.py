@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ..errors import ConfigError
-from ..evaluation import IR_METRICS, STS_METRICS
+from ..eval_names import INDEXES, IR_METRICS, PRECISIONS, STS_METRICS, check_indexes, check_precisions
 from ..losses import LOSSES
-from ..quantization import PRECISIONS, check_precisions
 from ..speedups.settings import SpeedupsConfig, check_speedups
 from .files import read_json, write_json
 from .typed_json import DuplicateKey, apply_overrides, build, reject_duplicate_keys, require, show, to_plain
@@ -33,7 +32,8 @@ SchedulerName = Literal["cosine", "linear", "constant"]
 BatchSamplerName = Literal["no_duplicates", "batch_sampler"]
 MultiDatasetSamplerName = Literal["proportional", "round_robin"]
 DropoutMasks = Literal["stream", "keyed"]
-PrecisionName = Literal[PRECISIONS]  # "float32", "int8", "binary": bertino/quantization.py
+PrecisionName = Literal[PRECISIONS]  # "float32", "int8", "binary": bertino/eval_names.py
+IndexName = Literal[INDEXES]  # "flat", "sq8", "binary-flat", "hnsw", "hnsw-sq8": bertino/eval_names.py
 ReportTarget = Literal["tensorboard"]
 
 
@@ -139,6 +139,10 @@ class EvalConfig:
     precision: tuple[PrecisionName, ...] = PRECISIONS  # the model card's storage-vs-quality table: retrieval with
     #                                                     float32, int8 and binary vectors (bertino/quantization.py)
     rescore: int | None = None  # also binary's top K re-ranked by the float query (needs "binary" in precision)
+    int8_quantile: float = 0.0  # int8's range per dimension: 0 = the corpus' min and max; p = its p and 1 − p
+    #                             quantiles (values beyond are clipped)
+    index: tuple[IndexName, ...] = ()  # also through these FAISS indexes (bertino/vector_indexes.py; needs the
+    #                                    faiss extra): recall vs exact search, bytes/vector, build and query time
     compare_base: bool = False  # the cards of best/ and final/ also compare the run with its base model (the
     #                             card's "Comparison with V4" table: relative change per metric, on the same sets)
 
@@ -337,6 +341,9 @@ def _validate_eval(e: EvalConfig) -> None:
             raise ConfigError(f"eval.dims: expected distinct dims > 0 (or null), found {list(e.dims)}")
     require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "≥ 1")
     check_precisions(e.precision, e.rescore, key="eval.precision")
+    require(0.0 <= e.int8_quantile < 0.5, "eval.int8_quantile", e.int8_quantile,
+            "in [0, 0.5) (0: min/max; p: the p and 1 − p quantiles)")
+    check_indexes(e.index, key="eval.index")
     for key, sets, loss in (("eval.ir", e.ir, "mnrl"), ("eval.sts", e.sts, "cosent")):
         for i, entry in enumerate(sets):
             if isinstance(entry, EvalDataset):

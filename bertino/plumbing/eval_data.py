@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from ..errors import DataError
-from ..evaluation import IRSet, STSSet
+from ..eval_sets import IRSet, STSSet
 from .config import EvalDataset, eval_task
 from .data import TaskData, load_task
 from .files import read_jsonl

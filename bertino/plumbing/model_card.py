@@ -2,13 +2,14 @@
 
     YAML front matter (library_name, pipeline_tag, base_model, tags) → title and description → usage with bertino
     and with sentence-transformers → evaluation tables (rows: metrics, columns: dims) → storage vs quality
-    (retrieval at dims × precisions: NDCG@10 and bytes/vector) → training curves (when drawn) → training details
-    (losses, Matryoshka dims/weights, hyperparameters) → citations.
+    (retrieval at dims × precisions and FAISS indexes: NDCG@10 and bytes/vector; the indexes' recall, build and
+    query time; its plot, when drawn) → training curves (when drawn) → training details (losses, Matryoshka
+    dims/weights, hyperparameters) → citations.
 
 `results` has the shape `bertino.evaluation.evaluate` returns, {dim: {set name: {metric: value}}}; the dim keys may
 also be strings, as in the `--json` file of `evaluate.py`. A set holding "map@100" is a retrieval set, one holding
-"spearman_cosine" an STS set. `precision_results` is {precision: results} (`quantization.evaluate_precisions`, or
-`evaluate.py --precision ... --json`).
+"spearman_cosine" an STS set. `precision_results` is {precision or index: results} (`evaluation.storage_vs_quality`,
+or `evaluate.py --precision ... --index ... --json`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import math
 from typing import Mapping, Sequence
 
 from ..errors import ConfigError
-from ..evaluation import comparison_table, metric_label, relative_changes
+from ..eval_names import INDEXES
+from ..eval_tables import comparison_table, metric_label, relative_changes, stored_bytes
 from ..losses import LOSSES
-from ..quantization import bytes_per_vector
 
 IR_CARD_METRICS = ("map@100", "ndcg@10", "accuracy@1", "accuracy@10")  # the card's retrieval rows
 STS_CARD_METRICS = ("spearman_cosine", "pearson_cosine")
@@ -86,6 +87,7 @@ def render_model_card(
     precision_results: Mapping | None = None,
     rescore: int | None = None,
     base_results: Mapping | None = None,
+    int8_quantile: float = 0.0,
 ) -> str:
     """The model card as markdown. `losses`: task name → loss description or config key ("cached_mnrl", ...);
     `model_id`: the path or hub id the usage examples load; `rescore`: the K of the binary+rescore rows;
@@ -105,7 +107,7 @@ def render_model_card(
     if results and base_results:
         parts.append(_comparison(base_model, base_results, results))
     if precision_results:
-        parts.append(_storage(precision_results, dim, rescore))
+        parts.append(_storage(precision_results, dim, rescore, int8_quantile))
     parts.append(_training(losses, dims, weights, hyperparameters, datasets))
     parts.append(_citations(losses, bool(dims)))
     return "\n\n".join(parts) + "\n"
@@ -196,34 +198,73 @@ def _comparison(base_model: str, base_results: Mapping, results: Mapping) -> str
             + comparison_table(per_model, relative_changes(per_model)).rstrip("\n"))
 
 
-def _storage(precision_results: Mapping, dim: int, rescore: int | None) -> str:
-    """Per retrieval set: one row per dim × precision with bytes/vector, the share of the full float32 vector and
-    NDCG@10."""
+def _storage(precision_results: Mapping, dim: int, rescore: int | None, int8_quantile: float = 0.0) -> str:
+    """Per retrieval set: one row per dim × level (precision, or FAISS index) with bytes/vector, the share of the
+    full float32 vector and NDCG@10; then, when indexes were evaluated, what each costs and finds."""
     levels = list(precision_results)
     by_level = {lv: {int(d): sets for d, sets in precision_results[lv].items()} for lv in levels}
     dims = list(dict.fromkeys(d for lv in levels for d in by_level[lv]))
     names = list(dict.fromkeys(n for lv in levels for sets in by_level[lv].values() for n in sets))
-    text = (f"## Storage vs quality\n\nRetrieval with the vectors stored at lower precision, as in a vector "
-            f"database: **int8** (per-dimension min/max of the corpus, scored by the int8 dot product), **binary** "
-            f"(sign bits, scored by Hamming distance)"
+    indexes = [lv for lv in levels if lv in INDEXES]
+    statistic = "min/max" if not int8_quantile else f"{int8_quantile:g} and {1 - int8_quantile:g} quantiles"
+    command = (f"`python evaluate.py --model <this folder> --ir FILE --precision {','.join(_base_levels(levels))}"
+               + (f" --rescore {rescore}" if rescore else "") + (f" --int8-quantile {int8_quantile:g}"
+                                                                 if int8_quantile else "")
+               + (f" --index {','.join(indexes)}" if indexes else "") + "`")
+    text = (f"## Storage vs quality\n\nRetrieval with the vectors stored as a vector database stores them: "
+            f"**int8** (codes over each dimension's {statistic} on the corpus; the float query scored against the "
+            f"decoded codes, as FAISS's scalar quantizer and Qdrant do), **binary** (sign bits, scored by Hamming "
+            f"distance)"
             + (f", and binary with its top {rescore} re-ranked by the float query against the ±1 bits "
                f"(**binary+rescore-bits**) or against int8 documents stored as well (**binary+rescore-int8**)"
                if rescore else "")
+            + (f"; and through FAISS indexes ({', '.join(f'**{i}**' for i in indexes)}), their bytes per vector "
+               f"as they store them (the HNSW graph included)" if indexes else "")
             + f". Storage is relative to the full {dim}-dim float32 vector ({4 * dim} bytes). Reproduce with "
-            f"`python evaluate.py --model <this folder> --ir FILE --precision {','.join(_base_levels(levels))}"
-            + (f" --rescore {rescore}" if rescore else "") + "`.")
+            f"{command}.")
     blocks = [text]
     for name in names:
-        rows = [[str(d), lv, str(bytes_per_vector(lv, d)), f"{bytes_per_vector(lv, d) / (4 * dim):.1%}",
-                 _number(by_level[lv][d][name].get("ndcg@10"))]
-                for d in dims for lv in levels if name in by_level[lv].get(d, {})]
+        rows = []
+        for d in dims:
+            for lv in levels:
+                values = by_level[lv].get(d, {}).get(name)
+                if values is not None:
+                    size = stored_bytes(lv, d, values)
+                    rows.append([str(d), lv, f"{size:.0f}", f"{size / (4 * dim):.1%}", _number(values.get("ndcg@10"))])
         blocks.append(f"### {name}\n\n" + _table(["Dim", "Precision", "Bytes/vector", "Storage", "NDCG@10"], rows,
                                                   numeric=True))
+        if indexes:
+            rows = [[str(d), lv, _number(values.get("recall_vs_exact@10")), f"{values['build_seconds']:.3f}",
+                     f"{values['query_ms']:.3f}", f"{values['query_ms_batched']:.3f}"]
+                    for d in dims for lv in indexes
+                    for values in [by_level[lv].get(d, {}).get(name)] if values is not None]
+            blocks.append(f"#### {name}: FAISS indexes\n\nRecall@10 against the exact float32 search; build "
+                          f"seconds and milliseconds per query (one query per call, and all in one call) on one "
+                          f"thread of the machine that wrote this card.\n\n"
+                          + _table(["Dim", "Index", "Recall vs exact@10", "Build s", "Query ms (1 at a time)",
+                                    "Query ms (batched)"], rows, numeric=True))
     return "\n\n".join(blocks)
 
 
 def _base_levels(levels: list[str]) -> list[str]:
-    return [lv for lv in levels if "+" not in lv]
+    return [lv for lv in levels if "+" not in lv and lv not in INDEXES]
+
+
+STORAGE_PLOT_TITLE = "### NDCG@10 against bytes per vector"
+
+
+def with_storage_plot(card: str, image: str = "storage_vs_quality.png") -> str:
+    """The card with a link to the storage-vs-quality plot (`python -m bertino.plot`) at the end of its "Storage vs
+    quality" section; a card without that section, or that already links it, is returned unchanged."""
+    if STORAGE_PLOT_TITLE in card or "## Storage vs quality" not in card:
+        return card
+    start = card.index("## Storage vs quality")
+    end = card.find("\n## ", start + 1)
+    end = len(card.rstrip("\n")) if end < 0 else end
+    section = (f"\n\n{STORAGE_PLOT_TITLE}\n\n![NDCG@10 against bytes per vector, one line per dim]({image})\n\n"
+               f"Each line is one dim; its points are the precisions and indexes above, at the bytes they store per "
+               f"vector. Drawn by `python -m bertino.plot RUN_DIR`.")
+    return card[:end].rstrip("\n") + section + "\n" + card[end:]
 
 
 CURVES_TITLE = "## Training curves"

@@ -178,7 +178,8 @@ def save_model_folder(encoder, folder: Path, cfg: Config, results: dict | None, 
         losses={name: t.loss for name, t in cfg.tasks.items()},
         hyperparameters={k: v for k, v in config_to_dict(cfg.train).items()
                          if k not in ("output_dir", "resume_from_checkpoint")},
-        results=results, precision_results=precision_results, rescore=cfg.eval.rescore, base_results=base_results)
+        results=results, precision_results=precision_results, rescore=cfg.eval.rescore, base_results=base_results,
+        int8_quantile=cfg.eval.int8_quantile)
     tmp = tmp_dir_for(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp, model_card=card, matryoshka_dims=list(dims))
