@@ -253,11 +253,10 @@ def _same_mask_full_batch(step: Step, task_name, data, rows):
     (what RandContext's replay guarantees); the loss once on all of it."""
     from .batching import PackedTokenIds
     from .grad_cache import make_mini_batches
-    from .objectives import column_major
     from .speedups.static_shapes import static_mini_batches
     from .step import static_shapes
 
-    texts = column_major([data.texts[r] for r in rows])
+    texts, _ = data.batch(rows)  # (n_columns·B,) column after column
     ids = PackedTokenIds.tokenize(step.encoder, texts)
     pad_id, shapes = step.encoder.tokenizer.pad_token_id, static_shapes(step.cfg, step.encoder.max_seq_length)
     batches = (static_mini_batches(ids, shapes, pad_id, step.device) if shapes.active  # the chunks GradCache ran

@@ -26,7 +26,7 @@ from .encoder import SentenceEncoder
 from .grad_cache import grad_cache_step, make_mini_batches
 from .keyed_dropout import DropoutKeys, global_text_index, install_keyed_dropout, text_keys
 from .losses import LOSSES
-from .objectives import Objective, column_major
+from .objectives import Objective
 from .plumbing.config import Config
 from .plumbing.data import TaskData
 from .speedups.cpu_dropout import install_cpu_dropout
@@ -90,8 +90,8 @@ class Step:
         """Encode the batch `rows` of one task at optimizer step `step`, compute its loss, backpropagate the scaled
         loss → the loss () (detached). `parts` receives the unweighted loss at each Matryoshka dim."""
         n_columns = len(data.columns)
-        texts = column_major([data.texts[r] for r in rows])  # (n_columns·B,): the layout Objective reads
-        scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=self.device)  # (B,)
+        texts, scores = data.batch(rows)  # (n_columns·B,) column after column, the layout Objective reads; (B,)
+        scores = None if scores is None else torch.as_tensor(scores, device=self.device)  # (B,)
         ids = PackedTokenIds.tokenize(self.encoder, texts)
         return self.forward_backward_ids(task_name, ids, n_columns, scores, step, parts)
 

@@ -225,7 +225,7 @@ def test_a_list_column_gives_the_batches_and_losses_of_flat_columns(tiny_model_d
     from bertino.plumbing.config import config_from_dict
 
     a, b = (load_run_data(config_from_dict(c)).tasks["r"] for c in (flat, listed))
-    assert a.texts == b.texts and b.dropped_rows == 5
+    assert a.text_rows() == b.text_rows() and b.dropped_rows == 5
     def first_batches(cfg, data, n=8):  # the stream is endless: its first n (epoch, index, task, rows)
         return list(itertools.islice(batch_schedule(config_from_dict(cfg), {"r": data}).stream(0, 0), n))
 
@@ -252,7 +252,7 @@ def test_short_rows_error_names_the_row(tmp_path):
         load_task(task, "r")
     three = load_task(TaskConfig(dataset=str(tmp_path / "r.parquet"), columns=("query", "positive"), loss="mnrl",
                                  negatives=NegativesConfig("hard_negatives", 1)), "r")
-    assert len(three) == 12 and three.texts[1][2] == retrieval_table(12).column("hard_negatives")[1][0].as_py()
+    assert len(three) == 12 and three.text_rows()[1][2] == retrieval_table(12).column("hard_negatives")[1][0].as_py()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── hold-out
@@ -266,8 +266,8 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
     held, trained = first.holdouts["retrieval"], first.tasks["retrieval"]
     assert len(held) == 4 and len(trained) == 68
     assert set(held.row_ids.tolist()).isdisjoint(trained.row_ids.tolist())
-    assert {row[0] for row in held.texts}.isdisjoint(row[0] for row in trained.texts)
-    assert held.texts == second.holdouts["retrieval"].texts and trained.texts == second.tasks["retrieval"].texts
+    assert {row[0] for row in held.text_rows()}.isdisjoint(row[0] for row in trained.text_rows())
+    assert held.text_rows() == second.holdouts["retrieval"].text_rows() and trained.text_rows() == second.tasks["retrieval"].text_rows()
     held_ids = set(held.row_ids.tolist())
     for rank in (0, 1):  # each rank's share of every batch: source rows of training only
         stream = batch_schedule(cfg, first.tasks, world_size=2, rank=rank).stream(0, 0)
@@ -275,8 +275,8 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
                 if task == "retrieval" for i in rows}
         assert seen and not seen & held_ids
     (ir,), (sts,) = load_eval_sets(cfg.eval.ir, cfg.eval.sts, first.holdouts)
-    assert ir.name == "retrieval_holdout" and ir.queries == [row[0] for row in held.texts]
-    assert set(ir.corpus) == {t for row in held.texts for t in row[1:]}  # positives and both hard negatives
+    assert ir.name == "retrieval_holdout" and ir.queries == [row[0] for row in held.text_rows()]
+    assert set(ir.corpus) == {t for row in held.text_rows() for t in row[1:]}  # positives and both hard negatives
     assert sts.name == "sts_dev" and len(sts.sentences1) == 12 and max(sts.scores) <= 1.0  # dev split, / 5
 
 

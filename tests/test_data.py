@@ -61,7 +61,7 @@ def test_jsonl_retrieval(tmp_path):
     data = load_task(retrieval(path), "retrieval")
     assert isinstance(data, TaskData) and data.name == "retrieval" and len(data) == 5
     assert data.columns == RETRIEVAL_COLUMNS and data.scores is None and data.score_column is None
-    assert data.texts == expected_retrieval_texts()
+    assert data.text_rows() == expected_retrieval_texts()
     assert data.row_ref(0) == f"{path}:1"
     assert data.row_ref(2) == f"{path}:4"  # a blank line after row 1 shifts the line numbers
 
@@ -69,12 +69,12 @@ def test_jsonl_retrieval(tmp_path):
 def test_utf8_bom_and_crlf(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in RETRIEVAL_ROWS) + b"\r\n")
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_jsonl_sts_scores_are_scaled_float32(tmp_path):
     data = load_task(sts(write_jsonl(tmp_path / "sts.jsonl", STS_ROWS)), "sts")
-    assert data.texts == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS]
+    assert data.text_rows() == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS]
     assert data.columns == ("sentence1", "sentence2") and data.score_column == "score"  # columns ↔ texts
     assert data.scores.dtype == np.float32
     np.testing.assert_allclose(data.scores, np.arange(6) / 5.0, rtol=1e-6)
@@ -84,17 +84,17 @@ def test_jsonl_gz(tmp_path):
     path = tmp_path / "train.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in RETRIEVAL_ROWS))
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_json_list_and_json_lines(tmp_path):
     as_list = tmp_path / "list.json"
     as_list.write_text(json.dumps(RETRIEVAL_ROWS, indent=2))
     data = load_task(retrieval(as_list), "r")
-    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_list} row 3"
+    assert data.text_rows() == expected_retrieval_texts() and data.row_ref(3) == f"{as_list} row 3"
     as_lines = write_jsonl(tmp_path / "lines.json", RETRIEVAL_ROWS)
     data = load_task(retrieval(as_lines), "r")
-    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines}:4"
+    assert data.text_rows() == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines}:4"
 
 
 def test_csv(tmp_path):
@@ -102,7 +102,7 @@ def test_csv(tmp_path):
     path.write_text("sentence1,sentence2,score\n" + "".join(
         f"\"{r['sentence1']}, ok\",{r['sentence2']},{r['score']}\n" for r in STS_ROWS))
     data = load_task(sts(path), "sts")
-    assert data.texts[2] == ("frase 2, ok", "testo 2")
+    assert data.text_rows()[2] == ("frase 2, ok", "testo 2")
     np.testing.assert_allclose(data.scores, np.arange(6) / 5.0, rtol=1e-6)
     assert data.row_ref(2) == f"{path} row 2"
 
@@ -110,12 +110,12 @@ def test_csv(tmp_path):
 def test_parquet(tmp_path):
     path = tmp_path / "train.parquet"
     datasets.Dataset.from_list(RETRIEVAL_ROWS).to_parquet(str(path))
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     datasets.Dataset.from_list(RETRIEVAL_ROWS).save_to_disk(str(tmp_path / "plain"))
-    assert load_task(retrieval(tmp_path / "plain"), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(tmp_path / "plain"), "r").text_rows() == expected_retrieval_texts()
 
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(STS_ROWS),
                                "dev": datasets.Dataset.from_list(STS_ROWS[:2])})
@@ -130,7 +130,7 @@ def test_save_to_disk_with_format_still_gives_python_values(tmp_path):
     ds = datasets.Dataset.from_list(STS_ROWS).with_format("numpy")
     ds.save_to_disk(str(tmp_path / "np"))
     data = load_task(sts(tmp_path / "np"), "sts")
-    assert data.texts[0] == ("frase 0", "testo 0") and data.scores[5] == pytest.approx(1.0)
+    assert data.text_rows()[0] == ("frase 0", "testo 0") and data.scores[5] == pytest.approx(1.0)
 
 
 def test_base_dir(tmp_path):
@@ -304,10 +304,11 @@ def test_unreadable_bytes(tmp_path):
 # ── balance_to ───────────────────────────────────────────────────────────────────────────────────────────────
 
 def fake_task(name: str, n: int, with_scores: bool = False) -> TaskData:
-    return TaskData(name=name, columns=("a", "b"), score_column="s" if with_scores else None,
-                    texts=[(f"{name} a{i}", f"{name} b{i}") for i in range(n)],
-                    scores=np.arange(n, dtype=np.float32) if with_scores else None,
-                    source=f"{name}.jsonl", line_numbers=np.arange(1, n + 1) * 2)
+    data = TaskData.from_rows(name, ("a", "b"), [(f"{name} a{i}", f"{name} b{i}") for i in range(n)],
+                              scores=np.arange(n, dtype=np.float32) if with_scores else None,
+                              source=f"{name}.jsonl", lines=np.arange(1, n + 1) * 2)
+    data.score_column = "s" if with_scores else None
+    return data
 
 
 CFGS = {"retrieval": TaskConfig(dataset="r", columns=("a", "b"), loss="mnrl"),
@@ -332,24 +333,24 @@ def test_balance_tasks(n_sts, n_retrieval):
     out = balance_tasks(tasks, CFGS, seed=42)
     assert out["retrieval"] is tasks["retrieval"]
     assert len(out["sts"]) == n_retrieval and out["sts"].scores.shape == (n_retrieval,)
-    counts = Counter(out["sts"].texts)
-    assert set(counts) <= set(tasks["sts"].texts)
+    counts = Counter(out["sts"].text_rows())
+    assert set(counts) <= set(tasks["sts"].text_rows())
     assert max(counts.values()) - min(counts.values()) <= 1
-    for i, text in enumerate(out["sts"].texts):  # scores and row references travel with their rows
-        j = tasks["sts"].texts.index(text)
+    for i, text in enumerate(out["sts"].text_rows()):  # scores and row references travel with their rows
+        j = tasks["sts"].text_rows().index(text)
         assert out["sts"].scores[i] == tasks["sts"].scores[j]
         assert out["sts"].row_ref(i) == f"sts.jsonl:{2 * (j + 1)}"
     assert out["sts"].columns == ("a", "b") and out["sts"].score_column == "s"
     assert len(tasks["sts"]) == n_sts  # input untouched
 
     again = balance_tasks(dict(reversed(list(tasks.items()))), CFGS, seed=42)  # dict order does not matter
-    assert again["sts"].texts == out["sts"].texts
+    assert again["sts"].text_rows() == out["sts"].text_rows()
     if n_sts != n_retrieval:
-        assert any(balance_tasks(tasks, CFGS, seed=s)["sts"].texts != out["sts"].texts for s in range(1, 5))
+        assert any(balance_tasks(tasks, CFGS, seed=s)["sts"].text_rows() != out["sts"].text_rows() for s in range(1, 5))
 
 
 def test_balance_row_ref_without_line_numbers():
-    task = TaskData("sts", ("a", "b"), [("x", "y"), ("z", "w")], np.zeros(2, np.float32), "dataset hub/x")
+    task = TaskData.from_rows("sts", ("a", "b"), [("x", "y"), ("z", "w")], np.zeros(2, np.float32), "dataset hub/x")
     picked = task.select(np.array([1, 1, 0]))
     assert [picked.row_ref(i) for i in range(3)] == ["dataset hub/x row 1", "dataset hub/x row 1",
                                                       "dataset hub/x row 0"]
@@ -370,7 +371,7 @@ def test_load_tasks_balances(tmp_path):
                 "score_scale": 5, "balance_to": "retrieval"}}}, []))
     tasks = load_tasks(cfg, base_dir=tmp_path)
     assert len(tasks["retrieval"]) == 9 and len(tasks["sts"]) == 9
-    assert tasks["sts"].texts[:8] == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS[:4]] * 2
+    assert tasks["sts"].text_rows()[:8] == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS[:4]] * 2
 
 
 # ── property: random rows give TaskData or DataError, never another exception ─────────────────────────────────
@@ -427,8 +428,8 @@ def test_random_rows_load_or_raise_data_error(rows, task, suffix):
             return
     n_text = 2 if task.loss in ("cosent", "cosine") else len(task.columns)
     assert len(data.columns) == n_text and data.columns == task.columns[:n_text]
-    assert len(data) >= 1 and all(len(t) == n_text for t in data.texts)
-    assert all(type(s) is str and s.strip() for t in data.texts for s in t)
+    assert len(data) >= 1 and all(len(t) == n_text for t in data.text_rows())
+    assert all(type(s) is str and s.strip() for t in data.text_rows() for s in t)
     if task.loss in ("cosent", "cosine"):
         assert data.scores.dtype == np.float32 and data.scores.shape == (len(data),)
         assert np.isfinite(data.scores).all()
@@ -436,7 +437,7 @@ def test_random_rows_load_or_raise_data_error(rows, task, suffix):
             assert ((data.scores >= 0) & (data.scores <= 1)).all()
     else:
         assert data.scores is None
-        for t in data.texts:
+        for t in data.text_rows():
             assert all(neg.strip() not in (t[0].strip(), t[1].strip()) for neg in t[2:])
     for i in range(len(data)):
         assert str(path) in data.row_ref(i)
