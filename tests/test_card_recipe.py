@@ -298,6 +298,46 @@ def test_a_resume_keeps_the_hold_out(hf_home, v5_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# ──────────────────────────────────────────────────────────────────────────────────────────────── a clone of a repo
+def clone_of(repo_id: str, tmp: Path) -> Path:
+    """What `git clone https://huggingface.co/datasets/REPO` leaves: the repo's files (data + README.md)."""
+    import shutil
+
+    import huggingface_hub
+
+    clone = tmp / "clones" / repo_id.split("/")[1]
+    shutil.copytree(huggingface_hub.snapshot_download(repo_id, repo_type="dataset"), clone)
+    return clone
+
+
+def test_a_local_clone_of_a_hub_dataset_repo_loads_as_its_hub_id(offline_hub, tmp_path):
+    """A cluster without internet uses a clone of the repo: train.py's tasks (configs/v5.json with the clones as
+    datasets) and evaluate.py's eval sets read the same rows, scores, hold-out and sets as from the hub ids."""
+    from bertino.plumbing.eval_data import load_eval_sets
+
+    retrieval, sts = clone_of(RETRIEVAL_ID, tmp_path), clone_of(STS_ID, tmp_path)
+    by_id = load_config(ROOT / "configs" / "v5.json", ["train.per_device_train_batch_size=8"])
+    by_clone = load_config(ROOT / "configs" / "v5.json", ["train.per_device_train_batch_size=8",
+                                                          f"tasks.retrieval.dataset={retrieval}",
+                                                          f"tasks.sts.dataset={sts}",
+                                                          f'eval.sts=[{{"dataset": "{sts}", "config": "it", '
+                                                          f'"split": "dev", "columns": ["sentence1", "sentence2", '
+                                                          f'"similarity_score"], "score_scale": 5.0, '
+                                                          f'"name": "sts_dev"}}]'])
+    a, b = load_run_data(by_id), load_run_data(by_clone)
+    for name in ("retrieval", "sts"):
+        assert len(a.tasks[name]) > 0 and a.tasks[name].text_rows() == b.tasks[name].text_rows()
+        assert (a.tasks[name].scores is None) == (b.tasks[name].scores is None)
+        if a.tasks[name].scores is not None:
+            assert np.array_equal(a.tasks[name].scores, b.tasks[name].scores)
+    assert a.holdouts["retrieval"].text_rows() == b.holdouts["retrieval"].text_rows()
+    (ir_a,), (sts_a,) = load_eval_sets(by_id.eval.ir, by_id.eval.sts, a.holdouts)
+    (ir_b,), (sts_b,) = load_eval_sets(by_clone.eval.ir, by_clone.eval.sts, b.holdouts)
+    assert (ir_a.queries, ir_a.corpus, ir_a.relevant) == (ir_b.queries, ir_b.corpus, ir_b.relevant)
+    assert (sts_a.sentences1, sts_a.sentences2, sts_a.scores) == (sts_b.sentences1, sts_b.sentences2, sts_b.scores)
+    assert len(sts_b.scores) == 12  # the "it" config's dev split, as the README's configs: section maps it
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the base model
 def test_bertino_hub_layout_loads_like_transformers(offline_hub):
     """indigo-ai/BERTino from its hub files (pickled MLM weights, vocab.txt): the same embeddings as transformers'

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bertino.errors import ConfigError, DataError
-from bertino.plumbing.config import TaskConfig, apply_overrides, config_from_dict
+from bertino.plumbing.config import NegativesConfig, TaskConfig, apply_overrides, config_from_dict
 from bertino.plumbing.data import TaskData, balance_indices, balance_tasks, load_task, load_tasks
 
 RETRIEVAL_COLUMNS = ("query", "positive", "negative_1", "negative_2")
@@ -441,3 +441,105 @@ def test_random_rows_load_or_raise_data_error(rows, task, suffix):
             assert all(neg.strip() not in (t[0].strip(), t[1].strip()) for neg in t[2:])
     for i in range(len(data)):
         assert str(path) in data.row_ref(i)
+
+
+# ── issue 23: every bad row counted (14), decimal scores and lists in CSV (15), a hold-out too small (11) ─────────
+
+def test_every_bad_row_is_counted_by_reason_and_the_first_few_are_named(tmp_path):
+    """Eight bad rows of four kinds among good ones: ONE error gives the count, the count per reason, and the first
+    five as FILE:LINE with what is wrong — no rerun per bad row."""
+    lines = []
+    for i in range(20):
+        row = retrieval_row(query=f"q{i}", positive=f"p{i}", negative_1=f"a{i}", negative_2=f"b{i}")
+        if i in (2, 5, 9):
+            row["query"] = ""
+        if i in (3, 12):
+            row["negative_2"] = row["positive"]
+        if i == 7:
+            row = "{not json"
+        if i in (15, 17):
+            row.pop("negative_1")
+        lines.append(row if isinstance(row, str) else json.dumps(row))
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    msg = load_error(retrieval(path), "retrieval")
+    assert msg.startswith(f"task 'retrieval': 8 bad rows in {path}"), msg
+    for count_and_reason in ("3 × column 'query': not a non-empty string",
+                             "2 × column 'negative_2' equals column 'positive'", "1 × invalid JSON",
+                             "2 × missing column 'negative_1'"):
+        assert count_and_reason in msg, (count_and_reason, msg)
+    named = [f"{path}:{line}: " for line in (3, 4, 6, 8, 10)]  # the first five bad rows, by line
+    assert all(ref in msg for ref in named), msg
+    assert f"{path}:13: " not in msg and "bad_rows" in msg and '"drop"' in msg
+    assert f"{path}:3: column 'query': expected a non-empty string, found ''" in msg
+    assert f"{path}:8: invalid JSON" in msg
+
+
+def test_bad_rows_drop_trains_on_the_good_rows_and_counts_the_dropped(tmp_path):
+    """tasks.NAME.bad_rows = "drop": the bad rows are left out, counted by reason, and the summary line says so."""
+    from types import SimpleNamespace
+
+    import train
+
+    rows = [retrieval_row(query=f"q{i}", positive=f"p{i}", negative_1=f"a{i}", negative_2=f"b{i}") for i in range(9)]
+    rows[1]["query"] = " "
+    rows[4]["negative_1"] = rows[4]["query"]
+    rows[6]["negative_2"] = 7
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = load_task(retrieval(path, bad_rows="drop"), "retrieval")
+    assert [row[0] for row in data.text_rows()] == [f"q{i}" for i in (0, 2, 3, 5, 7, 8)]
+    assert data.bad_rows == {"column 'query': not a non-empty string": 1,
+                             "column 'negative_1' equals column 'query'": 1,
+                             "column 'negative_2': not a non-empty string": 1}
+    run = SimpleNamespace(tasks={"retrieval": data}, holdouts={}, steps_per_epoch=2, total_steps=2,
+                          resume_from=None, dist_info=SimpleNamespace(world_size=1), device="cpu", amp_dtype=None)
+    assert "retrieval 6 (3 dropped: bad rows)" in train.summary_line(run)
+    sts_path = tmp_path / "sts.parquet"
+    datasets.Dataset.from_list([sts_row(score=1.0), sts_row(score=float("nan")), sts_row(score=4.0)]).to_parquet(
+        str(sts_path))
+    scored = load_task(sts(sts_path, bad_rows="drop"), "sts")
+    assert len(scored) == 2 and scored.bad_rows == {"column 'score': not a finite number": 1}
+    np.testing.assert_allclose(scored.scores, [0.2, 0.8], rtol=1e-6)
+    with pytest.raises(ConfigError, match="bad_rows"):
+        config_from_dict({"model": {"name_or_path": "x"}, "tasks": {"r": {
+            "dataset": "r.jsonl", "columns": ["a", "b"], "loss": "mnrl", "bad_rows": "skip"}}})
+
+
+def test_parquet_decimal_scores_are_numbers(tmp_path):
+    """A parquet score column of decimals (Decimal('0.45')) is read as the numbers they are."""
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "sts.parquet"
+    pq.write_table(pa.table({"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"],
+                             "score": pa.array([Decimal("0.45"), Decimal("4.50"), Decimal("2.00")],
+                                               type=pa.decimal128(4, 2))}), path)
+    data = load_task(sts(path), "sts")
+    np.testing.assert_allclose(data.scores, np.array([0.45, 4.5, 2.0]) / 5.0, rtol=1e-6)
+
+
+def test_listed_negatives_cannot_come_from_a_csv_file(tmp_path):
+    """A CSV cell holds text, not a list: `negatives` with a CSV file says so, and what to use instead."""
+    path = tmp_path / "r.csv"
+    path.write_text('query,positive,hard_negatives\nq,p,"[""a"", ""b""]"\n')
+    msg = load_error(TaskConfig(dataset=str(path), columns=("query", "positive"), loss="mnrl",
+                                negatives=NegativesConfig("hard_negatives", 2)))
+    assert "CSV" in msg and "cannot hold lists" in msg and "negative_1" in msg and str(path) in msg
+
+
+def test_a_holdout_too_small_for_its_sts_set_names_the_key(tmp_path):
+    """tasks.NAME.holdout that leaves one STS row out: the error names the key to change, not only the set."""
+    from bertino.plumbing.data import load_run_data
+    from bertino.plumbing.eval_data import load_eval_sets
+
+    write_jsonl(tmp_path / "s.jsonl", STS_ROWS)
+    cfg = config_from_dict({"model": {"name_or_path": "x"}, "tasks": {"sts": {
+        "dataset": str(tmp_path / "s.jsonl"), "columns": ["sentence1", "sentence2", "score"], "loss": "cosent",
+        "holdout": 0.1}}})
+    holdouts = load_run_data(cfg).holdouts
+    assert len(holdouts["sts"]) == 1
+    with pytest.raises(DataError, match=r"tasks\.sts\.holdout") as info:
+        load_eval_sets([], [], holdouts)
+    assert "at least 2 rows" in str(info.value)
