@@ -338,6 +338,19 @@ def test_a_local_clone_of_a_hub_dataset_repo_loads_as_its_hub_id(offline_hub, tm
     assert len(sts_b.scores) == 12  # the "it" config's dev split, as the README's configs: section maps it
 
 
+def test_mine_reads_a_clone_of_a_hub_dataset_repo_as_its_hub_id(offline_hub, tiny_model_dir, tmp_path):
+    """`python -m bertino.mine --input CLONE` mines the rows `--input HUB_ID` mines (the same bytes written)."""
+    from bertino.mine import run
+
+    clone = clone_of(RETRIEVAL_ID, tmp_path)
+    common = ["--model", str(tiny_model_dir), "--range-min", "2", "--range-max", "30", "--no-progress",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert run([*common, "--input", RETRIEVAL_ID, "--output", str(tmp_path / "hub.jsonl")]) == 0
+    assert run([*common, "--input", str(clone), "--output", str(tmp_path / "clone.jsonl")]) == 0
+    mined = (tmp_path / "hub.jsonl").read_bytes()
+    assert mined and mined == (tmp_path / "clone.jsonl").read_bytes()
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the base model
 def test_bertino_hub_layout_loads_like_transformers(offline_hub):
     """indigo-ai/BERTino from its hub files (pickled MLM weights, vocab.txt): the same embeddings as transformers'

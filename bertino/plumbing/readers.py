@@ -114,8 +114,11 @@ class Table:
 # Where a task's data comes from
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
 
-def read_table(task: TaskConfig, base_dir=None) -> Table:
-    """The task's source columns as one Arrow table; a relative local path is resolved against `base_dir`."""
+def read_table(task: TaskConfig, base_dir=None, alternatives: dict[str, str] | None = None) -> Table:
+    """The task's source columns as one Arrow table; a relative local path is resolved against `base_dir`.
+    `alternatives` {column: other}: a row (JSON) or a source (tables) without `column` gives `other` instead
+    (mining's corpus files: "text", else "positive")."""
+    alternatives = alternatives or {}
     path = Path(task.dataset).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
@@ -123,19 +126,19 @@ def read_table(task: TaskConfig, base_dir=None) -> Table:
     columns = source_columns(task)
 
     if path.is_dir():
-        return _from_dataset(_load_folder(path, task), columns, str(path))
+        return _from_dataset(_load_folder(path, task), columns, str(path), alternatives)
     if path.is_file():
         if lower.endswith(".csv") and task.negatives is not None:
             raise DataError(f"{path}: tasks.*.negatives reads a list column ({task.negatives.column!r}), and a CSV "
                             f"file cannot hold lists; use JSONL or parquet, or one CSV column per negative "
                             f"(columns: [query, positive, negative_1, negative_2])")
         if lower.endswith(LINE_FORMATS + TABULAR_FORMATS):
-            return _from_file(path, task, columns)
+            return _from_file(path, task, columns, alternatives)
         raise DataError(f"{path}: unsupported file type; expected {SUPPORTED}")
     if lower.endswith(LINE_FORMATS + TABULAR_FORMATS) or task.dataset.startswith((".", "/", "~")):
         raise DataError(f"{task.dataset}: no such file or folder (looked at {path.resolve()})")
     source = f"dataset {task.dataset}"
-    return _from_dataset(_load_hub(task, path), columns, source)
+    return _from_dataset(_load_hub(task, path), columns, source, alternatives)
 
 
 def source_columns(task: TaskConfig) -> tuple[str, ...]:
@@ -162,23 +165,24 @@ def column_roles(task: TaskConfig) -> dict[str, str]:
 # Local files: in memory when small, else prepared once into the cache and memory-mapped
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
 
-def _from_file(path: Path, task: TaskConfig, columns: tuple[str, ...]) -> Table:
+def _from_file(path: Path, task: TaskConfig, columns: tuple[str, ...], alternatives: dict[str, str]) -> Table:
     stat = path.stat()
     size = stat.st_size * (4 if path.name.lower().endswith(".gz") else 1)
     roles = column_roles(task)
     if size <= in_memory_bytes():
-        return Table(_in_memory(list(_batches(path, columns, roles)), columns), str(path))
+        return Table(_in_memory(list(_batches(path, columns, roles, alternatives)), columns), str(path))
     key = _key({"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "columns": [[c, roles[c]] for c in columns]})
+                "columns": [[c, roles[c]] for c in columns], "alternatives": alternatives})
     folder = data_cache_root() / key
     if not (folder / "table.arrow").is_file():
         with cache_lock(folder):
             if not (folder / "table.arrow").is_file():  # another process may have prepared it meanwhile
-                _prepare(path, columns, roles, folder)
+                _prepare(path, columns, roles, alternatives, folder)
     return Table(_memory_mapped(folder / "table.arrow"), str(path), cache_dir=folder)
 
 
-def _prepare(path: Path, columns: tuple[str, ...], roles: dict[str, str], folder: Path) -> None:
+def _prepare(path: Path, columns: tuple[str, ...], roles: dict[str, str], alternatives: dict[str, str],
+             folder: Path) -> None:
     """Convert `path` into `folder/table.arrow` (an Arrow stream), batch by batch, through a temp folder."""
     import pyarrow as pa
 
@@ -188,7 +192,7 @@ def _prepare(path: Path, columns: tuple[str, ...], roles: dict[str, str], folder
     writer = None
     try:
         with open(tmp / "table.arrow", "wb") as sink:
-            for batch in _batches(path, columns, roles):
+            for batch in _batches(path, columns, roles, alternatives):
                 writer = writer or pa.ipc.new_stream(sink, batch.schema)
                 writer.write_batch(batch)
             if writer is None:  # no rows at all: an empty table with the columns
@@ -219,50 +223,59 @@ def _memory_mapped(path: Path):
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()  # buffers point into the mapping
 
 
-def _batches(path: Path, columns: tuple[str, ...], roles: dict[str, str]) -> Iterator:
+def _batches(path: Path, columns: tuple[str, ...], roles: dict[str, str], alternatives: dict[str, str]) -> Iterator:
     """Record batches of the file's `columns` (plus bookkeeping columns for JSON)."""
     lower = path.name.lower()
     if lower.endswith(".csv"):
-        yield from _csv_batches(path, columns, roles)
+        yield from _csv_batches(path, columns, roles, alternatives)
     elif lower.endswith(".parquet"):
-        yield from _parquet_batches(path, columns)
+        yield from _parquet_batches(path, columns, alternatives)
     else:
-        yield from _json_batches(path, columns, roles)
+        yield from _json_batches(path, columns, roles, alternatives)
 
 
-def _parquet_batches(path: Path, columns: tuple[str, ...]) -> Iterator:
+def _parquet_batches(path: Path, columns: tuple[str, ...], alternatives: dict[str, str]) -> Iterator:
     import pyarrow.parquet as pq
 
     try:
         file = pq.ParquetFile(path)
-        names = file.schema_arrow.names
-        _check_present(names, columns, str(path))
-        yield from file.iter_batches(batch_size=BATCH_ROWS * 8, columns=list(columns))
+        read = _with_alternatives(file.schema_arrow.names, columns, alternatives, str(path))
+        for batch in file.iter_batches(batch_size=BATCH_ROWS * 8, columns=list(read)):
+            yield batch.rename_columns(list(columns))
     except DataError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable as such"
         raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from e
 
 
-def _csv_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str]) -> Iterator:
+def _csv_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str],
+                 alternatives: dict[str, str]) -> Iterator:
     """A CSV's text columns are read as strings whatever they look like (a column of digits is text too)."""
     import pyarrow as pa
     import pyarrow.csv
 
     texts = [c for c in columns if roles[c] == "text"]
+    texts += [alternatives[c] for c in texts if c in alternatives]
     try:
         reader = pyarrow.csv.open_csv(
             path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
             read_options=pyarrow.csv.ReadOptions(block_size=16 << 20),
             convert_options=pyarrow.csv.ConvertOptions(column_types={c: pa.string() for c in texts},
                                                        strings_can_be_null=False))
-        _check_present(reader.schema.names, columns, str(path))
+        read = _with_alternatives(reader.schema.names, columns, alternatives, str(path))
         for batch in reader:
-            yield batch.select(list(columns))
+            yield batch.select(list(read)).rename_columns(list(columns))
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read as csv: {type(e).__name__}: {e}") from e
+
+
+def _with_alternatives(names, columns: tuple[str, ...], alternatives: dict[str, str], source: str) -> tuple[str, ...]:
+    """The source columns to read for `columns`: a column, else its alternative when the source has that."""
+    read = tuple(alternatives[c] if c not in names and alternatives.get(c) in names else c for c in columns)
+    _check_present(names, read, source)
+    return read
 
 
 def _check_present(names, columns: tuple[str, ...], source: str) -> None:
@@ -272,7 +285,8 @@ def _check_present(names, columns: tuple[str, ...], source: str) -> None:
                         f"{', '.join(names)}")
 
 
-def _json_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str]) -> Iterator:
+def _json_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str],
+                  alternatives: dict[str, str]) -> Iterator:
     """JSON lines (one object per line), or for .json a single document holding a list of objects."""
     if path.name.lower().endswith((".json", ".json.gz")):
         with _reading(path), open_maybe_gzip(path) as f:
@@ -281,12 +295,12 @@ def _json_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str]) -
             items = read_json(path, DataError)
             yield from _rows_to_batches(((None, row, None if isinstance(row, dict) else (
                 "not a JSON object", f"expected a JSON object, found {type(row).__name__} {short(row)}"))
-                for row in items), columns, roles)
+                for row in items), columns, roles, alternatives)
             return
-    yield from _rows_to_batches(read_jsonl_lines(path), columns, roles)
+    yield from _rows_to_batches(read_jsonl_lines(path), columns, roles, alternatives)
 
 
-def _rows_to_batches(lines, columns: tuple[str, ...], roles: dict[str, str]) -> Iterator:
+def _rows_to_batches(lines, columns: tuple[str, ...], roles: dict[str, str], alternatives: dict[str, str]) -> Iterator:
     """(line | None, row | None, problem | None) → record batches: one column per source column (its values, or
     null where a value cannot be stored), LINE (when lines are known), REASON and PROBLEM (null on good rows)."""
     import pyarrow as pa
@@ -317,6 +331,8 @@ def _rows_to_batches(lines, columns: tuple[str, ...], roles: dict[str, str]) -> 
         if problem is not None:
             buffer.append((line, *problem, *([None] * len(columns))))
         else:
+            if alternatives:
+                row = {**{c: row[a] for c, a in alternatives.items() if c not in row and a in row}, **row}
             buffer.append((line, *_json_row(row, columns, roles)))
         if len(buffer) == BATCH_ROWS:
             yield flush()
@@ -459,11 +475,12 @@ def _load_dataset(folder, task: TaskConfig, what: str, files_in=None):
         raise DataError(f"{where}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
 
 
-def _from_dataset(ds, columns: tuple[str, ...], source: str) -> Table:
+def _from_dataset(ds, columns: tuple[str, ...], source: str, alternatives: dict[str, str]) -> Table:
     """A `datasets.Dataset` → its Arrow table (memory-mapped when datasets keeps it in cache files)."""
-    names = ds.column_names
-    _check_present(names, columns, source)
-    ds = ds.with_format(None).select_columns(list(columns))
+    read = _with_alternatives(ds.column_names, columns, alternatives, source)
+    ds = ds.with_format(None).select_columns(list(read))
+    if read != columns:
+        ds = ds.rename_columns(dict(zip(read, columns)))
     if getattr(ds, "_indices", None) is not None:  # a selection on top of the table: make it a table of its own
         ds = ds.flatten_indices()
     files = [Path(f["filename"]) for f in ds.cache_files]
