@@ -322,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exact: chunked float64 top k; faiss: FAISS candidates re-scored exactly (same results, "
                         "faster; pip install 'bertino[faiss]'); auto (default): faiss when installed")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where the embedding chunks are kept (default: the datasets cache, bertino/embeddings)")
+                   help="where the embedding chunks are kept (default: the datasets cache, its folder bertino, then embeddings)")
     p.add_argument("--max-seq-length", type=int, default=None,
                    help="cut texts at this many tokens (default: the model's own max_seq_length)")
     p.add_argument("--device", default=None, help="torch device for encoding (default: cuda when available)")

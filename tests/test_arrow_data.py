@@ -146,7 +146,7 @@ def test_prepared_data_is_reused_by_the_next_run(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("prepared again")
 
-    for name in ("_prepare", "_batches"):
+    for name in ("_prepare", "file_batches"):
         monkeypatch.setattr(readers, name, fail)
     monkeypatch.setattr("bertino.plumbing.text_hashes._fill", fail)
     monkeypatch.setattr("bertino.plumbing.row_checks._check", fail)

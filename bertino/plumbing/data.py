@@ -135,7 +135,7 @@ class TaskData:
         each row in `source` (else row refs are 'SOURCE row i')."""
         import pyarrow as pa
 
-        from .readers import LINE
+        from .file_tables import LINE
 
         columns = tuple(columns)
         table = {c: pa.array([row[k] for row in texts], type=pa.string()) for k, c in enumerate(columns)}

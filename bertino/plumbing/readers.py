@@ -14,9 +14,8 @@ Where the rows end up:
 
 Every later step (checks, hashes, batches) reads the table column-wise or a batch of rows at a time, so no step
 holds the rows as Python strings. Errors name the LINE of a JSONL file (`FILE:LINE: ...`, kept in a `__line__`
-column) or the ROW of the others (0-based, not counting a CSV header). A JSON line that cannot be a row (invalid
-JSON, not an object, a missing column, a value of the wrong type) is kept as a row with the problem written in
-`__reason__` / `__problem__`, so that row_checks.py can count every bad row and report them together.
+column) or the ROW of the others (0-based, not counting a CSV header). How each file format becomes record
+batches is file_tables.py.
 """
 
 from __future__ import annotations
@@ -24,26 +23,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 from ..losses import LOSSES
 from .config import TaskConfig
-from .files import open_maybe_gzip, publish_dir, read_json, read_jsonl_lines, short
+from .file_tables import LINE, file_batches, with_alternatives
+from .files import publish_dir
 
 LINE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz")  # read here, errors name the line
 TABULAR_FORMATS = (".csv", ".parquet")  # read by pyarrow, errors name the row
 SUPPORTED = ("a .jsonl, .jsonl.gz, .json, .csv or .parquet file, a datasets.save_to_disk folder, a hub dataset "
              "repo (its id, or a local clone: data files + README.md `configs:`)")
-LINE, REASON, PROBLEM = "__line__", "__reason__", "__problem__"  # bookkeeping columns of converted files
 PREPARED_VERSION = 1  # part of every cache key: bump when the prepared layout changes
-BATCH_ROWS = 8192  # rows per Arrow record batch while converting
 
 
 def in_memory_bytes() -> int:
@@ -170,7 +167,7 @@ def _from_file(path: Path, task: TaskConfig, columns: tuple[str, ...], alternati
     size = stat.st_size * (4 if path.name.lower().endswith(".gz") else 1)
     roles = column_roles(task)
     if size <= in_memory_bytes():
-        return Table(_in_memory(list(_batches(path, columns, roles, alternatives)), columns), str(path))
+        return Table(_in_memory(list(file_batches(path, columns, roles, alternatives)), columns), str(path))
     key = _key({"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "columns": [[c, roles[c]] for c in columns], "alternatives": alternatives})
     folder = data_cache_root() / key
@@ -192,7 +189,7 @@ def _prepare(path: Path, columns: tuple[str, ...], roles: dict[str, str], altern
     writer = None
     try:
         with open(tmp / "table.arrow", "wb") as sink:
-            for batch in _batches(path, columns, roles, alternatives):
+            for batch in file_batches(path, columns, roles, alternatives):
                 writer = writer or pa.ipc.new_stream(sink, batch.schema)
                 writer.write_batch(batch)
             if writer is None:  # no rows at all: an empty table with the columns
@@ -221,191 +218,6 @@ def _memory_mapped(path: Path):
     import pyarrow as pa
 
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()  # buffers point into the mapping
-
-
-def _batches(path: Path, columns: tuple[str, ...], roles: dict[str, str], alternatives: dict[str, str]) -> Iterator:
-    """Record batches of the file's `columns` (plus bookkeeping columns for JSON)."""
-    lower = path.name.lower()
-    if lower.endswith(".csv"):
-        yield from _csv_batches(path, columns, roles, alternatives)
-    elif lower.endswith(".parquet"):
-        yield from _parquet_batches(path, columns, alternatives)
-    else:
-        yield from _json_batches(path, columns, roles, alternatives)
-
-
-def _parquet_batches(path: Path, columns: tuple[str, ...], alternatives: dict[str, str]) -> Iterator:
-    import pyarrow.parquet as pq
-
-    try:
-        file = pq.ParquetFile(path)
-        read = _with_alternatives(file.schema_arrow.names, columns, alternatives, str(path))
-        for batch in file.iter_batches(batch_size=BATCH_ROWS * 8, columns=list(read)):
-            yield batch.rename_columns(list(columns))
-    except DataError:
-        raise
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable as such"
-        raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from e
-
-
-def _csv_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str],
-                 alternatives: dict[str, str]) -> Iterator:
-    """A CSV's text columns are read as strings whatever they look like (a column of digits is text too)."""
-    import pyarrow as pa
-    import pyarrow.csv
-
-    texts = [c for c in columns if roles[c] == "text"]
-    texts += [alternatives[c] for c in texts if c in alternatives]
-    try:
-        reader = pyarrow.csv.open_csv(
-            path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
-            read_options=pyarrow.csv.ReadOptions(block_size=16 << 20),
-            convert_options=pyarrow.csv.ConvertOptions(column_types={c: pa.string() for c in texts},
-                                                       strings_can_be_null=False))
-        read = _with_alternatives(reader.schema.names, columns, alternatives, str(path))
-        for batch in reader:
-            yield batch.select(list(read)).rename_columns(list(columns))
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot read as csv: {type(e).__name__}: {e}") from e
-
-
-def _with_alternatives(names, columns: tuple[str, ...], alternatives: dict[str, str], source: str) -> tuple[str, ...]:
-    """The source columns to read for `columns`: a column, else its alternative when the source has that."""
-    read = tuple(alternatives[c] if c not in names and alternatives.get(c) in names else c for c in columns)
-    _check_present(names, read, source)
-    return read
-
-
-def _check_present(names, columns: tuple[str, ...], source: str) -> None:
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{source}: missing column {missing[0]!r} (in every row); its columns are: "
-                        f"{', '.join(names)}")
-
-
-def _json_batches(path: Path, columns: tuple[str, ...], roles: dict[str, str],
-                  alternatives: dict[str, str]) -> Iterator:
-    """JSON lines (one object per line), or for .json a single document holding a list of objects."""
-    if path.name.lower().endswith((".json", ".json.gz")):
-        with _reading(path), open_maybe_gzip(path) as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):  # a JSON array: one document, rows are its items (no line numbers)
-            items = read_json(path, DataError)
-            yield from _rows_to_batches(((None, row, None if isinstance(row, dict) else (
-                "not a JSON object", f"expected a JSON object, found {type(row).__name__} {short(row)}"))
-                for row in items), columns, roles, alternatives)
-            return
-    yield from _rows_to_batches(read_jsonl_lines(path), columns, roles, alternatives)
-
-
-def _rows_to_batches(lines, columns: tuple[str, ...], roles: dict[str, str], alternatives: dict[str, str]) -> Iterator:
-    """(line | None, row | None, problem | None) → record batches: one column per source column (its values, or
-    null where a value cannot be stored), LINE (when lines are known), REASON and PROBLEM (null on good rows)."""
-    import pyarrow as pa
-
-    types = {"text": pa.string(), "score": pa.float64(), "list": pa.list_(pa.string())}
-    with_lines = None
-    buffer: list[tuple] = []
-
-    def flush():
-        values = list(zip(*buffer))  # per field: (line, reason, problem, *columns)
-        arrays = {c: _array(list(values[3 + j]), types[roles[c]]) for j, c in enumerate(columns)}
-        reasons, problems = list(values[1]), list(values[2])
-        for c, (array, bad) in arrays.items():  # texts that cannot be UTF-8 (a lone surrogate "\ud800")
-            for i in bad:
-                if reasons[i] is None:
-                    reasons[i] = f"column {c!r}: not a non-empty string"
-                    problems[i] = f"column {c!r}: not valid Unicode text, found {short(values[3 + columns.index(c)][i])}"
-        out = {c: array for c, (array, _) in arrays.items()}
-        if with_lines:
-            out[LINE] = pa.array(values[0], type=pa.int64())
-        out[REASON] = pa.array(reasons, type=pa.string())
-        out[PROBLEM] = pa.array(problems, type=pa.string())
-        buffer.clear()
-        return pa.RecordBatch.from_pydict(out)
-
-    for line, row, problem in lines:
-        with_lines = line is not None
-        if problem is not None:
-            buffer.append((line, *problem, *([None] * len(columns))))
-        else:
-            if alternatives:
-                row = {**{c: row[a] for c, a in alternatives.items() if c not in row and a in row}, **row}
-            buffer.append((line, *_json_row(row, columns, roles)))
-        if len(buffer) == BATCH_ROWS:
-            yield flush()
-    if buffer:
-        yield flush()
-
-
-def _json_row(row: dict, columns: tuple[str, ...], roles: dict[str, str]) -> tuple:
-    """(reason, problem, *values) of one JSON object: the first problem in column order, None for none."""
-    for c in columns:
-        if c not in row:
-            return (f"missing column {c!r}", f"missing column {c!r}; the row has keys: "
-                    f"{', '.join(map(str, row)) or '(none)'}", *([None] * len(columns)))
-    reason = problem = None
-    values = []
-    for c in columns:
-        value, role = row[c], roles[c]
-        ok = (type(value) is str if role == "text" else
-              isinstance(value, list) and all(type(v) is str for v in value) if role == "list" else
-              not isinstance(value, bool) and isinstance(value, numbers.Real))
-        if ok and role == "score":
-            try:
-                value = float(value)
-            except OverflowError:  # a JSON integer with 400 digits
-                ok = False
-                if reason is None:
-                    reason, problem = (f"column {c!r}: not a finite number",
-                                       f"column {c!r}: expected a finite number, found {short(value)}")
-        elif not ok and reason is None:
-            reason, problem = {
-                "text": (f"column {c!r}: not a non-empty string",
-                         f"column {c!r}: expected a non-empty string, found {short(value)}"),
-                "list": (f"column {c!r}: not a list of strings",
-                         f"column {c!r}: expected a list of strings, found {short(value)}"),
-                "score": (f"column {c!r}: not a finite number", f"column {c!r}: expected a number, found "
-                                                                  f"{short(value)}")}[role]
-        values.append(value if ok else None)
-    return (reason, problem, *values)
-
-
-def _array(values: list, type_) -> tuple[Any, list[int]]:
-    """(pa.array of `values`, indices of values that could not be stored: nulled). Only texts with a lone
-    surrogate fail (JSON allows "\\ud800"; UTF-8 does not)."""
-    import pyarrow as pa
-
-    try:
-        return pa.array(values, type=type_), []
-    except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
-        bad = []
-        for i, v in enumerate(values):
-            try:
-                pa.array([v], type=type_)
-            except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
-                bad.append(i)
-        dropped = set(bad)
-        return pa.array([None if i in dropped else v for i, v in enumerate(values)], type=type_), bad
-
-
-class _reading:
-    """Turn I/O failures (permissions, a corrupt .gz) into a DataError that names the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        import zlib
-
-        if exc_type is not None and issubclass(exc_type, (OSError, EOFError, zlib.error)):
-            raise DataError(f"{self.path}: cannot read: {exc}") from exc
-        return False
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -477,7 +289,7 @@ def _load_dataset(folder, task: TaskConfig, what: str, files_in=None):
 
 def _from_dataset(ds, columns: tuple[str, ...], source: str, alternatives: dict[str, str]) -> Table:
     """A `datasets.Dataset` → its Arrow table (memory-mapped when datasets keeps it in cache files)."""
-    read = _with_alternatives(ds.column_names, columns, alternatives, source)
+    read = with_alternatives(ds.column_names, columns, alternatives, source)
     ds = ds.with_format(None).select_columns(list(read))
     if read != columns:
         ds = ds.rename_columns(dict(zip(read, columns)))
