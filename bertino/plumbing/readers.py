@@ -336,6 +336,26 @@ def cache_lock(folder: Path):
 # Columns of a record batch, as the checks and the hashes read them
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
 
+def to_numpy(array, fill=0) -> np.ndarray:
+    """A boolean or numeric Arrow Array (one chunk) as a numpy array, nulls → `fill`. Read from its buffers:
+    pyarrow's own `to_numpy` imports pandas, ~0.3 s at the start of every run, however small."""
+    import pyarrow as pa
+
+    n, offset = len(array), array.offset
+    if pa.types.is_null(array.type):
+        return np.full(n, fill)
+    validity, data = array.buffers()[:2]
+    if pa.types.is_boolean(array.type):
+        values = np.unpackbits(np.frombuffer(data, np.uint8), count=offset + n, bitorder="little")[offset:]
+        values = values.astype(bool)
+    else:
+        values = np.frombuffer(data, dtype=array.type.to_pandas_dtype())[offset:offset + n]
+    if array.null_count:
+        valid = np.unpackbits(np.frombuffer(validity, np.uint8), count=offset + n, bitorder="little")[offset:]
+        values = np.where(valid.astype(bool), values, fill)
+    return values
+
+
 def is_text_type(type_) -> bool:
     import pyarrow as pa
 
@@ -357,7 +377,10 @@ def list_item(array, j: int):
 
     if pa.types.is_fixed_size_list(array.type):
         array = array.cast(pa.list_(array.type.value_type))
-    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)  # (n,)
-    starts = np.asarray(array.offsets)[:-1].astype(np.int64) + j  # (n,) absolute positions in array.values
+    lengths = to_numpy(pc.list_value_length(array), 0)  # (n,)
+    starts = to_numpy(array.offsets)[:-1].astype(np.int64) + j  # (n,) absolute positions in array.values
     has = lengths > j
-    return array.values.take(pa.array(np.where(has, starts, 0), mask=~has))
+    index = pa.Array.from_buffers(pa.int64(), len(array), [  # built from buffers: pa.array would import pandas
+        None if has.all() else pa.py_buffer(np.packbits(has, bitorder="little")),
+        pa.py_buffer(np.where(has, starts, 0))], null_count=int((~has).sum()))
+    return array.values.take(index)

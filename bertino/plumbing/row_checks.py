@@ -32,7 +32,7 @@ from ..losses import LOSSES
 from .config import TaskConfig
 from .files import atomic_write_with, short
 from .file_tables import PROBLEM, REASON
-from .readers import Table, is_list_of_texts, is_text_type, list_item, text_columns
+from .readers import Table, is_list_of_texts, is_text_type, list_item, text_columns, to_numpy
 
 FIRST_FEW = 5  # bad rows named in the error
 CHECKS_VERSION = 1  # part of the cache key of check results
@@ -132,15 +132,15 @@ def _check(table: Table, task: TaskConfig, name: str) -> Checked:
 
         if table.has(REASON):  # what the reader could not store (JSON sources)
             stored = batch.column(REASON)
-            for i in np.flatnonzero(stored.is_valid().to_numpy(zero_copy_only=False)).tolist():
+            for i in np.flatnonzero(to_numpy(stored.is_valid())).tolist():
                 code[i] = code[i] or reasons.code(stored[i].as_py(), "stored")
         if negatives is not None:
             lists = batch.column(negatives.column)
-            valid = (lists.is_valid().to_numpy(zero_copy_only=False) if is_list_of_texts(lists.type)
+            valid = (to_numpy(lists.is_valid()) if is_list_of_texts(lists.type)
                      else np.zeros(n, dtype=bool))
             mark(~valid, f"column {negatives.column!r}: not a list of strings", "list", negatives.column)
             if valid.any():
-                lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+                lengths = to_numpy(pc.list_value_length(lists), 0)
                 short[start:start + n] = valid & (code == 0) & (lengths < negatives.count)
         trimmed = []
         for (column, item), shown in zip(spec, names):
@@ -152,7 +152,7 @@ def _check(table: Table, task: TaskConfig, name: str) -> Checked:
                 trimmed.append(None)
             else:
                 t = pc.utf8_trim(array, characters=WHITESPACE)
-                bad = pc.fill_null(pc.equal(pc.utf8_length(t), 0), True).to_numpy(zero_copy_only=False)
+                bad = to_numpy(pc.utf8_length(t), 0) == 0  # blank, or null (a Python scalar in pc.equal imports pandas)
                 trimmed.append(t)
             bad &= ~short[start:start + n]  # a missing item of a short list is the short list's business
             mark(bad, f"column {shown!r}: not a non-empty string", "text", shown, column, item)
@@ -161,7 +161,7 @@ def _check(table: Table, task: TaskConfig, name: str) -> Checked:
                 if trimmed[k] is None:
                     continue
                 for other in (1, 0):
-                    same = pc.fill_null(pc.equal(trimmed[k], trimmed[other]), False).to_numpy(zero_copy_only=False)
+                    same = to_numpy(pc.equal(trimmed[k], trimmed[other]), False)
                     mark(same, f"column {names[k]!r} equals column {names[other]!r}", "equal", names[k],
                          names[other], spec[k])
         if has_score:
@@ -205,8 +205,8 @@ def _check_scores(array, task: TaskConfig, code: np.ndarray, out: np.ndarray, ma
     if not numeric:  # text, bool, lists, all-null: none is a number
         mark(np.ones(len(array), dtype=bool), f"column {column!r}: not a finite number", "number", column)
         return
-    values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)  # (n,) null → NaN; decimals too
-    null = ~array.is_valid().to_numpy(zero_copy_only=False)
+    values = to_numpy(pc.cast(array, pa.float64()), np.nan)  # (n,) null → NaN; decimals too
+    null = ~to_numpy(array.is_valid())
     mark(null, f"column {column!r}: not a finite number", "number", column)
     mark(~np.isfinite(values), f"column {column!r}: not a finite number", "finite", column)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the row

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .readers import Table, cache_lock, is_list_of_texts, is_text_type, list_item
+from .readers import Table, cache_lock, is_list_of_texts, is_text_type, list_item, to_numpy
 
 
 def text_hashes(table: Table, spec: tuple[tuple[str, int | None], ...]) -> np.ndarray:
@@ -72,7 +72,7 @@ def hash_strings(array) -> np.ndarray:
     digest = xxhash.xxh3_64_intdigest
     out = np.fromiter((digest(view[a:b]) for a, b in zip(o, o[1:])), dtype=np.uint64, count=n)
     if array.null_count:
-        out[~array.is_valid().to_numpy(zero_copy_only=False)] = 0
+        out[~to_numpy(array.is_valid())] = 0
     return out
 
 
