@@ -260,3 +260,80 @@ def test_the_holdout_is_the_same_on_every_rank_and_differs_by_task_name(tmp_path
     assert held(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", GROUP_RANK="1") == rank0 == held()
     assert len(rank0["uno"]) == 20 and rank0["uno"] != rank0["due"]
     assert held(seed=6) != rank0
+
+
+def test_two_processes_preparing_the_same_file_share_one_prepared_table(tmp_path):
+    """The ranks of a torchrun job start together: both prepare the same large file at once — one converts (a lock),
+    the other waits and opens it; both read the same rows."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(two_task_config(tmp_path, "jsonl")))
+    code = ("import json, sys\n"
+            "from bertino.plumbing.config import load_config\n"
+            "from bertino.plumbing.data import load_run_data\n"
+            "from bertino.plumbing.run_checkpoints import data_fingerprint\n"
+            "print(json.dumps(data_fingerprint(load_run_data(load_config(sys.argv[1])).tasks)))\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "BERTINO_DATA_IN_MEMORY_BYTES": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(config)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert outputs[0][0] == outputs[1][0] and "hashes" in outputs[0][0]
+    tables = sorted((tmp_path / "hf" / "bertino").rglob("table.arrow"))
+    assert len(tables) == 2  # one per task file, not one per process
+    assert not list((tmp_path / "hf" / "bertino").glob(".tmp-*"))
+
+
+def test_buffer_readers_respect_slices_and_nulls():
+    """The helpers that read Arrow buffers directly (hashes, list items, numpy views) on sliced arrays with nulls
+    give what the values themselves give."""
+    import xxhash
+
+    from bertino.plumbing.readers import list_item, to_numpy
+    from bertino.plumbing.text_hashes import hash_strings
+
+    texts = pa.array(["alfa", None, "beta", "", "gamma è", "delta"], type=pa.string())
+    for array in (texts, texts.slice(1, 4), texts.cast(pa.large_string()).slice(2)):
+        expected = [0 if t is None else xxhash.xxh3_64_intdigest(t.encode()) for t in array.to_pylist()]
+        assert hash_strings(array).tolist() == expected
+    lists = pa.array([["a", "b"], None, ["c"], [], ["d", "e", "f"]], type=pa.list_(pa.string()))
+    for array in (lists, lists.slice(1), lists.slice(2, 3)):
+        for j in (0, 1, 2):
+            assert list_item(array, j).to_pylist() == [v[j] if v is not None and len(v) > j else None
+                                                       for v in array.to_pylist()]
+    flags = pa.array([True, None, False, True, None, True, False, False, True, True])
+    for array in (flags, flags.slice(3), flags.slice(1, 7)):
+        assert to_numpy(array, fill=False).tolist() == [bool(v) for v in array.to_pylist()]
+    numbers = pa.array([1.5, None, -2.0, 4.0])
+    got = to_numpy(numbers.slice(1), fill=np.nan)
+    assert np.isnan(got[0]) and got[1:].tolist() == [-2.0, 4.0]
+
+
+def test_cached_check_results_follow_the_settings(tmp_path, monkeypatch):
+    """The checks' outcome is cached beside a prepared table, per setting: after a run that dropped the bad rows, a
+    run with bad_rows "error" still stops, and another negatives count gives other rows."""
+    from bertino.errors import DataError
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("BERTINO_DATA_IN_MEMORY_BYTES", "0")
+    rows = listed_rows(30)
+    rows[4]["query"] = ""
+    write_jsonl(tmp_path / "r.jsonl", rows)
+
+    def task(**kw):
+        t = {"dataset": str(tmp_path / "r.jsonl"), "columns": ["query", "positive"], "loss": "mnrl",
+             "negatives": {"column": "hard_negatives", "count": 2}, **kw}
+        return config_from_dict({"model": {"name_or_path": "x"}, "tasks": {"r": t}}).tasks["r"]
+
+    dropped = load_task(task(bad_rows="drop"), "r")
+    assert sum(dropped.bad_rows.values()) == 1
+    with pytest.raises(DataError, match="bad_rows"):
+        load_task(task(), "r")
+    one = load_task(task(bad_rows="drop", negatives={"column": "hard_negatives", "count": 1}), "r")
+    assert len(one) > len(dropped) and one.dropped_rows < dropped.dropped_rows
+    assert len(list((tmp_path / "hf-datasets").rglob("checks-*.npz"))) == 2
