@@ -107,7 +107,7 @@ class Watch:
     """Run a command; every 50 ms read its RssAnon (and its children's) and note when `lines_of` gains lines."""
 
     def __init__(self, cmd: list[str], env: dict, cwd: Path, lines_of: Path | None = None, log: Path | None = None):
-        self.start = time.perf_counter()
+        self.start, self.start_wall = time.perf_counter(), time.time()
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=self.log, start_new_session=True)
         self.peak_anon, self.line_times, self.lines_of = 0, [], lines_of
@@ -274,10 +274,19 @@ def mine_main(args) -> None:
     w.kill()  # the full 1M × 1M search is hours on a CPU: timed below on a sample of queries
     untouched = all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished chunks not encoded again
     new_chunks = chunks() - done_at_kill
+    # texts are encoded queries first (chunks of ~70-character queries), then passages: a rate for each, from the
+    # times the chunk files of the resumed run were written
+    done = sorted((p.stat().st_mtime, int(p.stem.split("-")[1])) for p in cache.rglob("chunk-*.npy")
+                  if p not in stamps)
+    times = np.diff([w.start_wall] + [t for t, _ in done])  # seconds per chunk of the resumed run
+    passages = [dt for dt, (_, i) in zip(times, done) if i * args.encode_chunk >= n]
+    queries = [dt for dt, (_, i) in zip(times, done) if (i + 1) * args.encode_chunk <= n]
     results["runs"].append({"run": "resumed (encoding)", "peak_rss_anon_gib": gib(w.peak_anon),
                             "seconds": round(t_encoded, 1), "new_chunks": new_chunks,
                             "earlier_chunks_untouched": untouched,
-                            "texts_per_s": round(new_chunks * args.encode_chunk / t_encoded), "load": load()})
+                            "queries_per_s": round(args.encode_chunk / np.median(queries)) if queries else None,
+                            "passages_per_s": round(args.encode_chunk / np.median(passages)) if passages else None,
+                            "load": load()})
     # 3) the search of the first `search_rows` rows, whole corpus, in a subprocess of its own
     search = Watch([sys.executable, str(Path(__file__).resolve()), "_search", "--cache", str(cache), "--data",
                     str(data), "--model", str(model), "--encode-chunk", str(args.encode_chunk), "--search-rows",
