@@ -22,7 +22,8 @@ then run again: it must encode only the remaining chunks. Peak RssAnon and texts
 search is O(queries × corpus): on a CPU, all 1M queries against 1M passages take hours, so `--search-rows N` (default
 20,000) times the search for the first N rows' queries against the whole corpus and extrapolates.
 
-Prints a markdown table and writes benchmarks/results/scale_{train,mine}.json (machine, load average, raw numbers).
+Prints a markdown table and writes scale_train.json / scale_mine.json into benchmarks/results/ (machine, load
+average, raw numbers).
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ def test_buffer_readers_respect_slices_and_nulls():
     give what the values themselves give."""
     import xxhash
 
-    from bertino.plumbing.readers import list_item, to_numpy
+    from bertino.plumbing.arrow_arrays import list_item, to_numpy
     from bertino.plumbing.text_hashes import hash_strings
 
     texts = pa.array(["alfa", None, "beta", "", "gamma è", "delta"], type=pa.string())

@@ -32,7 +32,8 @@ from ..losses import LOSSES
 from .config import TaskConfig
 from .files import atomic_write_with, short
 from .file_tables import PROBLEM, REASON
-from .readers import Table, is_list_of_texts, is_text_type, list_item, text_columns, to_numpy
+from .arrow_arrays import is_list_of_texts, is_text_type, list_item, to_numpy
+from .readers import Table, text_columns
 
 FIRST_FEW = 5  # bad rows named in the error
 CHECKS_VERSION = 1  # part of the cache key of check results

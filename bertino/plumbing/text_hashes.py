@@ -20,7 +20,8 @@ import os
 
 import numpy as np
 
-from .readers import Table, cache_lock, is_list_of_texts, is_text_type, list_item, to_numpy
+from .arrow_arrays import is_list_of_texts, is_text_type, list_item, to_numpy
+from .readers import Table, cache_lock
 
 
 def text_hashes(table: Table, spec: tuple[tuple[str, int | None], ...]) -> np.ndarray:
