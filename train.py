@@ -139,7 +139,8 @@ def setup(cfg: Config) -> Run:
     tasks = data.tasks
     batches = batch_schedule(cfg, tasks, dist_info.world_size, dist_info.rank)
     steps_per_epoch = len(batches)
-    fingerprint = run_checkpoints.data_fingerprint(tasks)  # saved with every checkpoint: a resume must see the rows
+    fingerprint = run_checkpoints.data_fingerprint(  # saved with every checkpoint: a resume must see the rows
+        tasks, like=saved_state.data_fingerprint if resume_from is not None else None)
     if dist_info.enabled:  # before the first collective of training: ranks that read other rows would hang it
         check_same_data(distributed.gather_objects({"rows": fingerprint, "steps": steps_per_epoch}, device))
     total_steps = train.max_steps if train.max_steps > 0 else train.num_train_epochs * steps_per_epoch
@@ -217,6 +218,7 @@ def summary_line(run: Run) -> str:
     for name, data in run.tasks.items():
         extra = [f"{len(run.holdouts[name])} held out"] if name in run.holdouts else []
         extra += [f"{data.dropped_rows} dropped: short negatives lists"] if data.dropped_rows else []
+        extra += [f"{sum(data.bad_rows.values())} dropped: bad rows"] if data.bad_rows else []
         per_task.append(f"{name} {len(data)}" + (f" ({', '.join(extra)})" if extra else ""))
     return (f"bertino: {sum(len(t) for t in run.tasks.values())} rows in {len(run.tasks)} task(s) "
             f"[{'; '.join(per_task)}], {run.steps_per_epoch} steps/epoch, {run.total_steps} steps, "

@@ -49,7 +49,6 @@ from .build import Process, build_step, start_process, with_rank
 from .encoder import SentenceEncoder
 from .errors import ConfigError
 from .grad_cache import in_text_order
-from .objectives import column_major
 from .plumbing.cli import ArgumentParser, run_cli
 from .plumbing.config import Config, check_against_model, load_config
 from .plumbing.data import batch_schedule, load_tasks
@@ -235,11 +234,11 @@ def same_mask_full_batch(step: Step, case: Checked, data, rows: list[int]) -> to
     (what RandContext's replay guarantees); the loss once on all of it."""
     from .batching import PackedTokenIds
 
-    texts = column_major([data.texts[r] for r in rows])
+    texts, scores = data.batch(rows)  # (T,) column after column; (B,) or None
     batches = step.mini_batches(PackedTokenIds.tokenize(step.encoder, texts), None)  # the chunks GradCache ran
     with step.autocast():
         reps = in_text_order([step.encoder(b.features)[: len(b.texts)] for b in batches], batches)  # (T, D)
-    scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=step.device)
+    scores = None if scores is None else torch.as_tensor(scores, device=step.device)
     loss = step.objectives[case.task](reps, len(data.columns), scores)
     step.scaler.scale(loss).backward()
     return loss.detach()

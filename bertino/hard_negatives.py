@@ -13,8 +13,11 @@ For an input row (q, p) with positive score s⁺ = cos(q, p), the text c = r_i(q
 
     range_min ≤ i < range_max        the window: close to q, but not the very top (i counts every corpus text)
     c ∉ P(q) and c ≠ q               P(q): all the positives q has on any row (a query may repeat with others)
-    cos(q, c) < s⁺ − margin          relative margin: the false-negative filter (`--margin`, default 0.05)
-    cos(q, c) ≤ max_score            or an absolute cap instead (`--max-score`)
+    cos(q, c) < s⁺ − margin          absolute margin below the positive: the false-negative filter (`--margin`,
+                                     default 0.05 when no other filter is given)
+    cos(q, c) ≤ s⁺ · (1 − r)         relative margin (`--relative-margin r`; NV-Retriever's TopK-PercPos: r = 0.05
+                                     keeps negatives at most 95% as similar as the positive)
+    cos(q, c) ≤ max_score            or an absolute cap instead of the margin (`--max-score`)
 
 and the row keeps the first k such texts in rank order (`--sampling random`: k of them drawn at random, seeded,
 still written in rank order). A row with fewer than k survivors is dropped, and the count is reported.
@@ -23,11 +26,14 @@ Why these rules. Lexical (BM25) mining returns passages sharing the query's word
 answers as the labelled positive: "false negatives" that teach the model to push away correct answers. Dense
 self-retrieval ranks by meaning, which makes false negatives *more* likely at the very top, hence the window
 that skips the first range_min ranks (RocketQA, Qu et al. 2021, arXiv:2010.08191, found that most top-ranked
-"negatives" of a dense retriever are unlabelled positives) and the positive-aware margin: a negative must score
-clearly below the row's own positive (NV-Retriever's "TopK-MarginPos", Moreira et al. 2024, arXiv:2407.15831).
+"negatives" of a dense retriever are unlabelled positives) and the positive-aware margins: a negative must score
+clearly below the row's own positive (NV-Retriever, Moreira et al. 2024, arXiv:2407.15831: "TopK-MarginPos" is the
+absolute margin, "TopK-PercPos" the relative one, which the paper found best at 95%; sentence-transformers'
+`mine_hard_negatives` offers both as absolute_margin / relative_margin).
 
 Memory: queries are scored R at a time against C corpus rows at a time, keeping a running top K
-(`evaluation.top_k_cosine`, exact and independent of C); the (Q, N) score matrix is never built.
+(corpus_search.py: exact, independent of C, FAISS candidates re-scored where installed); the (Q, N) score matrix is
+never built, and the embeddings may be memory-mapped files (mine.py's cache).
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .corpus_search import SEARCH, corpus_top_k
 from .errors import ConfigError, DataError
-from .evaluation import SCORE_BLOCK_ELEMENTS, top_k_cosine
+from .evaluation import SCORE_BLOCK_ELEMENTS
 
 SAMPLING = ("top", "random")
 
@@ -57,24 +64,30 @@ def select_negatives(
     corpus_emb: torch.Tensor,
     row_query: torch.Tensor,
     row_positive: torch.Tensor,
-    excluded: Sequence[set[int]],
+    excluded: Sequence[set[int]] | torch.Tensor,
     *,
     num_negatives: int = 2,
     range_min: int = 10,
     range_max: int = 50,
     margin: float | None = 0.05,
+    relative_margin: float | None = None,
     max_score: float | None = None,
     sampling: str = "top",
     seed: int = 0,
     chunk_size: int = 50_000,
+    search: str = "exact",
+    device: str | torch.device | None = None,
     show_progress_bar: bool = False,
 ) -> Selection:
     """The module docstring's rule for M rows: query_emb (Q, D), corpus_emb (N, D), row_query, row_positive (M,).
 
     `row_query[m]` is row m's query id, `row_positive[m]` the corpus id of its positive; `excluded[q]` holds the
-    corpus ids that may never be q's negatives (all its positives, and q itself when q is also a corpus text).
+    corpus ids that may never be q's negatives (all its positives, and q itself when q is also a corpus text) —
+    or, at scale, `excluded` is the sorted int64 tensor of their keys q·N + c. The embeddings may be CPU tensors
+    over memory-mapped files: they are read a block at a time (`search`, `device`: corpus_search.corpus_top_k).
     """
-    check_settings(num_negatives, range_min, range_max, margin, max_score, sampling, chunk_size)
+    check_settings(num_negatives, range_min, range_max, margin, max_score, sampling, chunk_size, relative_margin,
+                   search)
     Q, N, M, k = query_emb.shape[0], corpus_emb.shape[0], row_query.shape[0], num_negatives
     K = min(range_max, N)
     W = K - range_min
@@ -82,7 +95,8 @@ def select_negatives(
         raise DataError(f"the corpus has {N} texts, so ranks [{range_min}, {range_max}) hold {max(W, 0)} "
                         f"candidates, fewer than --num-negatives {k}: lower --range-min or add --corpus files")
     # One int64 key q·N + c per forbidden (query, text) pair, so "is c excluded for q?" is one torch.isin.
-    excluded_keys = torch.tensor(sorted(q * N + c for q, ids in enumerate(excluded) for c in ids), dtype=torch.int64)
+    excluded_keys = (excluded if isinstance(excluded, torch.Tensor) else
+                     torch.tensor(sorted(q * N + c for q, ids in enumerate(excluded) for c in ids), dtype=torch.int64))
     # Random keys for every (row, window slot), drawn once in row order: the same draw whatever the block sizes.
     sample_keys = (torch.rand(M, W, generator=torch.Generator().manual_seed(seed))  # (M, W)
                    if sampling == "random" else None)
@@ -96,7 +110,8 @@ def select_negatives(
     from tqdm.auto import tqdm
 
     for b, q0 in enumerate(tqdm(range(0, Q, R), desc="Scoring", unit="block", disable=not show_progress_bar)):
-        top_scores, top_ids = top_k_cosine(query_emb[q0 : q0 + R], corpus_emb, K, chunk_size)  # (R, K) each
+        top_scores, top_ids = corpus_top_k(query_emb[q0 : q0 + R], corpus_emb, K, chunk_size, search,
+                                           device)  # (R, K) each
         rows = by_query[starts[b] : starts[b + 1]]  # (m,) the input rows whose query is in this block
         local = row_query[rows] - q0  # (m,) their query's row in the block
         cand_ids = top_ids[local, range_min:]  # (m, W) the window, in rank order
@@ -111,6 +126,8 @@ def select_negatives(
         keep = ~torch.isin(row_query[rows].unsqueeze(1) * N + cand_ids, excluded_keys)  # (m, W) not a positive of q
         if margin is not None:  # compared in float64, so s⁺ − margin is not rounded before the comparison
             keep &= cand_scores.double() < pos.double().unsqueeze(1) - margin  # (m, W)
+        if relative_margin is not None:  # at most (1 − r) times as similar as the positive
+            keep &= cand_scores.double() <= pos.double().unsqueeze(1) * (1.0 - relative_margin)  # (m, W)
         if max_score is not None:
             keep &= cand_scores.double() <= max_score  # (m, W)
         if sample_keys is not None:  # the k survivors with the smallest random keys, kept in rank order
@@ -128,7 +145,8 @@ def select_negatives(
     return Selection(negative_ids, negative_scores, positive_scores)
 
 
-def check_settings(num_negatives, range_min, range_max, margin, max_score, sampling="top", chunk_size=50_000) -> None:
+def check_settings(num_negatives, range_min, range_max, margin, max_score, sampling="top", chunk_size=50_000,
+                   relative_margin=None, search="exact") -> None:
     """ConfigError, before any encoding, for settings that cannot produce negatives."""
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise ConfigError(f"num_negatives must be an integer >= 1, got {num_negatives!r}")
@@ -141,6 +159,11 @@ def check_settings(num_negatives, range_min, range_max, margin, max_score, sampl
     if margin is not None and not (math.isfinite(margin) and margin >= 0):
         raise ConfigError(f"margin must be a finite number >= 0 (a negative margin lets negatives outscore the "
                           f"positive), got {margin}")
+    if relative_margin is not None and not (math.isfinite(relative_margin) and 0 <= relative_margin < 1):
+        raise ConfigError(f"relative_margin must be in [0, 1) (0.05: negatives at most 95% as similar as the "
+                          f"positive), got {relative_margin}")
+    if search not in SEARCH:
+        raise ConfigError(f"search must be one of {SEARCH}, got {search!r}")
     if max_score is not None and not math.isfinite(max_score):
         raise ConfigError(f"max_score must be a finite number, got {max_score}")
     if sampling not in SAMPLING:
@@ -181,6 +204,7 @@ def mine_with_stats(
     range_min: int = 10,
     range_max: int = 50,
     margin: float | None = 0.05,
+    relative_margin: float | None = None,
     max_score: float | None = None,
     sampling: str = "top",
     seed: int = 0,
@@ -193,7 +217,7 @@ def mine_with_stats(
     The corpus is every distinct positive, then the extra `corpus` texts. Output rows keep the input order, use the
     keys "query" and "positive" whatever the input columns, and a row with fewer than k negatives is left out.
     """
-    check_settings(num_negatives, range_min, range_max, margin, max_score, sampling, chunk_size)
+    check_settings(num_negatives, range_min, range_max, margin, max_score, sampling, chunk_size, relative_margin)
     if not rows:
         raise DataError("mine: no input rows")
     pairs = [(_text(row, query_column, i), _text(row, positive_column, i)) for i, row in enumerate(rows)]
@@ -224,8 +248,9 @@ def mine_with_stats(
     row_query = torch.tensor([query_ids[q] for q, _ in pairs], dtype=torch.int64)  # (M,)
     row_positive = torch.tensor([corpus_ids[p] for _, p in pairs], dtype=torch.int64)  # (M,)
     sel = select_negatives(query_emb, corpus_emb, row_query, row_positive, excluded, num_negatives=num_negatives,
-                           range_min=range_min, range_max=range_max, margin=margin, max_score=max_score,
-                           sampling=sampling, seed=seed, chunk_size=chunk_size, show_progress_bar=show_progress_bar)
+                           range_min=range_min, range_max=range_max, margin=margin, relative_margin=relative_margin,
+                           max_score=max_score, sampling=sampling, seed=seed, chunk_size=chunk_size,
+                           show_progress_bar=show_progress_bar)
 
     texts = list(corpus_ids)  # corpus id → text
     complete = (sel.negative_ids >= 0).all(dim=1)  # (M,)

@@ -13,8 +13,13 @@ The greedy algorithm (sentence-transformers' `NoDuplicatesBatchSampler`), for on
 
 Rows skipped by earlier batches come before all unscanned rows in shuffled order, so the pool is kept as the
 sorted array of skipped positions plus a pointer into the permutation: no O(N^2) rescan of the whole pool.
-Conflicts are checked on integer ids (every distinct text gets one id in `__init__`). Nothing depends on
-Python `set`/`dict` iteration order, which string-hash randomisation makes differ between processes.
+Conflicts are checked on integer text ids: either ids the sampler gives every distinct text value in `__init__`,
+or an (N, C) array of ids the caller computed once — training passes 64-bit hashes of the texts
+(plumbing/text_hashes.py), read from a memory-mapped file, so ten million rows are never Python strings. Only
+equality of ids matters: any ids with "equal id ⇔ equal text" give the same batches. Nothing depends on Python
+`set`/`dict` iteration order, which string-hash randomisation makes differ between processes.
+Memory: the epoch's plan is kept as numpy arrays (8 bytes a row); the rows' ids are gathered `_SCAN_CHUNK` rows
+at a time, so no (N, C) copy or per-row Python list of the whole epoch is ever built.
 Cost: ~2 s for 1M rows x 4 columns (benchmarks/sampler.py). A text found in more rows than the epoch has
 batches cannot fit: its rows pile up in the pool and every batch re-checks them (vectorised, see step 1).
 
@@ -42,6 +47,7 @@ from itertools import chain
 import numpy as np
 
 _SCHEDULE_STREAM = 1  # extra seed word so the task schedule's randomness is independent of the row shuffles
+_SCAN_CHUNK = 1 << 16  # rows whose ids are gathered (and turned into Python lists) at a time
 
 
 def _epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
@@ -74,7 +80,7 @@ class BatchSamplerBase:
         self.num_rows, self.batch_size, self.seed = int(num_rows), int(batch_size), int(seed)
         self.drop_last, self.num_replicas, self.rank = bool(drop_last), int(num_replicas), int(rank)
         self.epoch = 0
-        self._cache: tuple[int, list[list[int]], list[int]] | None = None  # (epoch, global batches, remainder)
+        self._cache: tuple[int, list[np.ndarray], np.ndarray] | None = None  # (epoch, global batches, remainder)
 
     @property
     def global_batch_size(self) -> int:
@@ -86,36 +92,37 @@ class BatchSamplerBase:
         _check_int("epoch", epoch)
         self.epoch = int(epoch)
 
-    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[list[int]], list[int], list[int]]:
-        """Return (full global batches, the partial batch the pool could still make, rows left over)."""
+    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Return (full global batches, the partial batch the pool could still make, rows left over), as int64
+        arrays of row indices."""
         raise NotImplementedError
 
-    def _epoch_plan(self) -> tuple[list[list[int]], list[int]]:
+    def _epoch_plan(self) -> tuple[list[np.ndarray], np.ndarray]:
         """This epoch's global batches and remainder, built once per epoch (then `len` is free and exact)."""
         if self._cache is None or self._cache[0] != self.epoch:
             batches, partial, leftover = self._build_global_batches(_epoch_rng(self.seed, self.epoch))
             if self.drop_last:
-                leftover = partial + leftover
+                leftover = np.concatenate([partial, leftover])
             else:
                 # Cut the last batch to a multiple of W so every rank gets an equal, non-empty shard (or none).
                 keep = len(partial) - len(partial) % self.num_replicas
                 if keep:
                     batches.append(partial[:keep])
-                leftover = partial[keep:] + leftover
-            self._cache = (self.epoch, batches, sorted(leftover))
+                leftover = np.concatenate([partial[keep:], leftover])
+            self._cache = (self.epoch, batches, np.sort(leftover))
         return self._cache[1], self._cache[2]
 
     @property
     def remainder(self) -> list[int]:
         """Sorted row indices that no rank yields this epoch (drop_last, conflicts, or sharding truncation)."""
-        return list(self._epoch_plan()[1])
+        return self._epoch_plan()[1].tolist()
 
     def iter_from(self, start: int) -> Iterator[list[int]]:
         """Yield this rank's batches of the current epoch, skipping the first `start` (to resume mid-epoch)."""
         _check_int("start", start)  # checked now, not at the first next()
-        return (self._shard(batch) for batch in self._epoch_plan()[0][start:])
+        return (self._shard(batch).tolist() for batch in self._epoch_plan()[0][start:])
 
-    def _shard(self, batch: list[int]) -> list[int]:
+    def _shard(self, batch: np.ndarray) -> np.ndarray:
         """This rank's contiguous slice of a global batch."""
         shard = len(batch) // self.num_replicas  # == batch_size except for the final partial batch
         return batch[self.rank * shard:(self.rank + 1) * shard]
@@ -130,11 +137,11 @@ class BatchSamplerBase:
 class PlainBatchSampler(BatchSamplerBase):
     """Shuffled batches of `batch_size` rows per rank, no duplicate check (in-batch-negative-free losses, STS)."""
 
-    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[list[int]], list[int], list[int]]:
-        order = rng.permutation(self.num_rows).tolist()
+    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        order = rng.permutation(self.num_rows)  # (N,) int64
         size = self.global_batch_size
         full = len(order) // size * size
-        return [order[i:i + size] for i in range(0, full, size)], order[full:], []
+        return list(order[:full].reshape(-1, size)), order[full:], np.empty(0, dtype=np.int64)
 
 
 class NoDuplicatesBatchSampler(BatchSamplerBase):
@@ -142,18 +149,21 @@ class NoDuplicatesBatchSampler(BatchSamplerBase):
 
     Args:
         texts: texts[i] holds the text values of row i (every column except a score); any hashable values.
+            Or an (N, C) integer array of text ids, equal ids for equal texts (what training passes: 64-bit
+            hashes of the texts); anything with `ndim`, `dtype`, `len()` and numpy row indexing works, so a
+            memory-mapped array, or a view that gathers rows of one (plumbing/text_hashes.py's `RowsOf`).
         batch_size: rows per batch on THIS rank; a step uses batch_size * num_replicas rows in all.
         seed: with the epoch (`set_epoch`), the only source of randomness.
         drop_last: drop the final partial batch instead of yielding it (its rows go to `remainder`).
         num_replicas, rank: the world size and this process's rank, as in `DistributedSampler`.
     """
 
-    def __init__(self, texts: Sequence[Sequence[str]], batch_size: int, *, seed: int = 0,
+    def __init__(self, texts, batch_size: int, *, seed: int = 0,
                  drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(len(texts), batch_size, seed=seed, drop_last=drop_last,
+        ids = texts if is_id_array(texts) else self._text_ids(texts)
+        super().__init__(len(ids), batch_size, seed=seed, drop_last=drop_last,
                          num_replicas=num_replicas, rank=rank)
-        self._row_ids = self._text_ids(texts)  # (N, C) int64
-        self._num_texts = int(self._row_ids.max()) + 1
+        self._row_ids = ids  # (N, C) integer ids, possibly memory-mapped: only ever read in chunks
 
     @staticmethod
     def _text_ids(texts: Sequence[Sequence[str]]) -> np.ndarray:
@@ -168,6 +178,8 @@ class NoDuplicatesBatchSampler(BatchSamplerBase):
                 found = "a str" if isinstance(texts[i], str) else "an empty row"
                 raise ValueError(f"texts[{i}] must be a non-empty sequence of the row's text values "
                                  f"(e.g. a tuple (anchor, positive)), found {found}: {texts[i]!r}")
+        if not texts:
+            return np.empty((0, 1), dtype=np.int64)
         flat = list(chain.from_iterable(texts))  # every text value, row after row
         vocab: dict[Hashable, int] = {}
         flat_ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in flat), dtype=np.int64, count=len(flat))
@@ -178,16 +190,17 @@ class NoDuplicatesBatchSampler(BatchSamplerBase):
         columns = np.minimum(np.arange(width), np.array(widths)[:, None] - 1)  # (N, C), repeats the last column
         return flat_ids[starts[:, None] + columns]  # padding by repeating a value of the row itself
 
-    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[list[int]], list[int], list[int]]:
-        order = rng.permutation(self.num_rows)
-        ids = self._row_ids[order]  # (N, C) text ids, p-th row in shuffled order
-        rows = ids.tolist()  # the same as Python lists: one-row set checks are fastest on these
-        order = order.tolist()
+    def _build_global_batches(self, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        order = rng.permutation(self.num_rows)  # (N,) int64: position p in the shuffle holds row order[p]
+
+        def ids_at(positions: np.ndarray) -> np.ndarray:  # (k,) shuffle positions → (k, C) their rows' ids
+            return np.asarray(self._row_ids[order[positions]])
+
         size, n = self.global_batch_size, len(order)
-        in_batch = np.zeros(self._num_texts, dtype=bool)  # numpy copy of `seen`, for the vectorised pre-filter
         skipped = np.empty(0, dtype=np.int64)  # positions skipped by earlier batches, ascending
         fresh = 0  # positions >= fresh were never scanned; they all come after `skipped`
-        batches: list[list[int]] = []
+        scan_start, scan_rows, scan_order = 0, [], []  # ids and rows of positions [scan_start, +len) as lists
+        batches: list[np.ndarray] = []
         while True:
             batch: list[int] = []
             seen: set[int] = set()  # text ids already in the batch
@@ -198,16 +211,15 @@ class NoDuplicatesBatchSampler(BatchSamplerBase):
             taken: list[int] = []  # indices into `skipped` of rows that joined the batch
             start, chunk = 0, 32  # chunks double: little wasted pre-filtering past the point the batch fills
             while start < len(skipped) and len(batch) < size:
-                marked = np.fromiter(seen, dtype=np.int64, count=len(seen))
-                in_batch[marked] = True
                 block = skipped[start:start + chunk]
-                survivors = np.flatnonzero(~in_batch[ids[block]].any(axis=1))
-                in_batch[marked] = False
+                ids = ids_at(block)  # (b, C)
+                marked = np.fromiter(seen, dtype=ids.dtype, count=len(seen))
+                survivors = np.flatnonzero(~np.isin(ids, marked).any(axis=1))
                 for j in survivors.tolist():
-                    p = int(block[j])
-                    if seen.isdisjoint(rows[p]):
-                        batch.append(order[p])
-                        seen.update(rows[p])
+                    row = ids[j].tolist()
+                    if seen.isdisjoint(row):
+                        batch.append(int(order[block[j]]))
+                        seen.update(row)
                         taken.append(start + j)
                         if len(batch) == size:
                             break
@@ -216,16 +228,26 @@ class NoDuplicatesBatchSampler(BatchSamplerBase):
             # 2) Then unscanned rows; those that conflict now join the end of the skipped rows.
             newly_skipped: list[int] = []
             while fresh < n and len(batch) < size:
-                if seen.isdisjoint(rows[fresh]):
-                    batch.append(order[fresh])
-                    seen.update(rows[fresh])
+                if fresh == scan_start + len(scan_rows):  # the next chunk of the shuffle, as Python lists
+                    scan_start, stop = fresh, min(fresh + _SCAN_CHUNK, n)
+                    scan_rows = ids_at(np.arange(fresh, stop)).tolist()
+                    scan_order = order[fresh:stop].tolist()
+                row = scan_rows[fresh - scan_start]
+                if seen.isdisjoint(row):
+                    batch.append(scan_order[fresh - scan_start])
+                    seen.update(row)
                 else:
                     newly_skipped.append(fresh)
                 fresh += 1
-            skipped = np.concatenate([skipped, newly_skipped]).astype(np.int64)
+            skipped = np.concatenate([skipped, np.asarray(newly_skipped, dtype=np.int64)])
             if len(batch) < size:  # the whole pool was scanned: this is the epoch's last (partial) batch
-                return batches, batch, [order[p] for p in skipped.tolist()]
-            batches.append(batch)
+                return batches, np.asarray(batch, dtype=np.int64), order[skipped]
+            batches.append(np.asarray(batch, dtype=np.int64))
+
+
+def is_id_array(texts) -> bool:
+    """Whether `texts` is an (N, C) array of integer text ids rather than a sequence of rows of texts."""
+    return getattr(texts, "ndim", None) == 2 and np.issubdtype(getattr(texts, "dtype", np.dtype(object)), np.integer)
 
 
 class MultiTaskBatchSampler:

@@ -2,7 +2,7 @@
 
 Shapes: B rows in this rank's batch, n columns of text per row, T = n·B texts, C texts per mini-batch, D dim.
 
-    rows of one task ─column_major→ texts (T,) ─tokenize once→ PackedTokenIds ─→
+    rows of one task ─TaskData.batch→ texts (T,) ─tokenize once→ PackedTokenIds ─→
         a loss trained with GradCache (`cached_mnrl`):
             mini-batches of C texts → grad_cache.grad_cache_step                   (`fast` None: the textbook)
                                     → fast.grad_cache_step, the same passes with the speed-ups' switches
@@ -28,7 +28,7 @@ from .batching import PackedTokenIds
 from .encoder import SentenceEncoder
 from .grad_cache import Autocast, LossFn, MiniBatch, grad_cache_step, make_mini_batches
 from .keyed_dropout import DropoutKeys, global_text_index, text_keys
-from .objectives import Objective, column_major
+from .objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Step:
         """Encode the batch `rows` of one task (its `TaskData`) at optimizer step `step`, compute its loss and
         backpropagate the scaled loss → the loss () (detached, unscaled). `parts` receives the unweighted loss at
         each Matryoshka dim. `full_batch`: one plain forward/backward even for a GradCache task (the reference)."""
-        texts = column_major([data.texts[r] for r in rows])  # (T,) column after column: the layout Objective reads
-        scores = None if data.scores is None else torch.as_tensor(data.scores[rows], device=self.device)  # (B,)
+        texts, scores = data.batch(rows)  # (T,) column after column, the layout Objective reads; (B,) or None
+        scores = None if scores is None else torch.as_tensor(scores, device=self.device)  # (B,)
         ids = PackedTokenIds.tokenize(self.encoder, texts)
         return self.loss_and_gradient_of_tokens(task_name, ids, len(data.columns), scores, step, parts, full_batch)
 

@@ -37,8 +37,8 @@ if FAULT in ("fewer-rows", "other-rows") and RANK == 1:
         for name, task in loaded.tasks.items():
             if FAULT == "fewer-rows":
                 loaded.tasks[name] = task.select(list(range(len(task) - 2)))
-            else:
-                task.texts[0] = tuple(t + " (edited)" for t in task.texts[0])
+            else:  # row 0 is replaced by a copy of row 1: the same count, other content
+                loaded.tasks[name] = task.select([1, *range(1, len(task))])
         return loaded
 
     train.load_run_data = stale_copy

@@ -230,7 +230,7 @@ def test_a_list_column_gives_the_batches_and_losses_of_flat_columns(tiny_model_d
     from bertino.plumbing.config import config_from_dict
 
     a, b = (load_run_data(config_from_dict(c)).tasks["r"] for c in (flat, listed))
-    assert a.texts == b.texts and b.dropped_rows == 5
+    assert a.text_rows() == b.text_rows() and b.dropped_rows == 5
     def first_batches(cfg, data, n=8):  # the stream is endless: its first n (epoch, index, task, rows)
         return list(itertools.islice(batch_schedule(config_from_dict(cfg), {"r": data}).stream(0, 0), n))
 
@@ -257,7 +257,7 @@ def test_short_rows_error_names_the_row(tmp_path):
         load_task(task, "r")
     three = load_task(TaskConfig(dataset=str(tmp_path / "r.parquet"), columns=("query", "positive"), loss="mnrl",
                                  negatives=NegativesConfig("hard_negatives", 1)), "r")
-    assert len(three) == 12 and three.texts[1][2] == retrieval_table(12).column("hard_negatives")[1][0].as_py()
+    assert len(three) == 12 and three.text_rows()[1][2] == retrieval_table(12).column("hard_negatives")[1][0].as_py()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── hold-out
@@ -271,8 +271,8 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
     held, trained = first.holdouts["retrieval"], first.tasks["retrieval"]
     assert len(held) == 4 and len(trained) == 68
     assert set(held.row_ids.tolist()).isdisjoint(trained.row_ids.tolist())
-    assert {row[0] for row in held.texts}.isdisjoint(row[0] for row in trained.texts)
-    assert held.texts == second.holdouts["retrieval"].texts and trained.texts == second.tasks["retrieval"].texts
+    assert {row[0] for row in held.text_rows()}.isdisjoint(row[0] for row in trained.text_rows())
+    assert held.text_rows() == second.holdouts["retrieval"].text_rows() and trained.text_rows() == second.tasks["retrieval"].text_rows()
     held_ids = set(held.row_ids.tolist())
     for rank in (0, 1):  # each rank's share of every batch: source rows of training only
         stream = batch_schedule(cfg, first.tasks, world_size=2, rank=rank).stream(0, 0)
@@ -280,8 +280,8 @@ def test_holdout_is_disjoint_deterministic_and_its_ir_corpus(offline_hub):
                 if task == "retrieval" for i in rows}
         assert seen and not seen & held_ids
     (ir,), (sts,) = load_eval_sets(cfg.eval.ir, cfg.eval.sts, first.holdouts)
-    assert ir.name == "retrieval_holdout" and ir.queries == [row[0] for row in held.texts]
-    assert set(ir.corpus) == {t for row in held.texts for t in row[1:]}  # positives and both hard negatives
+    assert ir.name == "retrieval_holdout" and ir.queries == [row[0] for row in held.text_rows()]
+    assert set(ir.corpus) == {t for row in held.text_rows() for t in row[1:]}  # positives and both hard negatives
     assert sts.name == "sts_dev" and len(sts.sentences1) == 12 and max(sts.scores) <= 1.0  # dev split, / 5
 
 
@@ -315,6 +315,59 @@ def test_a_resume_keeps_the_hold_out(hf_home, v5_run, tmp_path):
     assert set(whole) == {2, 4} and set(resumed) == {4} and whole[4] == resumed[4]  # a new folder: its own log
     a, b = weights(whole_run / "final"), weights(tmp_path / "resumed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────── a clone of a repo
+def clone_of(repo_id: str, tmp: Path) -> Path:
+    """What `git clone https://huggingface.co/datasets/REPO` leaves: the repo's files (data + README.md)."""
+    import shutil
+
+    import huggingface_hub
+
+    clone = tmp / "clones" / repo_id.split("/")[1]
+    shutil.copytree(huggingface_hub.snapshot_download(repo_id, repo_type="dataset"), clone)
+    return clone
+
+
+def test_a_local_clone_of_a_hub_dataset_repo_loads_as_its_hub_id(offline_hub, tmp_path):
+    """A cluster without internet uses a clone of the repo: train.py's tasks (configs/v5.json with the clones as
+    datasets) and evaluate.py's eval sets read the same rows, scores, hold-out and sets as from the hub ids."""
+    from bertino.plumbing.eval_data import load_eval_sets
+
+    retrieval, sts = clone_of(RETRIEVAL_ID, tmp_path), clone_of(STS_ID, tmp_path)
+    by_id = load_config(ROOT / "configs" / "v5.json", ["train.per_device_train_batch_size=8"])
+    by_clone = load_config(ROOT / "configs" / "v5.json", ["train.per_device_train_batch_size=8",
+                                                          f"tasks.retrieval.dataset={retrieval}",
+                                                          f"tasks.sts.dataset={sts}",
+                                                          f'eval.sts=[{{"dataset": "{sts}", "config": "it", '
+                                                          f'"split": "dev", "columns": ["sentence1", "sentence2", '
+                                                          f'"similarity_score"], "score_scale": 5.0, '
+                                                          f'"name": "sts_dev"}}]'])
+    a, b = load_run_data(by_id), load_run_data(by_clone)
+    for name in ("retrieval", "sts"):
+        assert len(a.tasks[name]) > 0 and a.tasks[name].text_rows() == b.tasks[name].text_rows()
+        assert (a.tasks[name].scores is None) == (b.tasks[name].scores is None)
+        if a.tasks[name].scores is not None:
+            assert np.array_equal(a.tasks[name].scores, b.tasks[name].scores)
+    assert a.holdouts["retrieval"].text_rows() == b.holdouts["retrieval"].text_rows()
+    (ir_a,), (sts_a,) = load_eval_sets(by_id.eval.ir, by_id.eval.sts, a.holdouts)
+    (ir_b,), (sts_b,) = load_eval_sets(by_clone.eval.ir, by_clone.eval.sts, b.holdouts)
+    assert (ir_a.queries, ir_a.corpus, ir_a.relevant) == (ir_b.queries, ir_b.corpus, ir_b.relevant)
+    assert (sts_a.sentences1, sts_a.sentences2, sts_a.scores) == (sts_b.sentences1, sts_b.sentences2, sts_b.scores)
+    assert len(sts_b.scores) == 12  # the "it" config's dev split, as the README's configs: section maps it
+
+
+def test_mine_reads_a_clone_of_a_hub_dataset_repo_as_its_hub_id(offline_hub, tiny_model_dir, tmp_path):
+    """`python -m bertino.mine --input CLONE` mines the rows `--input HUB_ID` mines (the same bytes written)."""
+    from bertino.mine import run
+
+    clone = clone_of(RETRIEVAL_ID, tmp_path)
+    common = ["--model", str(tiny_model_dir), "--range-min", "2", "--range-max", "30", "--no-progress",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert run([*common, "--input", RETRIEVAL_ID, "--output", str(tmp_path / "hub.jsonl")]) == 0
+    assert run([*common, "--input", str(clone), "--output", str(tmp_path / "clone.jsonl")]) == 0
+    mined = (tmp_path / "hub.jsonl").read_bytes()
+    assert mined and mined == (tmp_path / "clone.jsonl").read_bytes()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────── the base model

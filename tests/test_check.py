@@ -199,7 +199,8 @@ def test_the_check_refuses_stream_masks_across_processes(dropout_model_dir, tmp_
 
 
 def test_the_demo_config_on_a_tiny_model_checks_out(dropout_model_dir, tmp_path, capsys):
-    rows = [{k: r[k] for k in ("query", "positive", "negative_1", "negative_2")} for r in retrieval_rows(32)]
+    rows = [{"query": r["query"], "positive": r["positive"], "hard_negatives": [r["negative_1"], r["negative_2"]]}
+            for r in retrieval_rows(32)]  # as bertino.mine writes them, as configs/demo.json reads them
     data = write_jsonl(tmp_path / "mined.jsonl", rows)
     code, out = run_check(capsys, "--config", ROOT / "configs" / "demo.json", f"model.name_or_path={dropout_model_dir}",
                           f"tasks.retrieval.dataset={data}", "matryoshka.dims=[32,16,8,4]", "eval.dims=null",

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bertino.errors import ConfigError, DataError
-from bertino.plumbing.config import TaskConfig, apply_overrides, config_from_dict
+from bertino.plumbing.config import NegativesConfig, TaskConfig, apply_overrides, config_from_dict
 from bertino.plumbing.data import TaskData, balance_indices, balance_tasks, load_task, load_tasks
 
 RETRIEVAL_COLUMNS = ("query", "positive", "negative_1", "negative_2")
@@ -61,7 +61,7 @@ def test_jsonl_retrieval(tmp_path):
     data = load_task(retrieval(path), "retrieval")
     assert isinstance(data, TaskData) and data.name == "retrieval" and len(data) == 5
     assert data.columns == RETRIEVAL_COLUMNS and data.scores is None and data.score_column is None
-    assert data.texts == expected_retrieval_texts()
+    assert data.text_rows() == expected_retrieval_texts()
     assert data.row_ref(0) == f"{path}:1"
     assert data.row_ref(2) == f"{path}:4"  # a blank line after row 1 shifts the line numbers
 
@@ -69,12 +69,12 @@ def test_jsonl_retrieval(tmp_path):
 def test_utf8_bom_and_crlf(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in RETRIEVAL_ROWS) + b"\r\n")
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_jsonl_sts_scores_are_scaled_float32(tmp_path):
     data = load_task(sts(write_jsonl(tmp_path / "sts.jsonl", STS_ROWS)), "sts")
-    assert data.texts == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS]
+    assert data.text_rows() == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS]
     assert data.columns == ("sentence1", "sentence2") and data.score_column == "score"  # columns ↔ texts
     assert data.scores.dtype == np.float32
     np.testing.assert_allclose(data.scores, np.arange(6) / 5.0, rtol=1e-6)
@@ -84,17 +84,17 @@ def test_jsonl_gz(tmp_path):
     path = tmp_path / "train.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in RETRIEVAL_ROWS))
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_json_list_and_json_lines(tmp_path):
     as_list = tmp_path / "list.json"
     as_list.write_text(json.dumps(RETRIEVAL_ROWS, indent=2))
     data = load_task(retrieval(as_list), "r")
-    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_list} row 3"
+    assert data.text_rows() == expected_retrieval_texts() and data.row_ref(3) == f"{as_list} row 3"
     as_lines = write_jsonl(tmp_path / "lines.json", RETRIEVAL_ROWS)
     data = load_task(retrieval(as_lines), "r")
-    assert data.texts == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines}:4"
+    assert data.text_rows() == expected_retrieval_texts() and data.row_ref(3) == f"{as_lines}:4"
 
 
 def test_csv(tmp_path):
@@ -102,7 +102,7 @@ def test_csv(tmp_path):
     path.write_text("sentence1,sentence2,score\n" + "".join(
         f"\"{r['sentence1']}, ok\",{r['sentence2']},{r['score']}\n" for r in STS_ROWS))
     data = load_task(sts(path), "sts")
-    assert data.texts[2] == ("frase 2, ok", "testo 2")
+    assert data.text_rows()[2] == ("frase 2, ok", "testo 2")
     np.testing.assert_allclose(data.scores, np.arange(6) / 5.0, rtol=1e-6)
     assert data.row_ref(2) == f"{path} row 2"
 
@@ -110,12 +110,12 @@ def test_csv(tmp_path):
 def test_parquet(tmp_path):
     path = tmp_path / "train.parquet"
     datasets.Dataset.from_list(RETRIEVAL_ROWS).to_parquet(str(path))
-    assert load_task(retrieval(path), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(path), "r").text_rows() == expected_retrieval_texts()
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     datasets.Dataset.from_list(RETRIEVAL_ROWS).save_to_disk(str(tmp_path / "plain"))
-    assert load_task(retrieval(tmp_path / "plain"), "r").texts == expected_retrieval_texts()
+    assert load_task(retrieval(tmp_path / "plain"), "r").text_rows() == expected_retrieval_texts()
 
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(STS_ROWS),
                                "dev": datasets.Dataset.from_list(STS_ROWS[:2])})
@@ -130,7 +130,7 @@ def test_save_to_disk_with_format_still_gives_python_values(tmp_path):
     ds = datasets.Dataset.from_list(STS_ROWS).with_format("numpy")
     ds.save_to_disk(str(tmp_path / "np"))
     data = load_task(sts(tmp_path / "np"), "sts")
-    assert data.texts[0] == ("frase 0", "testo 0") and data.scores[5] == pytest.approx(1.0)
+    assert data.text_rows()[0] == ("frase 0", "testo 0") and data.scores[5] == pytest.approx(1.0)
 
 
 def test_base_dir(tmp_path):
@@ -304,10 +304,11 @@ def test_unreadable_bytes(tmp_path):
 # ── balance_to ───────────────────────────────────────────────────────────────────────────────────────────────
 
 def fake_task(name: str, n: int, with_scores: bool = False) -> TaskData:
-    return TaskData(name=name, columns=("a", "b"), score_column="s" if with_scores else None,
-                    texts=[(f"{name} a{i}", f"{name} b{i}") for i in range(n)],
-                    scores=np.arange(n, dtype=np.float32) if with_scores else None,
-                    source=f"{name}.jsonl", line_numbers=np.arange(1, n + 1) * 2)
+    data = TaskData.from_rows(name, ("a", "b"), [(f"{name} a{i}", f"{name} b{i}") for i in range(n)],
+                              scores=np.arange(n, dtype=np.float32) if with_scores else None,
+                              source=f"{name}.jsonl", lines=np.arange(1, n + 1) * 2)
+    data.score_column = "s" if with_scores else None
+    return data
 
 
 CFGS = {"retrieval": TaskConfig(dataset="r", columns=("a", "b"), loss="mnrl"),
@@ -332,24 +333,24 @@ def test_balance_tasks(n_sts, n_retrieval):
     out = balance_tasks(tasks, CFGS, seed=42)
     assert out["retrieval"] is tasks["retrieval"]
     assert len(out["sts"]) == n_retrieval and out["sts"].scores.shape == (n_retrieval,)
-    counts = Counter(out["sts"].texts)
-    assert set(counts) <= set(tasks["sts"].texts)
+    counts = Counter(out["sts"].text_rows())
+    assert set(counts) <= set(tasks["sts"].text_rows())
     assert max(counts.values()) - min(counts.values()) <= 1
-    for i, text in enumerate(out["sts"].texts):  # scores and row references travel with their rows
-        j = tasks["sts"].texts.index(text)
+    for i, text in enumerate(out["sts"].text_rows()):  # scores and row references travel with their rows
+        j = tasks["sts"].text_rows().index(text)
         assert out["sts"].scores[i] == tasks["sts"].scores[j]
         assert out["sts"].row_ref(i) == f"sts.jsonl:{2 * (j + 1)}"
     assert out["sts"].columns == ("a", "b") and out["sts"].score_column == "s"
     assert len(tasks["sts"]) == n_sts  # input untouched
 
     again = balance_tasks(dict(reversed(list(tasks.items()))), CFGS, seed=42)  # dict order does not matter
-    assert again["sts"].texts == out["sts"].texts
+    assert again["sts"].text_rows() == out["sts"].text_rows()
     if n_sts != n_retrieval:
-        assert any(balance_tasks(tasks, CFGS, seed=s)["sts"].texts != out["sts"].texts for s in range(1, 5))
+        assert any(balance_tasks(tasks, CFGS, seed=s)["sts"].text_rows() != out["sts"].text_rows() for s in range(1, 5))
 
 
 def test_balance_row_ref_without_line_numbers():
-    task = TaskData("sts", ("a", "b"), [("x", "y"), ("z", "w")], np.zeros(2, np.float32), "dataset hub/x")
+    task = TaskData.from_rows("sts", ("a", "b"), [("x", "y"), ("z", "w")], np.zeros(2, np.float32), "dataset hub/x")
     picked = task.select(np.array([1, 1, 0]))
     assert [picked.row_ref(i) for i in range(3)] == ["dataset hub/x row 1", "dataset hub/x row 1",
                                                       "dataset hub/x row 0"]
@@ -370,7 +371,7 @@ def test_load_tasks_balances(tmp_path):
                 "score_scale": 5, "balance_to": "retrieval"}}}, []))
     tasks = load_tasks(cfg, base_dir=tmp_path)
     assert len(tasks["retrieval"]) == 9 and len(tasks["sts"]) == 9
-    assert tasks["sts"].texts[:8] == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS[:4]] * 2
+    assert tasks["sts"].text_rows()[:8] == [(r["sentence1"], r["sentence2"]) for r in STS_ROWS[:4]] * 2
 
 
 # ── property: random rows give TaskData or DataError, never another exception ─────────────────────────────────
@@ -427,8 +428,8 @@ def test_random_rows_load_or_raise_data_error(rows, task, suffix):
             return
     n_text = 2 if task.loss in ("cosent", "cosine") else len(task.columns)
     assert len(data.columns) == n_text and data.columns == task.columns[:n_text]
-    assert len(data) >= 1 and all(len(t) == n_text for t in data.texts)
-    assert all(type(s) is str and s.strip() for t in data.texts for s in t)
+    assert len(data) >= 1 and all(len(t) == n_text for t in data.text_rows())
+    assert all(type(s) is str and s.strip() for t in data.text_rows() for s in t)
     if task.loss in ("cosent", "cosine"):
         assert data.scores.dtype == np.float32 and data.scores.shape == (len(data),)
         assert np.isfinite(data.scores).all()
@@ -436,7 +437,109 @@ def test_random_rows_load_or_raise_data_error(rows, task, suffix):
             assert ((data.scores >= 0) & (data.scores <= 1)).all()
     else:
         assert data.scores is None
-        for t in data.texts:
+        for t in data.text_rows():
             assert all(neg.strip() not in (t[0].strip(), t[1].strip()) for neg in t[2:])
     for i in range(len(data)):
         assert str(path) in data.row_ref(i)
+
+
+# ── issue 23: every bad row counted (14), decimal scores and lists in CSV (15), a hold-out too small (11) ─────────
+
+def test_every_bad_row_is_counted_by_reason_and_the_first_few_are_named(tmp_path):
+    """Eight bad rows of four kinds among good ones: ONE error gives the count, the count per reason, and the first
+    five as FILE:LINE with what is wrong — no rerun per bad row."""
+    lines = []
+    for i in range(20):
+        row = retrieval_row(query=f"q{i}", positive=f"p{i}", negative_1=f"a{i}", negative_2=f"b{i}")
+        if i in (2, 5, 9):
+            row["query"] = ""
+        if i in (3, 12):
+            row["negative_2"] = row["positive"]
+        if i == 7:
+            row = "{not json"
+        if i in (15, 17):
+            row.pop("negative_1")
+        lines.append(row if isinstance(row, str) else json.dumps(row))
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    msg = load_error(retrieval(path), "retrieval")
+    assert msg.startswith(f"task 'retrieval': 8 bad rows in {path}"), msg
+    for count_and_reason in ("3 × column 'query': not a non-empty string",
+                             "2 × column 'negative_2' equals column 'positive'", "1 × invalid JSON",
+                             "2 × missing column 'negative_1'"):
+        assert count_and_reason in msg, (count_and_reason, msg)
+    named = [f"{path}:{line}: " for line in (3, 4, 6, 8, 10)]  # the first five bad rows, by line
+    assert all(ref in msg for ref in named), msg
+    assert f"{path}:13: " not in msg and "bad_rows" in msg and '"drop"' in msg
+    assert f"{path}:3: column 'query': expected a non-empty string, found ''" in msg
+    assert f"{path}:8: invalid JSON" in msg
+
+
+def test_bad_rows_drop_trains_on_the_good_rows_and_counts_the_dropped(tmp_path):
+    """tasks.NAME.bad_rows = "drop": the bad rows are left out, counted by reason, and the summary line says so."""
+    from types import SimpleNamespace
+
+    import train
+
+    rows = [retrieval_row(query=f"q{i}", positive=f"p{i}", negative_1=f"a{i}", negative_2=f"b{i}") for i in range(9)]
+    rows[1]["query"] = " "
+    rows[4]["negative_1"] = rows[4]["query"]
+    rows[6]["negative_2"] = 7
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = load_task(retrieval(path, bad_rows="drop"), "retrieval")
+    assert [row[0] for row in data.text_rows()] == [f"q{i}" for i in (0, 2, 3, 5, 7, 8)]
+    assert data.bad_rows == {"column 'query': not a non-empty string": 1,
+                             "column 'negative_1' equals column 'query'": 1,
+                             "column 'negative_2': not a non-empty string": 1}
+    run = SimpleNamespace(tasks={"retrieval": data}, holdouts={}, steps_per_epoch=2, total_steps=2,
+                          resume_from=None, dist_info=SimpleNamespace(world_size=1), device="cpu", amp_dtype=None)
+    assert "retrieval 6 (3 dropped: bad rows)" in train.summary_line(run)
+    sts_path = tmp_path / "sts.parquet"
+    datasets.Dataset.from_list([sts_row(score=1.0), sts_row(score=float("nan")), sts_row(score=4.0)]).to_parquet(
+        str(sts_path))
+    scored = load_task(sts(sts_path, bad_rows="drop"), "sts")
+    assert len(scored) == 2 and scored.bad_rows == {"column 'score': not a finite number": 1}
+    np.testing.assert_allclose(scored.scores, [0.2, 0.8], rtol=1e-6)
+    with pytest.raises(ConfigError, match="bad_rows"):
+        config_from_dict({"model": {"name_or_path": "x"}, "tasks": {"r": {
+            "dataset": "r.jsonl", "columns": ["a", "b"], "loss": "mnrl", "bad_rows": "skip"}}})
+
+
+def test_parquet_decimal_scores_are_numbers(tmp_path):
+    """A parquet score column of decimals (Decimal('0.45')) is read as the numbers they are."""
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "sts.parquet"
+    pq.write_table(pa.table({"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"],
+                             "score": pa.array([Decimal("0.45"), Decimal("4.50"), Decimal("2.00")],
+                                               type=pa.decimal128(4, 2))}), path)
+    data = load_task(sts(path), "sts")
+    np.testing.assert_allclose(data.scores, np.array([0.45, 4.5, 2.0]) / 5.0, rtol=1e-6)
+
+
+def test_listed_negatives_cannot_come_from_a_csv_file(tmp_path):
+    """A CSV cell holds text, not a list: `negatives` with a CSV file says so, and what to use instead."""
+    path = tmp_path / "r.csv"
+    path.write_text('query,positive,hard_negatives\nq,p,"[""a"", ""b""]"\n')
+    msg = load_error(TaskConfig(dataset=str(path), columns=("query", "positive"), loss="mnrl",
+                                negatives=NegativesConfig("hard_negatives", 2)))
+    assert "CSV" in msg and "cannot hold lists" in msg and "negative_1" in msg and str(path) in msg
+
+
+def test_a_holdout_too_small_for_its_sts_set_names_the_key(tmp_path):
+    """tasks.NAME.holdout that leaves one STS row out: the error names the key to change, not only the set."""
+    from bertino.plumbing.data import load_run_data
+    from bertino.plumbing.eval_data import load_eval_sets
+
+    write_jsonl(tmp_path / "s.jsonl", STS_ROWS)
+    cfg = config_from_dict({"model": {"name_or_path": "x"}, "tasks": {"sts": {
+        "dataset": str(tmp_path / "s.jsonl"), "columns": ["sentence1", "sentence2", "score"], "loss": "cosent",
+        "holdout": 0.1}}})
+    holdouts = load_run_data(cfg).holdouts
+    assert len(holdouts["sts"]) == 1
+    with pytest.raises(DataError, match=r"tasks\.sts\.holdout") as info:
+        load_eval_sets([], [], holdouts)
+    assert "at least 2 rows" in str(info.value)

@@ -69,7 +69,7 @@ def cosine_matrix(encoder, queries: list[str], corpus: list[str], batch_size: in
 
 
 def brute_force_survivors(encoder, rows, *, corpus_extra=(), range_min=10, range_max=50, margin=0.05,
-                          max_score=None, batch_size=64) -> list[list[str]]:
+                          max_score=None, relative_margin=None, batch_size=64) -> list[list[str]]:
     """The module docstring's rule, literally: each row's surviving candidates, in rank order (Python loops)."""
     corpus = list(dict.fromkeys([r["positive"] for r in rows] + list(corpus_extra)))
     queries = list(dict.fromkeys(r["query"] for r in rows))
@@ -90,6 +90,8 @@ def brute_force_survivors(encoder, rows, *, corpus_extra=(), range_min=10, range
             if margin is not None and not float(s[j]) < pos - margin:
                 continue
             if max_score is not None and not float(s[j]) <= max_score:
+                continue
+            if relative_margin is not None and not float(s[j]) <= pos * (1 - relative_margin):
                 continue
             survivors.append(text)
         out.append(survivors)
@@ -256,24 +258,34 @@ def input_file(tmp_path_factory) -> Path:
 
 
 def test_cli_reruns_are_byte_identical_and_chunk_independent(tiny_model_dir, input_file, tmp_path):
+    """Reruns (the second one from the embedding cache), any --chunk-size, .jsonl or .gz: the same bytes; the rows
+    those of the in-memory miner, negatives as one `hard_negatives` list (or flat columns)."""
     extra = tmp_path / "extra.jsonl.gz"
     with gzip.open(extra, "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "il sole sul mare di roma"}) + "\n" + json.dumps({"positive": "una cella"}) + "\n")
+    settings = dict(range_min=3, range_max=20, margin=0.002, batch_size=4)
     common = ["--model", str(tiny_model_dir), "--input", str(input_file), "--corpus", str(extra),
-              "--range-min", "3", "--range-max", "20", "--margin", "0.002", "--batch-size", "4"]
+              "--range-min", "3", "--range-max", "20", "--margin", "0.002", "--batch-size", "4",
+              "--cache-dir", str(tmp_path / "cache")]
     outputs = {}
     for name, chunk in [("a.jsonl", "50000"), ("b.jsonl", "5"), ("a.jsonl.gz", "50000"), ("b.jsonl.gz", "3")]:
         proc = run_cli(*common, "--output", str(tmp_path / name), "--chunk-size", chunk)
         assert proc.returncode == 0, proc.stderr
-        assert "Encoding" in proc.stderr and "Scoring" in proc.stderr  # the progress bars
+        assert ("Encoding" in proc.stderr) == (name == "a.jsonl") and "Scoring" in proc.stderr  # the progress bars
         assert f"mined {len(italian_rows())} rows" in proc.stdout and "dropped" in proc.stdout
         outputs[name] = (tmp_path / name).read_bytes()
     assert outputs["a.jsonl"] == outputs["b.jsonl"]
     assert outputs["a.jsonl.gz"] == outputs["b.jsonl.gz"]
     assert gzip.decompress(outputs["a.jsonl.gz"]) == outputs["a.jsonl"]
     rows = [json.loads(line) for line in outputs["a.jsonl"].decode("utf-8").splitlines()]
-    assert rows and all(list(r) == ["query", "positive", "negative_1", "negative_2"] for r in rows)
-    assert load_corpus(extra) == ["il sole sul mare di roma", "una cella"]
+    assert rows and all(list(r) == ["query", "positive", "hard_negatives"] for r in rows)
+    expected = mine(SentenceEncoder.from_pretrained(tiny_model_dir), italian_rows(),
+                    corpus=["il sole sul mare di roma", "una cella"], **settings)
+    assert [{"query": r["query"], "positive": r["positive"], "negative_1": r["hard_negatives"][0],
+             "negative_2": r["hard_negatives"][1]} for r in rows] == expected
+    assert run_cli(*common, "--output", str(tmp_path / "flat.jsonl"), "--flat-columns").returncode == 0
+    assert [json.loads(line) for line in (tmp_path / "flat.jsonl").read_text().splitlines()] == expected
+    assert load_corpus(extra).text_rows() == [("il sole sul mare di roma",), ("una cella",)]
 
 
 def test_cli_custom_columns(tiny_model_dir, tmp_path):
@@ -281,10 +293,10 @@ def test_cli_custom_columns(tiny_model_dir, tmp_path):
     src.write_text("".join(json.dumps({"anchor": r["query"], "text": r["positive"]}) + "\n" for r in italian_rows()))
     code = run(["--model", str(tiny_model_dir), "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
                 "--query-column", "anchor", "--positive-column", "text", "--range-min", "1", "--range-max", "30",
-                "--max-score", "1.0", "--no-progress"])
+                "--max-score", "1.0", "--no-progress", "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert len(rows) == len(italian_rows()) and set(rows[0]) == {"query", "positive", "negative_1", "negative_2"}
+    assert len(rows) == len(italian_rows()) and set(rows[0]) == {"query", "positive", "hard_negatives"}
 
 
 def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -302,15 +314,18 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no file": (["--input", str(tmp / "nope.jsonl")], "nope.jsonl: no such file"),
         "empty": (["--input", str(tmp / "empty.jsonl")], "has no rows"),
         "malformed": (["--input", str(tmp / "malformed.jsonl")], "malformed.jsonl:2: invalid JSON"),
-        "missing column": (["--input", str(tmp / "missing.jsonl")], "missing.jsonl:2: missing key 'positive'"),
-        "not a string": (["--input", str(tmp / "number.jsonl")], "number.jsonl:3: key 'positive' must be a string"),
-        "csv": (["--input", str(tmp / "x.csv")], "expected a .jsonl or .jsonl.gz file"),
+        "missing column": (["--input", str(tmp / "missing.jsonl")], "missing.jsonl:2: missing column 'positive'"),
+        "not a string": (["--input", str(tmp / "number.jsonl")],
+                         "number.jsonl:3: column 'positive': expected a non-empty string, found 7"),
+        "no csv": (["--input", str(tmp / "x.csv")], "x.csv: no such file or folder"),
+        "output type": (["--output", str(tmp / "o.csv")], "expected a .jsonl, .jsonl.gz or .parquet file"),
+        "relative margin": (["--relative-margin", "1.5"], "relative_margin must be in [0, 1)"),
         "window": (["--range-min", "20", "--range-max", "10"], "is empty"),
         "k": (["--num-negatives", "0"], "num_negatives must be an integer >= 1"),
         "small window": (["--num-negatives", "5", "--range-min", "10", "--range-max", "12"], "holds 2 candidates"),
         "both caps": (["--margin", "0.1", "--max-score", "0.9"], "not allowed with argument"),
         "no model": (["--model", str(tmp / "no_model")], "no_model"),
-        "bad corpus": (["--corpus", str(tmp / "missing.jsonl")], "missing.jsonl:2: expected a 'text'"),
+        "bad corpus": (["--corpus", str(tmp / "missing.jsonl")], "missing.jsonl:2: missing column 'text'"),
         "output folder": (["--output", str(tmp / "a_file" / "o.jsonl")], "cannot create folder"),
         # these were tracebacks (OverflowError, RuntimeError, AssertionError), or silently ignored (0)
         "negative length": (["--max-seq-length", "-5"], "--max-seq-length must be >= 1 (tokens per text), got -5"),
@@ -325,7 +340,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, input_file, tmp_path, capsys):
     (tmp_path / "a_file").write_text("in the way of an output folder")
     for name, (args, fragment) in bad_inputs(tmp_path).items():
         argv = ["--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
-                *args]
+                "--cache-dir", str(tmp_path / "cache"), *args]
         assert run(argv) == 2, name
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, (name, err)
@@ -336,7 +351,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, input_file, tmp_path, capsys):
 def test_cli_errors_in_a_subprocess(tiny_model_dir, input_file, tmp_path, case):
     args, fragment = bad_inputs(tmp_path)[case]
     proc = run_cli("--model", str(tiny_model_dir), "--input", str(input_file), "--output", str(tmp_path / "o.jsonl"),
-                   *args)
+                   "--cache-dir", str(tmp_path / "cache"), *args)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and fragment in proc.stderr
@@ -349,3 +364,155 @@ def test_a_zero_max_seq_length_is_refused_not_ignored(tiny_model_dir):
     with pytest.raises(BertinoError, match="max_seq_length must be >= 1"):
         SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=0)
     assert SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=5).max_seq_length == 5
+
+
+# ================================================================================================ at scale
+class CountingEncoder(LookupEncoder):
+    """LookupEncoder that counts the texts it encodes (a text's vector never depends on its batch or chunk)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.encoded = 0
+        self.model = torch.nn.Linear(2, 2)  # what model_fingerprint hashes: the same weights in every instance
+        torch.nn.init.ones_(self.model.weight), torch.nn.init.zeros_(self.model.bias)
+        self.tokenizer = type("T", (), {"get_vocab": lambda self: {"a": 0}})()
+        self.max_seq_length, self.pooling, self.do_lower_case, self.normalize_output = 8, "mean", False, False
+
+    def encode(self, texts, **kw):
+        self.encoded += len(texts)
+        return super().encode(texts, normalize=kw.get("normalize", False))
+
+
+def rows_data(tmp_path, rows) -> "TaskData":
+    from bertino.mine import load_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return load_rows(path)
+
+
+def as_flat(plan_sel_stats_sources, rows):
+    from bertino.mine import output_rows
+
+    plan, sel, stats, sources = plan_sel_stats_sources
+    return list(output_rows(rows, plan, sel, sources, flat=True)), stats
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_negatives=2, range_min=10, range_max=50, margin=0.05),
+    dict(num_negatives=3, range_min=0, range_max=8, margin=None, relative_margin=0.0),
+    dict(num_negatives=2, range_min=2, range_max=30, margin=0.01, relative_margin=0.1, sampling="random", seed=3),
+])
+def test_the_scalable_miner_gives_the_in_memory_miners_rows(tmp_path, settings):
+    """Distinct texts by hashes, a chunked embedding cache, memory-mapped matrices, exact or FAISS search: the same
+    rows as `mine_with_stats` (the rule in plain tensors) for every chunking, with repeated queries, a query that is a
+    corpus text and extra corpus texts."""
+    from bertino.mine import load_corpus, mine_source
+
+    rows = italian_rows() + [{"query": "il gatto 0 è nella pagina del cane", "positive": "il cane 1 dorme"}]
+    data = rows_data(tmp_path, rows)
+    (tmp_path / "extra.jsonl").write_text(json.dumps({"text": "dove è il gatto"}) + "\n"
+                                          + json.dumps({"text": "il sole sul mare"}) + "\n")
+    corpus = load_corpus(tmp_path / "extra.jsonl")
+    expected, expected_stats = mine_with_stats(LookupEncoder(), rows, corpus=["dove è il gatto", "il sole sul mare"],
+                                               **settings)
+    for i, (encode_chunk, chunk_size, search) in enumerate([(1000, 50_000, "exact"), (7, 5, "exact"),
+                                                            (3, 4, "auto")]):
+        got, stats = as_flat(mine_source(CountingEncoder(), data, [corpus], cache_dir=tmp_path / f"cache{i}",
+                                         encode_chunk=encode_chunk, chunk_size=chunk_size, search=search, **settings),
+                             data)
+        assert got == expected and stats == expected_stats, (encode_chunk, chunk_size, search)
+
+
+def test_a_killed_run_resumes_without_encoding_its_finished_chunks(tmp_path):
+    """Stopped after 3 chunks (as a kill would), the rerun encodes only the others; a third run (same model and
+    texts) encodes nothing; the result is the uninterrupted run's."""
+    from bertino.mine import mine_source
+
+    data = rows_data(tmp_path, italian_rows())
+    common = dict(cache_dir=tmp_path / "cache", encode_chunk=4, range_min=3, range_max=20)
+    first = CountingEncoder()
+    with pytest.raises(KeyboardInterrupt):
+        mine_source(first, data, stop_after=3, **common)
+    assert first.encoded == 12 and len(list((tmp_path / "cache").rglob("chunk-*.npy"))) == 3
+    second = CountingEncoder()
+    resumed = as_flat(mine_source(second, data, **common), data)
+    n_texts = len({r["query"] for r in italian_rows()} | {r["positive"] for r in italian_rows()})
+    assert second.encoded == n_texts - 12
+    third = CountingEncoder()
+    assert as_flat(mine_source(third, data, **common), data) == resumed and third.encoded == 0
+    fresh = as_flat(mine_source(CountingEncoder(), data, **{**common, "cache_dir": tmp_path / "other"}), data)
+    assert resumed == fresh and not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_the_demo_data_gets_the_in_memory_miners_negatives(tiny_model_dir, tmp_path):
+    """The demo's 1701 Italian pairs, a real (tiny) encoder: the scalable path writes exactly the negatives of the
+    in-memory miner (the one configs/demo.json's data was made with)."""
+    from bertino.mine import load_rows, mine_source
+
+    encoder = SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=16)
+    data = load_rows(ROOT / "data" / "demo" / "train.jsonl.gz")
+    rows = [{"query": q, "positive": p} for q, p in data.text_rows()]
+    expected, stats = mine_with_stats(encoder, rows, range_min=10, range_max=50, margin=0.0, batch_size=64)
+    got, got_stats = as_flat(mine_source(encoder, data, cache_dir=tmp_path / "cache", range_min=10, range_max=50,
+                                         margin=0.0, batch_size=64), data)
+    assert got == expected and got_stats == stats and 0 < stats.rows_out < stats.rows_in
+
+
+def test_relative_margin_is_nv_retrievers_rule():
+    """A negative survives the relative margin r iff cos(q, c) ≤ (1 − r)·cos(q, p): checked against the literal
+    ranking, with the absolute margin off and on."""
+    enc, rows = LookupEncoder(), italian_rows()
+    corpus = list(dict.fromkeys(r["positive"] for r in rows))
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    scores = cosine_matrix(enc, queries, corpus)
+    for margin, r in ((None, 0.05), (None, 0.3), (0.02, 0.1)):
+        got = mine(enc, rows, num_negatives=2, range_min=0, range_max=len(corpus), margin=margin, relative_margin=r)
+        assert got
+        for row in got:
+            s = scores[queries.index(row["query"])]
+            pos = float(s[corpus.index(row["positive"])])
+            for t in (row["negative_1"], row["negative_2"]):
+                neg = float(s[corpus.index(t)])
+                assert neg <= pos * (1 - r) and (margin is None or neg < pos - margin)
+        assert got == brute_force(enc, rows, k=2, range_min=0, range_max=len(corpus), margin=margin,
+                                  relative_margin=r)
+        assert got != mine(enc, rows, num_negatives=2, range_min=0, range_max=len(corpus), margin=margin)
+
+
+def test_faiss_candidates_rescored_give_the_exact_top_k():
+    """FAISS float32 candidates, re-scored and checked: the exact top k, ties by corpus id — also when FAISS's own
+    order is useless (many exact ties; no slack, so the exact fallback must take over)."""
+    pytest.importorskip("faiss")
+    from bertino import corpus_search
+
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.randn(300, 16, generator=g)
+    corpus[100:140] = corpus[5]  # 41 identical rows: ties across FAISS's cut
+    queries = torch.cat([torch.randn(20, 16, generator=g), corpus[5:6] + 1e-3])
+    exact = corpus_search.corpus_top_k(queries, corpus, 12, 64, "exact")
+    assert all(torch.equal(a, b) for a, b in zip(corpus_search.corpus_top_k(queries, corpus, 12, 64, "faiss"), exact))
+    saved = corpus_search.FAISS_SLACK
+    try:
+        corpus_search.FAISS_SLACK = 0
+        got = corpus_search.corpus_top_k(queries, corpus, 12, 64, "faiss")
+    finally:
+        corpus_search.FAISS_SLACK = saved
+    assert all(torch.equal(a, b) for a, b in zip(got, exact))
+
+
+def test_two_processes_encode_a_share_each_and_write_what_one_process_writes(tiny_model_dir, input_file, tmp_path):
+    """torchrun --nproc_per_node=2: each rank encodes every other chunk into the shared cache, rank 0 searches and
+    writes; the output is the one-process output."""
+    common = ["--model", str(tiny_model_dir), "--input", str(input_file), "--range-min", "3", "--range-max", "20",
+              "--margin", "0.002", "--batch-size", "4", "--encode-chunk", "8", "--no-progress"]
+    assert run_cli(*common, "--cache-dir", str(tmp_path / "one"), "--output", str(tmp_path / "one.jsonl")
+                   ).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "bertino.mine", *common, "--cache-dir", str(tmp_path / "two"), "--output",
+                           str(tmp_path / "two.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert proc.stdout.count("mined ") == 1  # rank 0 writes

@@ -807,7 +807,7 @@ def test_random_rows_give_clean_batches_or_a_data_error(rows, columns, batch_siz
             batch = [i for s in shards for i in s]
             assert all(0 <= i < len(data) for i in batch) and len(set(batch)) == len(batch)
             if sampler == "no_duplicates":
-                texts = [t for i in batch for t in set(data.texts[i])]
+                texts = [t for i in batch for t in set(data.text_rows([i])[0])]
                 assert len(texts) == len(set(texts))
         assert epoch > 0 or len(steps[0][0][1]) == batch_size  # batch_schedule checked: epoch 0 fills a batch
         if drop_last:

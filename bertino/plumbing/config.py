@@ -72,6 +72,8 @@ class TaskConfig:
     balance_to: str | None = None  # up/down-sample this task to the row count of the named task
     negatives: NegativesConfig | None = None  # retrieval: negatives from one list column, after `columns`
     holdout: float = 0.0  # a seeded fraction of the rows kept out of training and evaluated on (the card: 0.05)
+    bad_rows: Literal["error", "drop"] = "error"  # a row that fails the checks (plumbing/row_checks.py): stop the
+    #   run with one error counting them all, or drop such rows (counted in the summary line)
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,37 @@
-"""Task data: read a task's rows from a local file / folder or the hub, check them, balance task sizes.
+"""Task data: a task's rows as index arrays into one Arrow table, checked, split, balanced, batched.
 
-Shapes: N rows, t text columns (all of a retrieval task's `columns`; the first 2 of a pair+score task's).
+Shapes: N rows, t text columns (all of a retrieval task's `columns` and its listed negatives; the first 2 of a
+pair+score task's), B rows in a batch.
 
-    source ──read──▶ {column: [N values]} ──_check_rows──▶ TaskData(texts: N tuples of t str, scores: (N,) | None)
+    source ──readers.read_table──▶ Arrow table (memory-mapped, or in memory when small)
+           ──row_checks.check_rows──▶ the rows that train (N,) + their scores
+           ──split_holdout──▶ ──balance_to──▶ TaskData(table, rows (N,) int64 source rows, scores (N,) | None)
 
-* readers.py reads the columns from a file, a folder or the hub; errors name the file's LINE (`FILE:LINE`) or,
-  for tables, the ROW.
-* Rows are checked before training starts: a bad row found after an hour of training wastes the hour.
-* `negatives: {column, count}` takes a retrieval task's hard negatives from ONE list column: the first `count`
-  items become flat columns `column[0]`, `column[1]`, ... — exactly the rows `negative_1`, `negative_2` columns
-  would give, so the sampler, mining and evaluation see the same texts. Shorter rows are dropped (and counted).
+* The rows never become Python lists: a TaskData is the table plus an index array. Everything that changes which
+  rows train — dropping short or bad rows, the seeded hold-out, `balance_to`'s resampling — is an operation on
+  that array (`TaskData.select`), and a batch's texts are read from the table when the step needs them
+  (`TaskData.batch`). The no-duplicates sampler and the ranks' fingerprint work on 64-bit hashes of the texts
+  (text_hashes.py), computed once.
+* Rows are checked before training starts (row_checks.py): a bad row found after an hour of training wastes the
+  hour. Bad rows stop the run with one error that counts them, or are dropped (`tasks.NAME.bad_rows`).
+* `negatives: {column, count}` takes a retrieval task's hard negatives from ONE list column: its first `count`
+  items are text columns `column[0]`, `column[1]`, ... — exactly the rows `negative_1`, `negative_2` columns would
+  give, so the sampler, mining and evaluation see the same texts. Shorter rows are dropped (and counted).
 * `holdout: f` keeps a seeded fraction of the rows out of training (the card evaluates on a 5% hold-out), before
   balancing: `split_holdout`.
 * `balance_to` (V5: "STS dataset balanced to match retrieval dataset size") resamples one task to another's
   row count with a seeded numpy Generator, so every process and every resume gets the same rows.
 
-    read ──▶ negatives expanded, short rows dropped ──▶ rows checked ──▶ hold-out split ──▶ balance_to
+    read ──▶ rows checked, short and bad rows dropped ──▶ hold-out split ──▶ balance_to
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
+import hashlib
 import os
 import zlib
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -34,55 +39,112 @@ from ..errors import ConfigError, DataError
 from ..losses import LOSSES
 from ..sampler import MultiTaskBatchSampler, NoDuplicatesBatchSampler, PlainBatchSampler
 from .config import Config, TaskConfig
-from .files import short
-from .readers import read_columns
+from .readers import Table, read_table
+from .row_checks import check_rows, spec_names, text_spec
+from .text_hashes import RowsOf, text_hashes
 
 
 @dataclass
 class TaskData:
-    """The checked rows of one task.
+    """The checked rows of one task: source rows of one Arrow table, read a batch at a time.
 
-    columns: the t text columns, so `len(columns) == len(texts[i])` (a pair+score task's score column is in
-             `score_column`): (anchor, positive, negative_1, ...) or (sentence1, sentence2).
-    texts:   N tuples of t non-empty strings, in `columns` order.
+    columns: the t text columns, in loss order: (anchor, positive, negative_1, ...) or (sentence1, sentence2);
+             a listed negative is named `column[j]` (a pair+score task's score column is in `score_column`).
+    rows:    (N,) int64 source rows of `table`, in this task's order (repeats allowed: balance_to).
     scores:  (N,) float32, already divided by `score_scale`; None for retrieval tasks.
     """
 
     name: str
     columns: tuple[str, ...]
-    texts: list[tuple[str, ...]]
+    table: Table
+    spec: tuple[tuple[str, int | None], ...]  # each text column as (source column, list item or None)
+    rows: np.ndarray
     scores: np.ndarray | None
-    source: str  # the file path or hub id, for messages
-    line_numbers: np.ndarray | None = None  # (N,) 1-based line of each row in a line-based file, else None
-    row_ids: np.ndarray | None = None  # (N,) index of each row in the source after `select`; None = identity
     score_column: str | None = None  # the source column the scores came from (pair+score tasks only)
     dropped_rows: int = 0  # rows dropped on reading because their negatives list was shorter than needed
+    bad_rows: dict[str, int] = field(default_factory=dict)  # rows dropped as bad (bad_rows "drop"), by reason
+    _hashes: list = field(default_factory=list, repr=False)  # [(N_src, t) uint64] once computed, shared by selects
+
+    @property
+    def source(self) -> str:
+        return self.table.source
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        """(N,) the source row of each row (its index in the file after a `select`)."""
+        return self.rows
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.rows)
 
     def row_ref(self, i: int) -> str:
         """Where row i came from, for error messages: 'file.jsonl:17' (its line) or 'dataset X row 17'."""
-        if self.line_numbers is not None:
-            return f"{self.source}:{int(self.line_numbers[i])}"
-        row = i if self.row_ids is None else int(self.row_ids[i])
-        return f"{self.source} row {row}"
+        return self.table.ref(int(self.rows[i]))
 
-    def select(self, indices: np.ndarray) -> "TaskData":
+    def select(self, indices) -> "TaskData":
         """A new TaskData with rows `indices` (in that order, repeats allowed); row_ref still points at the source."""
         indices = np.asarray(indices, dtype=np.int64)
-        row_ids = np.arange(len(self), dtype=np.int64) if self.row_ids is None else self.row_ids
-        return TaskData(
-            name=self.name,
-            columns=self.columns,
-            score_column=self.score_column,
-            texts=[self.texts[i] for i in indices.tolist()],
-            scores=None if self.scores is None else self.scores[indices],
-            source=self.source,
-            line_numbers=None if self.line_numbers is None else self.line_numbers[indices],
-            row_ids=row_ids[indices],
-            dropped_rows=self.dropped_rows,
-        )
+        return replace(self, rows=self.rows[indices], scores=None if self.scores is None else self.scores[indices])
+
+    # ---- reading texts
+    def batch(self, rows: Sequence[int]) -> tuple[list[str], np.ndarray | None]:
+        """The B rows `rows` → (their t·B texts column after column — text c·B + i is column c of row i, the
+        layout `Objective` reads —, their (B,) float32 scores or None). Read from the table: one batch at a time."""
+        source = self.rows[np.asarray(rows, dtype=np.int64)]  # (B,)
+        texts = [text for column, item in self.spec for text in self.table.values(column, source, item)]
+        return texts, None if self.scores is None else self.scores[np.asarray(rows, dtype=np.int64)]
+
+    def text_rows(self, indices: Sequence[int] | None = None) -> list[tuple[str, ...]]:
+        """Rows `indices` (default: all) as tuples of t texts. Builds Python strings: for small data (evaluation
+        hold-outs, tests); training reads `batch`."""
+        indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        source = self.rows[indices]
+        return list(zip(*(self.table.values(column, source, item) for column, item in self.spec)))
+
+    def text_ids(self) -> RowsOf:
+        """(N, t) uint64 hashes of every row's texts (equal texts, equal hashes), gathered on demand: what the
+        no-duplicates sampler compares."""
+        return RowsOf(self._source_hashes(), self.rows)
+
+    def _source_hashes(self) -> np.ndarray:
+        if not self._hashes:
+            self._hashes.append(text_hashes(self.table, self.spec))
+        return self._hashes[0]
+
+    def fingerprint(self, legacy: bool = False) -> dict:
+        """{"rows": N, "hashes": hex}: blake2b of the rows' text hashes, in order, and of their scores — what the
+        ranks compare before the first step and a resume compares with its checkpoint; reads 8 bytes per text.
+        `legacy`: the older {"rows", "blake2b"} of the texts themselves, which checkpoints before it recorded."""
+        h = hashlib.blake2b(digest_size=16)
+        ids = self.text_ids()
+        for start in range(0, len(self), 1 << 16):  # chunks: bounded memory whatever N
+            if legacy:
+                chunk = self.text_rows(np.arange(start, min(start + (1 << 16), len(self))))
+                h.update("\x1e".join("\x1f".join(row) for row in chunk).encode("utf-8", "surrogatepass") + b"\x1e")
+            else:
+                h.update(np.ascontiguousarray(ids[start:start + (1 << 16)], dtype="<u8").tobytes())
+        if self.scores is not None:
+            h.update(np.ascontiguousarray(self.scores, dtype=np.float32).tobytes())
+        return {"rows": len(self), "blake2b" if legacy else "hashes": h.hexdigest()}
+
+    @classmethod
+    def from_rows(cls, name: str, columns: Sequence[str], texts: Sequence[Sequence[str]],
+                  scores: Sequence[float] | None = None, source: str = "rows",
+                  lines: Sequence[int] | None = None) -> "TaskData":
+        """A TaskData of rows given in memory (tests, tools): t text columns, optional scores, and the line of
+        each row in `source` (else row refs are 'SOURCE row i')."""
+        import pyarrow as pa
+
+        from .file_tables import LINE
+
+        columns = tuple(columns)
+        table = {c: pa.array([row[k] for row in texts], type=pa.string()) for k, c in enumerate(columns)}
+        if lines is not None:
+            table[LINE] = pa.array(np.asarray(lines, dtype=np.int64))
+        table = pa.table(table)
+        return cls(name, columns, Table(table, source), tuple((c, None) for c in columns),
+                   np.arange(len(texts), dtype=np.int64),
+                   None if scores is None else np.asarray(scores, dtype=np.float32))
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -91,8 +153,13 @@ class TaskData:
 
 def load_task(task: TaskConfig, name: str, *, base_dir: str | os.PathLike | None = None) -> TaskData:
     """Read and check the rows of `task`; a relative local path is resolved against `base_dir` (default: cwd)."""
-    source, values, line_numbers = read_columns(task, base_dir)
-    return _check_rows(task, name, source, values, line_numbers)
+    table = read_table(task, base_dir)
+    checked = check_rows(table, task, name)
+    spec = text_spec(task)
+    has_score = LOSSES[task.loss].rows.scored
+    return TaskData(name, spec_names(spec), table, spec, checked.kept, checked.scores,
+                    score_column=task.columns[2] if has_score else None, dropped_rows=checked.short_rows,
+                    bad_rows=checked.bad_rows)
 
 
 def load_tasks(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> dict[str, TaskData]:
@@ -116,146 +183,6 @@ def load_run_data(cfg: Config, *, base_dir: str | os.PathLike | None = None) -> 
         if holdout is not None:
             held[name] = holdout
     return RunData(balance_tasks(train, cfg.tasks, cfg.train.seed), held)
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Checking
-# ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
-
-def _check_rows(task: TaskConfig, name: str, source: str, values: dict[str, list],
-                line_numbers: np.ndarray | None) -> TaskData:
-    has_score = LOSSES[task.loss].rows.scored
-    text_columns = LOSSES[task.loss].rows.text_columns(task.columns)
-    if len(values[task.columns[0]]) == 0:
-        raise DataError(f"task {name!r}: {source} has no rows")
-    row_ids, dropped = None, 0
-    if task.negatives is not None:
-        n = len(values[task.columns[0]])
-        values, negative_columns, row_ids = _expand_negatives(task, name, source, values, line_numbers)
-        text_columns += negative_columns
-        if row_ids is not None:  # some rows were too short: keep line numbers and row ids pointing at the source
-            dropped = n - len(row_ids)
-            line_numbers = None if line_numbers is None else line_numbers[row_ids]
-    data = TaskData(name, text_columns, [], None, source, line_numbers=line_numbers, row_ids=row_ids,
-                    score_column=task.columns[2] if has_score else None, dropped_rows=dropped)
-    if len(values[task.columns[0]]) == 0:
-        raise DataError(f"task {name!r}: {source}: every row has fewer than {task.negatives.count} items in "
-                        f"column {task.negatives.column!r}, so none is left")
-
-    text_values = [values[c] for c in text_columns]  # t lists of N values
-    if not _texts_are_valid(text_values, check_negatives=not has_score):
-        _raise_first_bad_text(name, data, text_columns, text_values, check_negatives=not has_score)
-    data.texts = list(zip(*text_values))  # N tuples of t str
-    if has_score:
-        data.scores = _check_scores(task, name, data, values[task.columns[2]])
-    return data
-
-
-def _expand_negatives(task: TaskConfig, name: str, source: str, values: dict[str, list],
-                      line_numbers: np.ndarray | None) -> tuple[dict[str, list], tuple[str, ...], np.ndarray | None]:
-    """The list column of `task.negatives` → `count` flat columns named `column[0]`, `column[1]`, ...
-
-    Each row keeps the FIRST `count` items (a miner writes the hardest first). A row with fewer items is dropped
-    (short_rows "drop") or an error ("error"). Returns (values with the flat columns, their names, the kept row
-    indices into the source, or None when every row was kept)."""
-    column, count = task.negatives.column, task.negatives.count
-    lists = values.pop(column)  # N lists of strings
-    for i, items in enumerate(lists):
-        if not isinstance(items, (list, tuple)):
-            where = f"{source}:{int(line_numbers[i])}" if line_numbers is not None else f"{source} row {i}"
-            raise DataError(f"task {name!r}: {where}: column {column!r}: expected a list of strings "
-                            f"(tasks.{name}.negatives), found {short(items)}")
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))  # (N,)
-    kept = None
-    if (lengths < count).any():
-        if task.negatives.short_rows == "error":
-            i = int(np.flatnonzero(lengths < count)[0])
-            where = f"{source}:{int(line_numbers[i])}" if line_numbers is not None else f"{source} row {i}"
-            raise DataError(f"task {name!r}: {where}: column {column!r} has {lengths[i]} item(s), "
-                            f"tasks.{name}.negatives.count is {count}; set negatives.short_rows to \"drop\" to "
-                            f"skip such rows")
-        kept = np.flatnonzero(lengths >= count)  # (N_kept,)
-        values = {c: [v[i] for i in kept.tolist()] for c, v in values.items()}
-        lists = [lists[i] for i in kept.tolist()]
-    names = tuple(f"{column}[{j}]" for j in range(count))
-    for j, flat in enumerate(names):
-        values[flat] = [items[j] for items in lists]
-    return values, names, kept
-
-
-def _texts_are_valid(text_values: list[list], check_negatives: bool) -> bool:
-    """The fast check (map/set run in C: ~1 s for 1M rows): every value a non-blank str, and no negative equal to
-    its anchor or positive. When it fails, `_raise_first_bad_text` walks the rows to explain where."""
-    for column in text_values:
-        if set(map(type, column)) != {str} or not all(map(str.strip, column)):
-            return False
-    if check_negatives and len(text_values) > 2:  # a negative that equals the positive is also the right answer
-        anchor, positive, *negatives = [list(map(str.strip, column)) for column in text_values]
-        for negative in negatives:
-            if any(map(operator.eq, negative, positive)) or any(map(operator.eq, negative, anchor)):
-                return False
-    return True
-
-
-def _raise_first_bad_text(name: str, data: TaskData, text_columns: tuple[str, ...], text_values: list[list],
-                          check_negatives: bool) -> None:
-    for i, row in enumerate(zip(*text_values)):
-        for column, text in zip(text_columns, row):
-            if type(text) is not str or not text.strip():
-                raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a non-empty "
-                                f"string, found {short(text)}")
-        if check_negatives:
-            anchor, positive = row[0].strip(), row[1].strip()
-            for column, negative in zip(text_columns[2:], row[2:]):
-                negative = negative.strip()
-                if negative in (positive, anchor):
-                    which = text_columns[1] if negative == positive else text_columns[0]
-                    raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r} equals column "
-                                    f"{which!r} ({short(negative)}); a hard negative must differ from the "
-                                    f"query and its positive")
-    raise AssertionError("_texts_are_valid and _raise_first_bad_text disagree")  # a bug in this file
-
-
-def _check_scores(task: TaskConfig, name: str, data: TaskData, raw: list) -> np.ndarray:
-    """(N,) float32 scores divided by score_scale; any non-number, NaN or inf is a DataError naming its row."""
-    column = task.columns[2]
-    scores = None
-    if set(map(type, raw)) <= {int, float}:  # the fast path (bool is its own type, so it is not let through)
-        try:
-            scores = np.asarray(raw, dtype=np.float64)  # (N,)
-        except OverflowError:  # a JSON integer with 400 digits: let the loop below name it
-            scores = None
-    if scores is None or not np.isfinite(scores).all():
-        for i, value in enumerate(raw):  # slow, only to explain the first bad value
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a number, "
-                                f"found {short(value)}")
-            try:
-                finite = math.isfinite(float(value))
-            except OverflowError:
-                finite = False
-            if not finite:
-                raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: expected a finite "
-                                f"number, found {short(value)}")
-        scores = np.asarray([float(v) for v in raw], dtype=np.float64)  # numbers.Real that are not int/float
-    with np.errstate(over="ignore"):  # overflow is reported below, with the row
-        scaled = (scores / task.score_scale).astype(np.float32)  # (N,)
-    bad = np.flatnonzero(~np.isfinite(scaled))
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: {raw[i]!r} / score_scale "
-                        f"{task.score_scale} does not fit in float32")
-    if LOSSES[task.loss].needs_varied_scores and len(scaled) and (scaled == scaled[0]).all():
-        raise DataError(f"task {name!r} ({data.source}): every gold score in column {column!r} is {raw[0]!r}; "
-                        f"{task.loss!r} learns only from pairs whose scores differ, so it would train nothing")
-    if task.loss == "cosine":  # CosineSimilarityLoss regresses cos(e1, e2) onto the score: it must be in [0, 1]
-        bad = np.flatnonzero((scaled < 0) | (scaled > 1))
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"task {name!r}: {data.row_ref(i)}: column {column!r}: the 'cosine' loss needs "
-                            f"scores in [0, 1] after dividing by score_scale ({task.score_scale}), found "
-                            f"{raw[i]!r}; set tasks.{name}.score_scale (stsb_multi_mt: 5.0)")
-    return scaled
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -338,7 +265,7 @@ def batch_schedule(cfg: Config, tasks: dict[str, TaskData], world_size: int = 1,
         def make(batch_size=size, drop_last=train.dataloader_drop_last, num_replicas=world_size, rank=rank):
             common = dict(seed=train.seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
             if train.batch_sampler == "no_duplicates":
-                return NoDuplicatesBatchSampler(data.texts, batch_size, **common)
+                return NoDuplicatesBatchSampler(data.text_ids(), batch_size, **common)
             return PlainBatchSampler(len(data), batch_size, **common)
 
         samplers[name] = make()

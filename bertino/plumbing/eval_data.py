@@ -73,17 +73,22 @@ def ir_set_from_rows(name: str, data: TaskData) -> IRSet:
     """A retrieval task's checked rows (anchor, positive, negatives...) as an IRSet: the card's hold-out
     evaluation, queries against a corpus of the rows' positives and hard negatives."""
     builder = _IRBuilder()
-    for query, positive, *negatives in data.texts:
+    for query, positive, *negatives in data.text_rows():
         builder.add(query, [positive], negatives)
     return builder.build(name)
 
 
-def sts_set_from_rows(name: str, data: TaskData) -> STSSet:
-    """A pair+score task's checked rows as an STSSet (the scores already divided by score_scale)."""
-    s1, s2 = (list(column) for column in zip(*data.texts))
+def sts_set_from_rows(name: str, data: TaskData, origin: str | None = None) -> STSSet:
+    """A pair+score task's checked rows as an STSSet (the scores already divided by score_scale). `origin` names
+    where the rows come from in an error (a task's hold-out: `tasks.NAME.holdout`)."""
     if len(data) < 2 or len(set(data.scores.tolist())) < 2:
-        raise DataError(f"{data.source}: an STS set needs at least 2 rows with different scores (found "
-                        f"{len(data)} rows)")
+        found = f"found {len(data)} row(s), {len(set(data.scores.tolist()))} distinct score(s)"
+        if origin is not None:
+            raise DataError(f"{origin}: the hold-out of task {data.name!r} ({data.source}) is evaluated as an STS "
+                            f"set, which needs at least 2 rows with different scores ({found}); raise {origin} "
+                            f"or set it to 0")
+        raise DataError(f"{data.source}: an STS set needs at least 2 rows with different scores ({found})")
+    s1, s2 = (list(column) for column in zip(*data.text_rows()))
     return STSSet(name, s1, s2, [float(x) for x in data.scores])
 
 
@@ -115,9 +120,10 @@ def load_eval_sets(
     ir_sets = [_load_entry(p, "mnrl") for p in ir_files]
     sts_sets = [_load_entry(p, "cosent") for p in sts_files]
     for task, data in (holdouts or {}).items():
-        is_ir = data.scores is None
-        (ir_sets if is_ir else sts_sets).append((ir_set_from_rows if is_ir else sts_set_from_rows)(
-            f"{task}_holdout", data))
+        if data.scores is None:
+            ir_sets.append(ir_set_from_rows(f"{task}_holdout", data))
+        else:
+            sts_sets.append(sts_set_from_rows(f"{task}_holdout", data, origin=f"tasks.{task}.holdout"))
     names = [s.name for s in ir_sets + sts_sets]
     files = [str(getattr(p, "dataset", p)) for p in list(ir_files) + list(sts_files)] + [
         f"tasks.{t}.holdout" for t in holdouts or {}]

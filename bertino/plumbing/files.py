@@ -53,6 +53,19 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
     Every problem is a DataError: `FILE:LINE: ...` for a bad line, `FILE: ...` for an unreadable file.
     """
+    for line_no, row, problem in read_jsonl_lines(path):
+        if problem is not None:
+            raise DataError(f"{path}:{line_no}: {problem[1]}")
+        yield line_no, row
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, tuple[str, str] | None]]:
+    """Yield (line number, row, None) for each non-blank line that holds a JSON object, and (line number, None,
+    (reason, message)) for one that does not — so a caller can count and report every bad line, not only the
+    first. reason: "not UTF-8 text", "invalid JSON" or "not a JSON object"; the message says more.
+
+    An unreadable file (missing, not gzip, truncated) is a DataError naming it.
+    """
     path = Path(path)
     decode = json.JSONDecoder().decode  # what json.loads(str) calls, without its per-call overhead
     try:
@@ -66,13 +79,16 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as e:
                     # past the line's own newline (an object cut short): the column just after its last character
                     column = e.colno if e.lineno == 1 else len(text.rstrip("\r\n")) + 1
-                    raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {column})") from None
+                    yield line_no, None, ("invalid JSON", f"invalid JSON: {e.msg} (column {column})")
+                    continue
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
+                    yield line_no, None, ("not UTF-8 text", f"not UTF-8 text ({e.reason})")
+                    continue
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__} "
-                                    f"{short(row)}")
-                yield line_no, row
+                    yield line_no, None, ("not a JSON object",
+                                          f"expected a JSON object, found {type(row).__name__} {short(row)}")
+                    continue
+                yield line_no, row, None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:  # unreadable, not gzip, truncated gzip

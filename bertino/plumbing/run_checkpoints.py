@@ -66,7 +66,7 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     world_size: int = 1
-    data_fingerprint: dict[str, dict] | None = None  # {task: {"rows": N, "blake2b": hex}}
+    data_fingerprint: dict[str, dict] | None = None  # {task: {"rows": N, "hashes": hex}} (older: "blake2b")
     checksums: dict[str, str] | None = None  # {file: sha256} of every other file of the checkpoint (written last)
     log_window: dict | None = None  # the losses logged since the last metrics line: the next line averages them too
 
@@ -94,18 +94,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def data_fingerprint(tasks: dict) -> dict[str, dict]:
-    """{task: {"rows", "blake2b"}} of the rows the sampler sees (after balance_to), texts and scores."""
-    out = {}
-    for name, data in tasks.items():
-        h = hashlib.blake2b(digest_size=16)
-        for start in range(0, len(data.texts), 65536):  # chunks: one join of 1M rows would double the memory
-            chunk = data.texts[start:start + 65536]
-            h.update("\x1e".join("\x1f".join(row) for row in chunk).encode("utf-8", "surrogatepass") + b"\x1e")
-        if data.scores is not None:
-            h.update(np.ascontiguousarray(data.scores, dtype=np.float32).tobytes())
-        out[name] = {"rows": len(data), "blake2b": h.hexdigest()}
-    return out
+def data_fingerprint(tasks: dict, like: dict | None = None) -> dict[str, dict]:
+    """{task: {"rows", "hashes"}} of the rows the sampler sees (after balance_to), texts and scores
+    (`TaskData.fingerprint`: from the texts' 64-bit hashes, cheap at any size). `like`: a checkpoint's
+    fingerprint; a task it recorded in the older {"rows", "blake2b"} form (of the texts themselves) is
+    fingerprinted that way, so run folders of earlier versions still resume."""
+    return {name: data.fingerprint(legacy="blake2b" in ((like or {}).get(name) or {}))
+            for name, data in tasks.items()}
 
 
 # ------------------------------------------------------------------------------------------------ saving
