@@ -219,7 +219,7 @@ README = """\
 
 `train.jsonl.gz` ({n_train} rows) and `dev.jsonl.gz` ({n_dev} rows): JSON lines `{{"query": ..., "positive": ...}}`,
 UTF-8, gzip. `train_hard_negatives.jsonl.gz` (986 rows): the training rows with two mined hard negatives,
-`{{"query", "positive", "negative_1", "negative_2"}}`, what `configs/demo.json` trains on (below).
+`{{"query", "positive", "hard_negatives": [two passages]}}` (one list column, the layout of the card's hub data), what `configs/demo.json` trains on (below).
 The query is the title of a LibreOffice help page (e.g. "Inserire tabelle"); the positive is the
 page's opening text: paragraphs are added until {target} characters are reached, never beyond {max} (cut at a
 paragraph or sentence end), whitespace normalised.
@@ -268,9 +268,10 @@ positive and score more than 0.05 below it (a guard against false negatives). 98
 positives, 0.4834 for the negatives). The negatives are other rows' positives, so they are the same LibreOffice help
 texts under the same licence (MPL-2.0, above).
 
-The file was written by the miner of bertino at commit 766dab7, and the miner still writes the same bytes (the
-output is gzipped with mtime 0 and no file name; the same bytes with 1 or 2 CPU threads):
-sha256 `64f59fd1786397635b00cd4f6c634ecf78d8b5621a82638355cf1e208ecf942a`. `tests/test_demo_data.py` checks that
+The file was written by bertino's scalable miner (the negatives of every row are exactly those the earlier in-memory
+miner of commit 766dab7 chose, which wrote them as two flat columns `negative_1`, `negative_2`; `--flat-columns`
+still writes that layout); the output is gzipped with mtime 0 and no file name, so a rebuild gives the same bytes:
+sha256 `15b1cebd8f00064e95a96283406b20e2d48d99629c7ce4b9de3d34d3e89fb08b`. `tests/test_demo_data.py` checks that
 its rows are `train.jsonl.gz`'s rows and its negatives other rows' positives; rebuilding it takes the PyPI wheel
 and 1–2 minutes on 2 cores, so the suite does not.
 """
