@@ -89,7 +89,7 @@ def check_rows(table: Table, task: TaskConfig, name: str) -> Checked:
 def _settings_key(task: TaskConfig) -> str:
     """What the outcome of the checks depends on, besides the table."""
     n = task.negatives
-    settings = {"v": CHECKS_VERSION, "columns": task.columns, "rows": LOSSES[task.loss].rows, "loss": task.loss,
+    settings = {"v": CHECKS_VERSION, "columns": task.columns, "rows": LOSSES[task.loss].rows.name, "loss": task.loss,
                 "score_scale": task.score_scale, "bad_rows": task.bad_rows,
                 "negatives": None if n is None else [n.column, n.count, n.short_rows]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
