@@ -230,8 +230,9 @@ def _report(table: Table, task: TaskConfig, name: str, codes: np.ndarray, reason
     first = [f"{table.ref(int(i))}: {_explain(table, task, name, int(i), reasons.explain[codes[i]])}"
              for i in bad[:FIRST_FEW]]
     hint = f"set tasks.{name}.bad_rows to \"drop\" to train without them"
-    if len(bad) == 1:
-        return f"task {name!r}: {first[0]} ({hint})"
+    if len(bad) == 1:  # as before bad rows were counted: a line the reader could not use is named by its file first
+        stored = reasons.explain[codes[bad[0]]][0] == "stored"
+        return ("" if stored else f"task {name!r}: ") + f"{first[0]} ({hint})"
     counts = {reasons.name(c): int(k) for c, k in zip(*np.unique(codes[bad], return_counts=True))}
     return (f"task {name!r}: {len(bad)} bad rows in {table.source} ({_counts(counts)}); the first "
             f"{len(first)}: " + "; ".join(first) + f" ({hint})")
