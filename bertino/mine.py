@@ -27,6 +27,9 @@ Memory (RSS) beyond the model: per encoding chunk C texts, ~C × (2 × mean text
 (the texts, their token ids, their embeddings); per input row ~80 bytes (hashes, ids, the selection: 1M rows
 ≈ 80 MB); search blocks of ~64 MB; the rest is memory-mapped. So `--encode-chunk` bounds it (the default, 20,000
 texts of ~700 characters at D = 768: ≈ 100 MB). A mistake is one `error: ...` line and exit code 2.
+
+Why this file is long (~420 lines): it is a command of five steps (read the rows, encode into the cache, search,
+choose the negatives, write), each a function, under this docstring, which is its user's guide.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def test_the_contract_lists_the_schema_s_config_keys():
 
 STUDENT_MODULES = ["model", "encoder", "batching", "losses", "matryoshka", "objectives", "grad_cache", "keyed_dropout",
                    "step", "sampler", "optim", "distributed", "metrics", "evaluation", "eval_names", "eval_sets",
-                   "eval_tables", "quantization", "vector_indexes", "hard_negatives", "errors"]
+                   "eval_tables", "quantization", "vector_indexes", "hard_negatives", "corpus_search", "errors"]
 # Every other module of bertino/ says here why it may lean on the speed-ups or the plumbing: no silent exemption.
 MEETING_POINTS = {
     "__init__": "the package's public names",

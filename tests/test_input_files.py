@@ -48,7 +48,7 @@ def test_a_csv_text_column_of_digits_is_read_as_text(tiny_model_dir, tmp_path):
     cfg["tasks"]["retrieval"]["dataset"] = str(tmp_path / "digits.csv")
     config = write_config(tmp_path, cfg)
     data = load_tasks(load_config(config))["retrieval"]
-    assert [data.texts[i][0] for i in range(len(data))] == [f"0{100 + i}" for i in range(24)]
+    assert [row[0] for row in data.text_rows()] == [f"0{100 + i}" for i in range(24)]
     train.main(["--config", str(config)])
     steps = [r for r in read_metrics(tmp_path / "run") if "loss/retrieval" in r]
     assert len(steps) == 3 and all(math.isfinite(r["loss/retrieval"]) for r in steps)
