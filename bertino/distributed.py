@@ -9,7 +9,8 @@ itself (barrier, agreement, logging means, gathering objects) are started asynch
 than `train.ddp_timeout` seconds ends the process with one error line (exit code 2), and a SIGTERM received while
 waiting (noted by `signal_received`) ends it `STOP_GRACE` seconds later (exit code 128 + the signal) even if the
 other ranks never arrive; torchrun then ends the rest of the job. DDP's own all-reduce
-inside a backward cannot be polled; the process group's timeout (the same `train.ddp_timeout`) bounds it.
+inside a backward cannot be polled; the process group's timeout bounds it: `train.ddp_timeout` plus a margin
+(`PG_TIMEOUT_MARGIN`), so that in a polled wait bertino's own message comes first, not the backend's exception.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 
 STOP_GRACE = 10.0  # seconds a SIGTERM-ed rank still waits for the others in a collective
+PG_TIMEOUT_MARGIN = 30.0  # the process group's own timeout exceeds train.ddp_timeout by this much (seconds)
 _timeout = 1800.0
 _signal: tuple[int, float] | None = None  # (signum, when) of a stop signal received during the run
 
@@ -60,7 +62,7 @@ def setup(timeout: float = 1800.0) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout + PG_TIMEOUT_MARGIN))
     return info, device
 
 
