@@ -28,7 +28,10 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     try:
         main(argv)
     except BertinoError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
+        # one line, whatever the message holds; ONE write with its newline, so that the lines of several ranks
+        # sharing a terminal or a log never run into each other (print writes the text and the newline apart)
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        sys.stderr.flush()
         cleanup()
         return 2
     return 0
