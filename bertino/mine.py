@@ -23,10 +23,12 @@ The rule (rank window, margins) and its reasons are in bertino/hard_negatives.py
    JSONL(.gz) or parquet, written a block of rows at a time. Rows for which fewer than k negatives survive are
    dropped, and the count is printed.
 
-Memory (RSS) beyond the model: per encoding chunk C texts, ~C × (2 × mean text bytes + 4 × tokens + 4 × D) bytes
-(the texts, their token ids, their embeddings); per input row ~80 bytes (hashes, ids, the selection: 1M rows
-≈ 80 MB); search blocks of ~64 MB; the rest is memory-mapped. So `--encode-chunk` bounds it (the default, 20,000
-texts of ~700 characters at D = 768: ≈ 100 MB). A mistake is one `error: ...` line and exit code 2.
+Memory (RSS) beyond the model and libraries: per encoding chunk of C texts ≈ C × (3 × mean text bytes + 4 × D)
+(the texts, their token ids and the tokenizer's buffers, the embeddings: measured 1.9 KB a ~650-character passage
+at D = 32); per input row ≈ 100–250 bytes (hashes, ids, exclusions, the selection: 1M rows ≈ 0.25 GB); a search
+block of ~64 MB; the embeddings and the table are memory-mapped. So `--encode-chunk` bounds what grows with the
+texts (the default, 20,000 passages at D = 768: ≈ 0.1 GB; benchmarks/README.md has the measurements). A mistake is
+one `error: ...` line and exit code 2.
 
 Why this file is long (~420 lines): it is a command of five steps (read the rows, encode into the cache, search,
 choose the negatives, write), each a function, under this docstring, which is its user's guide.

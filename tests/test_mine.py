@@ -451,12 +451,22 @@ def test_the_demo_data_gets_the_in_memory_miners_negatives(tiny_model_dir, tmp_p
     from bertino.mine import load_rows, mine_source
 
     encoder = SentenceEncoder.from_pretrained(tiny_model_dir, max_seq_length=16)
+    encode, calls = encoder.encode, {}  # both miners make the same single encode call: it is made once
+
+    def encode_once(texts, **kw):
+        key = (tuple(texts), tuple(sorted(kw.items())))
+        if key not in calls:
+            calls[key] = encode(texts, **kw)
+        return calls[key]
+
+    encoder.encode = encode_once
     data = load_rows(ROOT / "data" / "demo" / "train.jsonl.gz")
     rows = [{"query": q, "positive": p} for q, p in data.text_rows()]
     expected, stats = mine_with_stats(encoder, rows, range_min=10, range_max=50, margin=0.0, batch_size=64)
     got, got_stats = as_flat(mine_source(encoder, data, cache_dir=tmp_path / "cache", range_min=10, range_max=50,
                                          margin=0.0, batch_size=64), data)
     assert got == expected and got_stats == stats and 0 < stats.rows_out < stats.rows_in
+    assert len(calls) == 1  # one chunk of all 3,402 texts, in the in-memory miner's order
 
 
 def test_relative_margin_is_nv_retrievers_rule():
@@ -506,8 +516,7 @@ def test_two_processes_encode_a_share_each_and_write_what_one_process_writes(tin
     writes; the output is the one-process output."""
     common = ["--model", str(tiny_model_dir), "--input", str(input_file), "--range-min", "3", "--range-max", "20",
               "--margin", "0.002", "--batch-size", "4", "--encode-chunk", "8", "--no-progress"]
-    assert run_cli(*common, "--cache-dir", str(tmp_path / "one"), "--output", str(tmp_path / "one.jsonl")
-                   ).returncode == 0
+    assert run([*common, "--cache-dir", str(tmp_path / "one"), "--output", str(tmp_path / "one.jsonl")]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "bertino.mine", *common, "--cache-dir", str(tmp_path / "two"), "--output",
