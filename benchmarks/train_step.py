@@ -11,13 +11,14 @@ Matryoshka MNRL (dims 384/256/128/64, weights 1/.4/.2/.2), dropout on (train mod
 The negatives of a row are other rows' positives (the demo has query/positive pairs only).
 
 A step is what `train.py` does: tokenize the batch's texts once → encode + loss + backward → clip → AdamW step →
-zero_grad, with the speed-ups `train.py` installs (bertino/speedups/): fast CPU dropout, sparse embedding gradients
-for every GradCache backward but the last, the free last graph, and the linear tape where a configuration asks for
-it. The configurations, all timed in ONE process on the SAME batches and the SAME weights (one parameter set and one
+zero_grad, with the default speed-ups bertino/build.py installs for train.py (the `speedups` section: fast CPU
+dropout, sparse embedding gradients for every GradCache backward but the last, the free last graph), and the linear
+tape where a configuration asks for it; `--textbook C` also times `speedups: null` (grad_cache.py, nothing installed). The configurations, all timed in ONE process on the SAME batches and the SAME weights (one parameter set and one
 AdamW state, shared by one encoder per linear-tape setting: a tape installation fixes which layers are taped),
 interleaved step by step (the order rotates each step) so that load from other processes hits all of them alike:
 
     full                 train.py's plain path: one forward of all T texts padded to the longest, one backward
+    textbook C=c         `speedups: null`: bertino/grad_cache.py on the plain model (`--textbook`)
     full (bucketed)      the same gradient through GradCache's code with every graph kept (keep_graphs = all):
                          one autograd graph over length-sorted mini-batch forwards; no recomputation
     gradcache C=c        pass 1 (no grad) → cache → pass 3 (recompute + backward), mini-batches of c texts
@@ -139,7 +140,7 @@ class Setting:
 
 @dataclass
 class Variant:
-    """One encoder with train.py's default speed-ups installed (or none: the textbook), for one linear-tape
+    """One encoder with the default speed-ups installed (or none: the textbook), for one linear-tape
     setting (`Setting.tape`)."""
 
     encoder: SentenceEncoder
@@ -178,7 +179,7 @@ class Trainer:
         self.loss_fn = lambda reps: objective(reps, n_columns)  # reps (T, D) → ()
 
     def variant(self, setting: Setting) -> Variant:
-        """The encoder for `setting.tape` and `setting.masks`, with train.py's speed-ups installed (made on first
+        """The encoder for `setting.tape` and `setting.masks`, with the default speed-ups installed (made on first
         use)."""
         key = (setting.tape, setting.masks, setting.kind == "textbook")
         if key not in self.variants:

@@ -10,8 +10,9 @@ One block (post-LN, as in BERT and DistilBERT):
 Parameter names are exactly those of transformers' `DistilBertModel`, so a checkpoint loads key by key with a
 shape check (bertino/plumbing/weights.py). This is the plain model: `nn.Linear`, `nn.Dropout`, and attention through
 `F.scaled_dot_product_attention` (`ScaledDotProductAttention`), which picks a fused kernel where one exists and
-draws the attention-probability dropout itself. Training-time speed-ups replace some of these modules with
-equivalent ones when `train.py` installs them (bertino/speedups/); nothing here knows about them.
+draws the attention-probability dropout itself. Training-time speed-ups (the config's `speedups` section) replace
+some of these modules with equivalent ones when bertino/build.py builds the training step (bertino/speedups/);
+nothing here knows about them, and with `"speedups": null` this is exactly the model that trains.
 
 A mini-batch without padding passes no attention mask at all (checked on CPU only: on CUDA it would be a sync).
 
