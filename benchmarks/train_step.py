@@ -71,7 +71,7 @@ from bertino.losses import LOSSES  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.keyed_dropout import DropoutKeys, install_keyed_dropout, text_keys  # noqa: E402
-from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, with_settings  # noqa: E402
+from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, plan_step, with_settings  # noqa: E402
 from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, install_linear_tape  # noqa: E402
 from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 
@@ -88,12 +88,16 @@ def load_pairs(path: Path = DATA) -> list[tuple[str, str]]:
     return [(r["query"], r["positive"]) for r in rows]
 
 
-def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negatives: int) -> list[str]:
+def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negatives: int,
+                lengths: str = "demo") -> list[str]:
     """The texts of batch `step`, column after column: B queries, B positives, then `negatives` columns of B.
 
     Negative j of row i is the positive of the row (j · B) rows further on, so it never equals a positive of the
-    batch (while (1 + negatives) · B ≤ number of pairs).
+    batch (while (1 + negatives) · B ≤ number of pairs). `lengths="card"`: the model card's lengths instead of the
+    demo's (`card_length_pairs`).
     """
+    if lengths == "card":
+        pairs = card_length_pairs(pairs)
     n = len(pairs)
     if (1 + negatives) * batch_size > n:
         raise ValueError(f"{n} pairs cannot give {batch_size} rows with {negatives} distinct negatives each")
@@ -102,6 +106,29 @@ def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negati
     for j in range(1, negatives + 1):
         columns.append([pairs[(r + j * batch_size) % n][1] for r in rows])
     return [t for col in columns for t in col]
+
+
+_CARD_PAIRS: dict[int, list[tuple[str, str]]] = {}
+
+
+def card_length_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The demo's pairs at the card's lengths (Wikipedia passages, synthetic queries): a query shorter than 40
+    characters (≈ 13 tokens) is followed by the next row's query (queries of ≈ 10–25 tokens, median ≈ 18), and a
+    passage by the next rows' passages until it reaches a target of 450–900 characters (≈ 150–300 tokens, so with
+    max length 256 passages of ≈ 150–256 tokens). Deterministic."""
+    key = id(pairs)
+    if key not in _CARD_PAIRS:
+        n, out = len(pairs), []
+        for i, (q, p) in enumerate(pairs):
+            if len(q) < 40:
+                q = f"{q} {pairs[(i + 1) % n][0]}"
+            target, j = 450 + (i * 7919) % 451, i
+            while len(p) < target:
+                j = (j + 1) % n
+                p = f"{p} {pairs[j][1]}"
+            out.append((q, p))
+        _CARD_PAIRS[key] = out
+    return _CARD_PAIRS[key]
 
 
 # ================================================================================================ one step
@@ -118,10 +145,14 @@ class Setting:
     keep_last: bool = True  # GradCache keeps pass 1's last graph (no extra peak memory); False: recompute all
     masks: str = "stream"  # model.dropout_masks: "stream" (torch's stream, replayed) or "keyed" (keyed_dropout.py)
     first: int = 0  # texts per chunk of a larger first pass (keyed masks only); 0: pass 1 uses `mini`
+    speedups: SpeedupsConfig | None = None  # a whole `speedups` section, installed as given (keep, tape, keep_last
+    #                                         and first are then ignored); None: the defaults, changed by those
 
     @property
     def name(self) -> str:
         keyed = " keyed" if self.masks == "keyed" else ""
+        if self.speedups is not None:
+            return f"gradcache C={self.mini}{keyed} " + (speedups_label(self.speedups) or "defaults")
         if self.kind == "full":
             return "full" + keyed
         if self.kind == "textbook":
@@ -135,6 +166,12 @@ class Setting:
     @property
     def tape_linears(self) -> tuple[str, ...]:
         return {"": (), "default": DEFAULT_TAPED, "all": ALL_LINEARS}[self.tape]
+
+
+def speedups_label(s: SpeedupsConfig) -> str:
+    """The keys of a speedups section that differ from their defaults, as `key=value` words."""
+    default = SpeedupsConfig()
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in asdict(s).items() if getattr(default, k) != v)
 
 
 @dataclass
@@ -163,14 +200,16 @@ class Trainer:
     settings train the same weights with one AdamW state.
     """
 
-    def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int):
+    def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int,
+                 adamw_fused: bool = SpeedupsConfig().adamw_fused):
         self.device = torch.device(device)
         # the plain model, never run itself: the variants are copies of it (installing replaces modules in place)
         self.encoder = SentenceEncoder.from_pretrained(model, max_seq_length=max_seq_length).to(self.device)
         self.dropout = dropout  # train mode = dropout on, as in training
         self.variants: dict[str, Variant] = {}
         self.pad_id = self.encoder.tokenizer.pad_token_id
-        self.optimizer = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01)
+        # one AdamW for every setting (they train the same weights): the default speedups' kernel unless told
+        self.optimizer = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=adamw_fused)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         objective = Objective(LOSSES["cached_mnrl"], dims=DIMS, weights=WEIGHTS)
@@ -180,12 +219,14 @@ class Trainer:
     def variant(self, setting: Setting) -> Variant:
         """The encoder for `setting.tape` and `setting.masks`, with train.py's speed-ups installed (made on first
         use)."""
-        key = (setting.tape, setting.masks, setting.kind == "textbook")
+        key = (setting.tape, setting.masks, setting.kind == "textbook", setting.speedups)
         if key not in self.variants:
             encoder = sharing_copy(self.encoder).train(self.dropout)
             keys = install_keyed_dropout(encoder.model) if setting.masks == "keyed" else None
             fast = None
-            if setting.kind != "textbook":  # the default switches: CPU dropout, sparse embedding gradients
+            if setting.speedups is not None:  # a whole section, as bertino/build.py installs it
+                fast = install_speedups(encoder, setting.speedups, keys)
+            elif setting.kind != "textbook":  # the default switches: CPU dropout, sparse embedding gradients
                 fast = install_speedups(encoder, SpeedupsConfig(), keys)
                 names = setting.tape_linears
                 if names:
@@ -201,7 +242,7 @@ class Trainer:
     def gradients(self, setting: Setting, texts: list[str], step: int = 0) -> torch.Tensor:
         """Tokenize once, then encode + loss + backward as `train.py` does → the loss (detached)."""
         v = self.variant(setting)
-        ids = PackedTokenIds.tokenize(v.encoder, texts)
+        ids = self.tokenize(v.encoder, texts)
         keys = None if v.keys is None else text_keys(42, step, torch.arange(len(texts))).to(self.device)
         if setting.kind == "full":
             features = {k: t.to(self.device) for k, t in ids.pad(range(len(texts)), self.pad_id).items()}
@@ -212,13 +253,29 @@ class Trainer:
             loss = self.loss_fn(reps)
             self.scaler.scale(loss).backward()
             return loss.detach()
+        if setting.speedups is not None:  # as Step.loss_and_gradient_of_tokens runs a GradCache task
+            batches = v.fast.mini_batches(ids, setting.mini, self.pad_id, self.device, keys)
+            first = v.fast.first_pass_batches(ids, self.pad_id, self.device, keys)
+            self.remember_shapes(ids, batches, v.fast, first is not None)
+            return v.fast.grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, first)
         batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device, text_keys=keys)
         if v.fast is None:  # the textbook
+            self.remember_shapes(ids, batches, None, False)
             return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast)
         fast = with_settings(v.fast, memory_budget=setting.keep, keep_last_graph=setting.keep_last,
                              first_pass_mini_batch_size=setting.first or None)
         first = make_mini_batches(ids, setting.first, self.pad_id, self.device, text_keys=keys) if setting.first else None
+        self.remember_shapes(ids, batches, fast, first is not None)
         return fast.grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, first)
+
+    def tokenize(self, encoder: SentenceEncoder, texts: list[str]) -> PackedTokenIds:
+        return PackedTokenIds.tokenize(encoder, texts)
+
+    def remember_shapes(self, ids: PackedTokenIds, batches, fast: FastGradCache | None, separate_first: bool) -> None:
+        """The token counts of each mini-batch's texts and whether pass 3 recomputes it (profile_step.py's FLOPs)."""
+        kept = plan_step(fast, len(batches), False, separate_first).kept if fast is not None else frozenset()
+        self.last_shapes = {"lengths": [[int(ids.lengths[t]) for t in b.texts[: len(b.texts)]] for b in batches],
+                            "recomputed": [i not in kept for i in range(len(batches))]}
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)

