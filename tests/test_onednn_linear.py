@@ -107,16 +107,21 @@ def test_installing_keeps_parameters_keys_eval_and_other_dtypes(drop_dir):
     assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))  # float64
 
 
-def test_auto_is_on_for_amd_cpus_with_avx512(monkeypatch):
+@needs_onednn
+def test_auto_is_on_for_amd_cpus_with_avx512_and_large_products(monkeypatch):
     monkeypatch.setattr(onednn_linear, "onednn_available", lambda: True)
     amd = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
-    assert onednn_wanted("auto", amd)
-    assert not onednn_wanted("auto", amd.replace(" avx512f", ""))  # AVX2 only: MKL and oneDNN measured alike
-    assert not onednn_wanted("auto", amd.replace("AuthenticAMD", "GenuineIntel"))
-    assert not onednn_wanted("auto", "")  # not an x86 /proc/cpuinfo
-    assert onednn_wanted(True, "") and not onednn_wanted(False, amd)
+    assert onednn_wanted("auto", amd) == onednn_linear.AUTO_MIN_MULTIPLY_ADDS  # products large enough to pay
+    assert onednn_wanted("auto", amd.replace(" avx512f", "")) is None  # AVX2 only: MKL and oneDNN measured alike
+    assert onednn_wanted("auto", amd.replace("AuthenticAMD", "GenuineIntel")) is None
+    assert onednn_wanted("auto", "") is None  # not an x86 /proc/cpuinfo
+    assert onednn_wanted(True, "") == 0 and onednn_wanted(False, amd) is None  # true: every product
     monkeypatch.setattr(onednn_linear, "onednn_available", lambda: False)
-    assert not onednn_wanted(True, amd)  # never without the kernel
+    assert onednn_wanted(True, amd) is None  # never without the kernel
+    # "auto"'s size rule: a product below the bound keeps torch's kernel
+    layer = OneDNNLinear(torch.nn.Linear(32, 32), min_multiply_adds=33 * 32 * 32).train()
+    assert layer(torch.randn(32, 32)).grad_fn.name() == "AddmmBackward0"
+    assert layer(torch.randn(33, 32)).grad_fn.name() == "_OneDNNLinearFunctionBackward"
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +198,23 @@ def test_grad_cache_with_onednn_equals_the_full_batch_with_dropout_on_in_fp32(dr
     print(f"oneDNN: GradCache vs full batch {err:.1e}; oneDNN vs torch's kernel {kernels:.1e}")
     assert err <= 2e-5
     assert 0 < kernels <= 2e-5
+
+
+@needs_onednn
+def test_training_with_onednn_logs_the_textbook_s_steps(drop_dir, tmp_path):
+    """train.py in 2 processes with the lever on (oneDNN's own kernel, fp32, keyed dropout on, the defaults' fused
+    AdamW) logs the loss and gradient norm of every step of ONE process running `speedups=null` (the textbook:
+    torch's kernels, the multi-tensor AdamW) at the global batch, within 1e-4, and trains its weights (1e-3): the
+    lever changes rounding only, and 2 processes = 1 still holds with it."""
+    from helpers import assert_same_steps, rel_update_diff, run_train, weights
+
+    base = train_config(tmp_path, drop_dir, gather_across_devices=True, logging_steps=1)
+    base["model"]["dropout_masks"] = "keyed"
+    for name, speedups, rows, nproc in (("textbook", None, 6, 1), ("two", {"onednn_linear": True}, 3, 2)):
+        cfg = dict(base, speedups=speedups,
+                   train={**base["train"], "per_device_train_batch_size": rows, "output_dir": str(tmp_path / name)})
+        run_train(write_config(tmp_path, cfg, f"{name}.json"), nproc=nproc)
+    assert assert_same_steps(tmp_path / "two", tmp_path / "textbook", rel=1e-4,
+                             keys=("loss/retrieval", "grad_norm")) == 3
+    w0 = weights(drop_dir)
+    assert rel_update_diff(w0, weights(tmp_path / "two" / "final"), weights(tmp_path / "textbook" / "final")) <= 1e-3

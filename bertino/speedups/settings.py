@@ -40,8 +40,10 @@ uninterrupted one. What each does to GradCache's passes is written out in fast_g
 |                              |         | backward (onednn_linear.py): on an AMD EPYC with AVX-512, whose MKL runs  |
 |                              |         | AVX2 code, 2.2× the GEMM rate, a fp32 step 0.6× as long. The same         |
 |                              |         | products in another summation order (fp32 rounding, ≈ 1e-7). "auto": on   |
-|                              |         | AMD CPUs with AVX-512 only (elsewhere unmeasured or equal); no effect on  |
-|                              |         | bf16/fp16 autocast (already oneDNN), CUDA, eval mode or float64           |
+|                              |         | AMD CPUs with AVX-512 only (elsewhere unmeasured or equal), for products  |
+|                              |         | of ≥ 2²¹ multiply-adds (below, its Python costs more than it saves);      |
+|                              |         | true: everywhere, every size. No effect on bf16/fp16 autocast (already    |
+|                              |         | oneDNN), CUDA, eval mode or float64                                       |
 
 `check_speedups` holds the combinations that cannot work together; it is called with the rest of the config's
 checks (plumbing/config.py), and names the keys.
