@@ -187,14 +187,15 @@ class ProfiledTrainer(Trainer):
         with record_function("tokenize"):
             return PackedTokenIds.tokenize(encoder, texts)
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, optimizer=None) -> None:
+        optimizer = optimizer or self.optimizer
         with record_function("clip_grad_norm"):  # the clipping and the unscaling are the optimizer's work too
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(optimizer)
         self.scaler.update()
         with record_function("Optimizer.zero_grad"):
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
 
 
 def main() -> None:

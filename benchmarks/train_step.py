@@ -208,8 +208,10 @@ class Trainer:
         self.dropout = dropout  # train mode = dropout on, as in training
         self.variants: dict[str, Variant] = {}
         self.pad_id = self.encoder.tokenizer.pad_token_id
-        # one AdamW for every setting (they train the same weights): the default speedups' kernel unless told
-        self.optimizer = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=adamw_fused)
+        # one AdamW for every setting (they train the same weights): the default speedups' kernel unless told; a
+        # setting with a whole speedups section steps an AdamW of its own `adamw_fused` kind (made on first use)
+        self.optimizers = {adamw_fused: make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=adamw_fused)}
+        self.optimizer = self.optimizers[adamw_fused]
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         objective = Objective(LOSSES["cached_mnrl"], dims=DIMS, weights=WEIGHTS)
@@ -277,16 +279,24 @@ class Trainer:
         self.last_shapes = {"lengths": [[int(ids.lengths[t]) for t in b.texts[: len(b.texts)]] for b in batches],
                             "recomputed": [i not in kept for i in range(len(batches))]}
 
-    def optimizer_step(self) -> None:
-        self.scaler.unscale_(self.optimizer)
+    def optimizer_for(self, setting: Setting) -> torch.optim.Optimizer:
+        if setting.speedups is None or setting.speedups.adamw_fused in self.optimizers:
+            return self.optimizer if setting.speedups is None else self.optimizers[setting.speedups.adamw_fused]
+        fused = setting.speedups.adamw_fused
+        self.optimizers[fused] = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=fused)
+        return self.optimizers[fused]
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        optimizer = optimizer or self.optimizer
+        self.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
 
     def step(self, setting: Setting, texts: list[str], step: int = 0) -> None:
         self.gradients(setting, texts, step)
-        self.optimizer_step()
+        self.optimizer_step(self.optimizer_for(setting))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -295,13 +305,13 @@ class Trainer:
 
 # ================================================================================================ timing
 def time_settings(trainer: Trainer, settings: list[Setting], pairs, batch_size: int, negatives: int,
-                  steps: int, warmup: int) -> dict[str, dict]:
+                  steps: int, warmup: int, lengths: str = "demo") -> dict[str, dict]:
     """Median seconds per step of each setting; all settings see the same batches, interleaved step by step."""
     seconds: dict[str, list[float]] = {s.name: [] for s in settings}
     for s in settings:
         trainer.variant(s)  # every encoder made and its speed-ups installed before the first timed step
     for step in range(warmup + steps):
-        texts = batch_texts(pairs, step, batch_size, negatives)
+        texts = batch_texts(pairs, step, batch_size, negatives, lengths=lengths)
         rotation = step % len(settings)
         for s in settings[rotation:] + settings[:rotation]:
             trainer.sync()
@@ -331,12 +341,14 @@ def measure_memory_child(spec: dict) -> dict:
     Two phases, each with its own peak: the gradient computation (tokenize → backward) and the optimizer step
     (clip + AdamW's foreach temporaries); the step's peak is the larger, both above the RSS before the step.
     """
+    speedups = spec.get("speedups")
     setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"], spec.get("keep_last", True),
-                      spec.get("masks", "stream"), spec.get("first", 0))
+                      spec.get("masks", "stream"), spec.get("first", 0),
+                      None if speedups is None else SpeedupsConfig(**speedups))
     trainer = Trainer(spec["model"], spec["max_seq_length"], spec["device"], spec["amp"], True, spec["negatives"])
     pairs = load_pairs()
     warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape, setting.keep_last, setting.masks,
-                   min(setting.first, 4))
+                   min(setting.first, 4), setting.speedups)
     trainer.step(warm, batch_texts(pairs, 1, 2, spec["negatives"]))  # AdamW state, kernels, tokenizer caches
     gc.collect()
     texts = batch_texts(pairs, 0, spec["batch_size"], spec["negatives"])
@@ -373,6 +385,7 @@ def measure_memory_child(spec: dict) -> dict:
 def measure_memory(args, setting: Setting, batch_size: int, amp: str) -> dict:
     spec = {"kind": setting.kind, "mini": setting.mini, "keep": setting.keep, "tape": setting.tape,
             "keep_last": setting.keep_last, "masks": setting.masks, "first": setting.first,
+            "speedups": None if setting.speedups is None else asdict(setting.speedups),
             "batch_size": batch_size, "amp": amp,
             "model": args.model, "max_seq_length": args.max_seq_length, "device": args.device,
             "negatives": args.negatives}
@@ -545,6 +558,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=MODEL)
     p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--lengths", choices=["demo", "card"], default="demo",
+                   help="card: the card's lengths (card_length_pairs; pass --max-seq-length 256)")
     p.add_argument("--batch-size", type=int, default=32, help="logical batch in rows (texts = rows × (2 + negatives))")
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--mini-batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32], help="in texts")
@@ -572,6 +587,9 @@ def main() -> None:
                    help="also time keyed GradCache at the 2nd mini size with pass 1 in chunks of these sizes")
     p.add_argument("--textbook", type=int, nargs="*", default=[],
                    help="also time `speedups: null` (the textbook GradCache on the plain model) at these mini sizes")
+    p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
+                   help="also time GradCache at the 2nd mini size with each of these whole speedups sections "
+                        "(JSON objects, e.g. '{\"onednn_linear\": false}'; absent keys take their defaults)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     p.add_argument("--plot", type=Path, metavar="JSON", help="only draw the PNGs of a saved JSON")
@@ -608,6 +626,8 @@ def main() -> None:
     settings += [Setting("gradcache", curve_mini, 0, t) for t in args.tape]
     settings += [Setting("gradcache", c, keep_last=False) for c in args.recompute_all]
     settings += [Setting("textbook", c) for c in args.textbook]
+    for section in args.speedups:  # whole sections, GradCache at the 2nd mini size
+        settings.append(Setting("gradcache", curve_mini, speedups=SpeedupsConfig(**json.loads(section))))
     if args.keyed or args.first_pass:
         settings += [Setting("full", masks="keyed"), Setting("gradcache", curve_mini, masks="keyed")]
         settings += [Setting("gradcache", curve_mini, masks="keyed", keep_last=False, first=f) for f in args.first_pass]
@@ -625,7 +645,7 @@ def main() -> None:
             print(f"timing {amp}: " + ", ".join(s.name for s in settings), file=sys.stderr)
             trainer = Trainer(args.model, args.max_seq_length, args.device, amp, True, args.negatives)
             results["timings"][amp] = time_settings(trainer, settings, pairs, args.batch_size, args.negatives,
-                                                    args.steps, args.warmup)
+                                                    args.steps, args.warmup, args.lengths)
             del trainer
             print_table(results["timings"][amp], amp)
         if args.memory:

@@ -31,6 +31,7 @@ module); the maximum difference of the embeddings is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -45,10 +46,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode import compare as compare_encode  # noqa: E402
 from train_step import (DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, load_pairs, machine,  # noqa: E402
-                        write_results)
+                        speedups_label, write_results)
 
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.plumbing.sources import resolve_model_path  # noqa: E402
+from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 
 
 class STTrainer:
@@ -99,11 +101,19 @@ def compare_steps(args, folder: Path) -> dict:
     ours = Trainer(str(folder), args.max_seq_length, args.device, args.amp, True, args.negatives)
     theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
     runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
-    for tape in [""] + args.tape:
-        setting = Setting("gradcache", args.mini_batch_size, 0, tape)
+    settings = {"bertino": Setting("gradcache", args.mini_batch_size, speedups=SpeedupsConfig())}  # the defaults
+    if args.before:  # the defaults before issue 20: torch's fp32 linear kernel, the multi-tensor AdamW
+        settings["bertino, speedups before issue 20"] = Setting(
+            "gradcache", args.mini_batch_size, speedups=SpeedupsConfig(onednn_linear=False, adamw_fused=False))
+    for section in args.speedups:
+        config = SpeedupsConfig(**json.loads(section))
+        settings[f"bertino, {speedups_label(config) or 'defaults'}"] = Setting("gradcache", args.mini_batch_size,
+                                                                               speedups=config)
+    for tape in args.tape:
+        settings[f"bertino (linear tape: {tape})"] = Setting("gradcache", args.mini_batch_size, 0, tape)
+    for name, setting in settings.items():
         ours.variant(setting)  # its encoder made and its speed-ups installed before the first timed step
-        runners["bertino" + (f" (linear tape: {tape})" if tape else "")] = (
-            lambda texts, setting=setting: ours.step(setting, texts))
+        runners[name] = lambda texts, setting=setting: ours.step(setting, texts)
     seconds = {name: [] for name in runners}
     names = list(runners)
     for step in range(args.warmup + args.steps):
@@ -144,6 +154,11 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--tape", nargs="*", default=["default", "all"], choices=["default", "all"],
                    help="also time bertino with these linear-tape variants")
+    p.add_argument("--before", action="store_true",
+                   help="also time bertino with the speedups defaults before issue 20 (onednn_linear and adamw_fused "
+                        "false)")
+    p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
+                   help="also time bertino with each of these speedups sections (JSON objects)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="the training step's precision")
     p.add_argument("--steps", type=int, default=7)
