@@ -33,7 +33,9 @@ train.py builds it — on its own copy of the encoder sharing ONE set
 of weights, each with its own AdamW and GradScaler; interleaved step by step, the order rotating):
     textbook              `speedups: null`: bertino/grad_cache.py on the plain model, nothing installed
     full                  train.py's plain path: one padded tensor of all 512 texts (loss mnrl), stream masks
-    gradcache             today's GradCache, C = 16, stream masks (the card's default path)
+    gradcache             today's GradCache, C = 16, stream masks (the card's default path: the default speedups)
+    gradcache-multitensor the same with the multi-tensor AdamW (speedups.adamw_fused false, the default before
+                          issue 20)
     gradcache-keyed       the same with keyed dropout masks
     buckets               keyed, lengths padded to multiples of 32 (speedups.length_multiple)
     graphs                + CUDA graphs per mini-batch shape (speedups.cuda_graphs)
@@ -98,6 +100,7 @@ FAST = {"model.dropout_masks": "keyed", "speedups.length_multiple": 32}
 VARIANTS = {  # name → (task, config overrides)
     "full": ("retrieval", {"tasks.retrieval.loss": "mnrl"}),
     "gradcache": ("retrieval", {}),
+    "gradcache-multitensor": ("retrieval", {"speedups.adamw_fused": False}),
     "gradcache-keyed": ("retrieval", {"model.dropout_masks": "keyed"}),
     "buckets": ("retrieval", FAST),
     "graphs": ("retrieval", {**FAST, "speedups.cuda_graphs": True}),

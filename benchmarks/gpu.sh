@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything this project measures or checks on a GPU, in one run (≈ 5 minutes on an H200; each command capped,
-# 9 minutes at most in all).
+# Everything this project measures or checks on a GPU, in one run (≈ 8 minutes on an H200; each command capped,
+# 14 minutes at most in all).
 #
 #   bash benchmarks/gpu.sh MODEL_FOLDER OUT_DIR
 #   DRY_RUN=1 bash benchmarks/gpu.sh MODEL_FOLDER OUT_DIR     # the same commands on the CPU with tiny sizes
@@ -17,6 +17,11 @@
 #                             and sentence-transformers, ms/step, tokens/s, MFU, the recipe's estimate
 #   card_step_minilm.json     the same for MiniLM at the card's batch on the demo's texts (max length 64): the
 #                             issue's "GradCache ≤ 3× the one-tensor full batch" and "≤ 0.25× sentence-transformers"
+#                             (both tables include the fused-vs-multi-tensor AdamW pair: the new default of issue 20)
+#   host_cpu_profile.json     issue 20's levers on the GPU machine's host CPU (an Intel Xeon: MKL has its AVX-512
+#   host_cpu_speedups.json    code there), 2 threads: benchmarks/profile_step.py (where a step's time goes, fp32 and
+#                             bf16) and train_step.py with speedups.onednn_linear on/off and the multi-tensor AdamW
+#                             — whether "auto" should turn oneDNN on for Intel CPUs too
 # With PREVIOUS=1 it also reruns the earlier tables (train_step.py at B = 32 / 128, the memory sweep,
 # vs_sentence_transformers.py in fp32 and bf16), ≈ 4 more minutes.
 set -uo pipefail
@@ -36,12 +41,14 @@ if [ "${DRY_RUN:-0}" = 1 ]; then  # every command below, on the CPU, with tiny s
   CARD=(--shape tiny --max-length 32 --batch-size 8 --mini-batch-size 4 --sts-pairs 8 --steps 1 --warmup 1)
   MINI=(--max-length 64 --batch-size 8 --mini-batch-size 4 --sts-pairs 8 --steps 1 --warmup 1)
   STEP=(--steps 1 --warmup 0); B32=(--batch-size 8); B128=(--batch-size 16); SWEEP=(--sweep-batch-sizes 4 8)
-  VS=(--only step)
+  VS=(--only step); HOST_PROFILE=(--batch-size 4 --steps 1 --warmup 0 --gemm-reps 2)
+  HOST_STEP=(--batch-size 4 --steps 1 --warmup 0)
 else
   DEV=cuda; CHECKS=(); AMP=fp16; LOW=low
   CARD=(--shape distilbert-base --max-length 256 --batch-size 128 --mini-batch-size 16 --steps 8 --warmup 3)
   MINI=(--max-length 64 --batch-size 128 --mini-batch-size 16 --steps 10 --warmup 3)
   STEP=(--steps 10); B32=(); B128=(--batch-size 128); SWEEP=(--sweep-batch-sizes 32 128 512); VS=()
+  HOST_PROFILE=(--steps 3 --warmup 1); HOST_STEP=(--steps 4)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -54,6 +61,12 @@ run 240 "$PY" benchmarks/card_step.py --device "$DEV" --lengths card --amp "$AMP
     ${ST[@]+"${ST[@]}"} --json "$OUT/card_step_distilbert.json"
 run 150 "$PY" benchmarks/card_step.py --device "$DEV" --shape minilm --lengths demo --tokenizer "$MODEL" \
     --amp "$AMP" "${MINI[@]}" ${ST[@]+"${ST[@]}"} --json "$OUT/card_step_minilm.json"
+# issue 20's CPU levers on this machine's host CPU (2 threads, as the project's CPU measurements)
+run 120 env OMP_NUM_THREADS=2 "$PY" benchmarks/profile_step.py --model "$MODEL" --amp fp32 bf16 \
+    ${HOST_PROFILE[@]+"${HOST_PROFILE[@]}"} --json "$OUT/host_cpu_profile.json"
+run 180 env OMP_NUM_THREADS=2 "$PY" benchmarks/train_step.py --model "$MODEL" --device cpu --amp fp32 low \
+    --mini-batch-sizes 8 --no-bucketed --tape --speedups '{"onednn_linear": false}' '{"onednn_linear": true}' \
+    '{"adamw_fused": false}' "${HOST_STEP[@]}" --json "$OUT/host_cpu_speedups.json"
 if [ "${PREVIOUS:-0}" = 1 ]; then
   run 150 "$PY" benchmarks/train_step.py --model "$MODEL" --device "$DEV" --amp fp32 "$LOW" \
       --mini-batch-sizes 8 16 32 --tape default "${STEP[@]}" ${B32[@]+"${B32[@]}"} --json "$OUT/train_step_b32.json"

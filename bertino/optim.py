@@ -28,8 +28,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool
         {"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
     ]
-    if fused:  # train.adamw_fused: one kernel does the whole update of many tensors (CUDA and CPU)
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    if fused:  # speedups.adamw_fused: one kernel does the whole update of many tensors (CUDA and CPU)
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        except RuntimeError:  # a torch without the fused kernel for these parameters' device: the one below
+            pass
     # foreach=True: one fused multi-tensor kernel per group instead of a Python loop over 100 parameters.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 

@@ -47,6 +47,7 @@ from ..keyed_dropout import DropoutKeys
 from .cpu_dropout import install_cpu_dropout
 from .cuda_graphs import GraphedChunks
 from .linear_tape import LinearTape, TapeDeck, install_linear_tape
+from .onednn_linear import install_onednn_linear, onednn_wanted
 from .settings import SpeedupsConfig
 from .sparse_embeddings import SparseGradSwitch, install_sparse_embedding_grads
 from .static_shapes import StaticShapes, static_mini_batches
@@ -114,6 +115,9 @@ def install_speedups(encoder: nn.Module, settings: SpeedupsConfig, dropout_keys:
         install_cpu_dropout(model)  # the stream's masks drawn faster on CPU tensors (torch's own on CUDA)
     graphs = GraphedChunks(encoder, dropout_keys, encoder.max_seq_length) if settings.cuda_graphs else None
     sparse = install_sparse_embedding_grads(model) if settings.sparse_embedding_grads else None
+    smallest = onednn_wanted(settings.onednn_linear)
+    if smallest is not None:
+        install_onednn_linear(model, smallest)  # before the tape, whose layers then keep oneDNN's kernel
     tape = install_linear_tape(model) if settings.linear_tape else None
     return FastGradCache(settings, encoder.max_seq_length, dropout_keys, sparse, tape, graphs)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import replace_modules
+from .onednn_linear import OneDNNLinear, linear as onednn_linear, onednn_applies, onednn_mm
 
 DEFAULT_TAPED = ("q_lin", "k_lin", "v_lin", "out_lin", "lin2")  # not lin1: its output is 4·D wide
 ALL_LINEARS = DEFAULT_TAPED + ("lin1",)
@@ -96,20 +97,22 @@ class TapeDeck:
 
 
 class TapedLinear(nn.Linear):
-    """An `nn.Linear` (the same parameters) that records its output into, or replays it from, its deck's tape."""
+    """An `nn.Linear` (the same parameters) that records its output into, or replays it from, its deck's tape.
+    `onednn`: its products go through oneDNN where that applies (it replaced a `OneDNNLinear`)."""
 
-    def __init__(self, linear: nn.Linear, name: str, deck: TapeDeck):
+    def __init__(self, linear: nn.Linear, name: str, deck: TapeDeck, onednn: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.tape_name, self.deck = name, deck
+        self.tape_name, self.deck, self.onednn = name, deck, onednn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deck = self.deck
+        linear = onednn_linear if self.onednn and self.training else F.linear
         if deck.tape is None:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if deck.replay_at is None:
-            y = F.linear(x, self.weight, self.bias)  # (..., D_out)
+            y = linear(x, self.weight, self.bias)  # (..., D_out)
             deck.tape.outputs.append(y.detach())
             return y
         y = deck.next_output(self.tape_name, x.shape)  # (..., D_out), recorded in pass 1
@@ -117,37 +120,45 @@ class TapedLinear(nn.Linear):
         if torch.is_autocast_enabled(x.device.type):  # operands as F.linear under autocast would see them
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w, b = x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
-        return _LinearFromTape.apply(x, w, b, y)
+        return _LinearFromTape.apply(x, w, b, y, self.onednn)
 
 
 class _LinearFromTape(torch.autograd.Function):
     """y = x Wᵀ + b, with y given: forward returns y, backward is the linear layer's backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                onednn: bool = False):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.onednn = bias is not None, onednn
         return y.view_as(y)  # a fresh tensor object for autograd to attach its node to
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # (C·L, D_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (C·L, D_in)
+        if ctx.onednn and onednn_applies(g2, weight) and x2.dtype == torch.float32:
+            def mm(a, b):  # a b, by oneDNN (onednn_linear.py)
+                return onednn_mm(a, b.t())
+        else:
+            mm = torch.mm
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight).view(x.shape)  # (..., D_in)
+            grad_x = mm(g2, weight).view(x.shape)  # (..., D_in)
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (D_out, D_in)
+            grad_w = mm(g2.t(), x2)  # (D_out, D_in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)  # (D_out,)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def install_linear_tape(model: nn.Module, names: tuple[str, ...] = DEFAULT_TAPED) -> TapeDeck:
-    """Replace the `nn.Linear` layers whose attribute name is in `names` with `TapedLinear`s on one new deck."""
+    """Replace the `nn.Linear` layers (or `OneDNNLinear`s, whose kernel they keep) whose attribute name is in
+    `names` with `TapedLinear`s on one new deck."""
     deck = TapeDeck()
-    count = replace_modules(model, lambda name, m: TapedLinear(m, name, deck)
-                            if name in names and type(m) is nn.Linear else None)
+    count = replace_modules(model, lambda name, m: TapedLinear(m, name, deck, onednn=type(m) is OneDNNLinear)
+                            if name in names and type(m) in (nn.Linear, OneDNNLinear) else None)
     if count == 0:
         raise ValueError(f"linear tape: the model has no nn.Linear named any of {names}")
     return deck
