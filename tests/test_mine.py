@@ -383,7 +383,7 @@ class CountingEncoder(LookupEncoder):
         return super().encode(texts, normalize=kw.get("normalize", False))
 
 
-def rows_data(tmp_path, rows) -> "TaskData":
+def rows_data(tmp_path, rows):
     from bertino.mine import load_rows
 
     path = tmp_path / "rows.jsonl"

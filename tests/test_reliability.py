@@ -534,8 +534,9 @@ def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(referen
 
 def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference, tmp_path, capsys):
     """A checkpoint whose run_config.json has the speed-up keys at their old places (train.grad_cache_*,
-    train.adamw_fused, no `speedups`), as every run folder written before the move has: it resumes, silently
-    (nothing changed), and ends bitwise where the uninterrupted run ended."""
+    train.adamw_fused, no `speedups`) and no onednn_linear, as every run folder written before the move has: it
+    resumes, and ends bitwise where the uninterrupted run ended. The key it lacks ran as false (EARLIER_DEFAULTS):
+    a resume under today's default "auto" says it may not be bitwise; with the old value it is silent."""
     ref_run, cfg = reference
     old = tmp_path / "old" / "checkpoint-6"
     shutil.copytree(ref_run / "checkpoint-6", old)
@@ -546,10 +547,14 @@ def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference
                            for old_key, new in MOVED_KEYS.items()})
     (old / "run_config.json").write_text(json.dumps(saved))
     seal_checksums(old)
-    capsys.readouterr()
-    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}", f"train.resume_from_checkpoint={old}")
-    assert same_weights(weights(tmp_path / "out" / "final"), weights(ref_run / "final"))
-    assert "warning: resuming with" not in capsys.readouterr().err
+    for extra, warned in (([], True), (["speedups.onednn_linear=false"], False)):
+        capsys.readouterr()
+        out = tmp_path / f"out{len(extra)}"
+        run_inprocess(tmp_path, cfg, f"train.output_dir={out}", f"train.resume_from_checkpoint={old}", *extra)
+        assert same_weights(weights(out / "final"), weights(ref_run / "final"))  # the tiny model's products are
+        err = capsys.readouterr().err  # below "auto"'s size: bitwise either way
+        assert ('warning: resuming with speedups.onednn_linear false → "auto"' in err) == warned, err
+        assert err.count("warning: resuming with") == int(warned), err
 
 
 def test_a_resume_accepts_every_speedup_change_with_a_notice(reference, tmp_path, capsys):
@@ -560,7 +565,7 @@ def test_a_resume_accepts_every_speedup_change_with_a_notice(reference, tmp_path
     ckpt = ref_run / "checkpoint-9"
     changes = {"new": ["speedups.memory_budget=1", "speedups.linear_tape=true"],
                "old": ["train.grad_cache_length_multiple=8", "train.grad_cache_mini_batch_tokens=40",
-                       "train.grad_cache_auto_mini_batch_gib=1.5", "train.adamw_fused=true"],
+                       "train.grad_cache_auto_mini_batch_gib=1.5", "train.adamw_fused=false"],
                "null": ["speedups=null"]}
     for name, overrides in changes.items():
         capsys.readouterr()

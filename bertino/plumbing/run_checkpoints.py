@@ -54,6 +54,10 @@ RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not. Every key of
 # the `speedups` section is one (each changes time or memory, never the gradient: a smaller GPU after a pre-emption).
 RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.fp16", "train.bf16", "model.dropout_masks", "speedups"}
+# A checkpoint that does not name a key ran with that key's default of its time. Where a default changed (or a key
+# came with a default that changes the numbers), this is the value such a checkpoint ran with; every other key's
+# default is the old behaviour. So a resume with today's default is named in the not-bitwise warning.
+EARLIER_DEFAULTS = {"speedups.adamw_fused": False, "speedups.onednn_linear": False}
 
 
 @dataclass
@@ -175,7 +179,8 @@ def config_changes(saved_config: dict, run_config: dict) -> tuple[list[str], lis
 
     saved_config, _ = move_old_keys(saved_config)  # a checkpoint written before a key moved: read it at its place
     old, new = _flatten(saved_config), _flatten(run_config)
-    old = {**{k: v for k, v in key_defaults(new).items() if k not in old}, **old}  # keys added since it was saved
+    earlier = {**key_defaults(new), **{k: v for k, v in EARLIER_DEFAULTS.items() if k in new}}
+    old = {**{k: v for k, v in earlier.items() if k not in old}, **old}  # keys added since it was saved
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
     free = [k for k in changed if k in RESUME_FREE or k.startswith("eval.")
             or (k.startswith("tasks.") and k.rsplit(".", 1)[-1] in RESUME_FREE_TASK_KEYS)]
@@ -233,7 +238,7 @@ def _torch_load(path: Path) -> Any:
 
 def key_defaults(flat_config: dict[str, Any]) -> dict[str, Any]:
     """The schema default of every key of a flat config that has one: a checkpoint written before a key existed
-    ran with that default (new keys keep the old behaviour as their default)."""
+    ran with that default, except the keys of `EARLIER_DEFAULTS`."""
     from . import config
 
     sections = {"model": config.ModelConfig, "train": config.TrainConfig, "eval": config.EvalConfig,
