@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=N train.py --config configs/v5.json [key.sub=value ...]
 
 This file is the recipe, top to bottom: set-up → the loop → one step → what happens around steps → the end.
-Why this file is long (~480 lines): it is the whole recipe, as nanoGPT's train.py and a torchtune recipe hold
+Why this file is long (~490 lines): it is the whole recipe, as nanoGPT's train.py and a torchtune recipe hold
 theirs — reading it is reading a run; the pieces it calls are the small modules of bertino/.
 One training step, in the order things happen:
     batch of ONE task (rows) → all its texts tokenized once
