@@ -99,8 +99,11 @@ def test_installing_keeps_parameters_keys_eval_and_other_dtypes(drop_dir):
     assert not any(type(m) is torch.nn.Linear for m in enc.modules())
     assert list(enc.state_dict()) == keys and all(p is params[n] for n, p in enc.named_parameters())
     assert (enc.encode(texts) == before).all()  # eval mode: torch's kernel, bitwise
-    layer = next(m for m in enc.modules() if isinstance(m, OneDNNLinear)).train()
+    layer = next(m for m in enc.modules() if isinstance(m, OneDNNLinear)).eval()
     x = torch.randn(2, 3, layer.in_features)
+    assert "OneDNN" not in layer(x.requires_grad_()).grad_fn.name()  # eval mode: torch's (tiny products may agree
+    x = x.detach()  # bitwise, so the encode comparison alone could not tell)
+    layer.train()
     assert layer(x).grad_fn.name() == "_OneDNNLinearFunctionBackward"  # fp32 training: oneDNN
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16 and "OneDNN" not in layer(x).grad_fn.name()  # autocast: torch's
