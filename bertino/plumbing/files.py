@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import hashlib
 import os
 import shutil
 import tempfile
@@ -93,6 +94,15 @@ def read_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict | None
         raise DataError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:  # unreadable, not gzip, truncated gzip
         raise DataError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
+
+
+def sha256_file(path: str | os.PathLike, digest=None):
+    """Feed the bytes of `path` into `digest` (a new sha256 when None), 1 MiB at a time; returns the digest."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def short(value: Any, limit: int = 60) -> str:

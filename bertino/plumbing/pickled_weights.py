@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from .files import atomic_write_with, publish_dir, write_failure
+from .files import atomic_write_with, publish_dir, sha256_file, write_failure
 from .model_folder import missing_file, shard_files
 from .sources import cache_root
 
@@ -178,7 +178,7 @@ def _entry_problem(entry: Path) -> str | None:
     found = target.stat().st_size
     if found != size:
         return f"model.safetensors has {found} bytes, {ENTRY} says {size}"
-    if _sha256(target) != digest:
+    if sha256_file(target).hexdigest() != digest:
         return f"model.safetensors does not match the sha256 in {ENTRY}"
     return None
 
@@ -192,15 +192,7 @@ def _load_entry(target: Path) -> dict[str, torch.Tensor]:
 
 
 def _describe(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"size": path.stat().st_size, "sha256": sha256_file(path).hexdigest()}
 
 
 def _remove_stale_temp_folders(converted: Path) -> None:
@@ -242,9 +234,7 @@ def _content_key(folder: Path, files: list[str]) -> str:
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode("utf-8") + b"\0")
-        with (folder / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        sha256_file(folder / name, digest)
     return digest.hexdigest()
 
 

@@ -29,7 +29,6 @@ a warning. A checkpoint written before a key moved (`config.MOVED_KEYS`) is read
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .files import publish_dir, read_json
+from .files import publish_dir, read_json, sha256_file
 
 STATE_FILE = "trainer_state.json"
 REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "run_config.json",
@@ -132,11 +131,7 @@ def checksums(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` but the trainer state."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        out[path.relative_to(folder).as_posix()] = digest.hexdigest()
+        out[path.relative_to(folder).as_posix()] = sha256_file(path).hexdigest()
     return out
 
 

