@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .evaluation import sort_by_score_then_id, top_k_cosine
+from .metrics import cosine_of_pairs, sort_by_score_then_id, top_k_cosine
 
 SEARCH = ("auto", "exact", "faiss")
 FAISS_SLACK = 32  # candidates beyond K per query that FAISS returns, so that its float32 order rarely matters
@@ -86,9 +86,7 @@ def _faiss_top_k(query_emb: torch.Tensor, corpus_emb: torch.Tensor, k: int,
     # exact scores of the candidates, exactly as top_k_cosine computes them
     q = F.normalize(query_emb.double(), dim=-1)  # (R, D)
     ids = torch.from_numpy(cand_i)  # (R, K')
-    c = corpus_emb[ids.flatten()].double().view(R, kk, D)  # (R, K', D)
-    norm = torch.linalg.vector_norm(c, dim=2).clamp_min(1e-12)  # (R, K')
-    exact = ((c @ q.unsqueeze(2)).squeeze(2) / norm).float()  # (R, K')
+    exact = cosine_of_pairs(q, corpus_emb[ids.flatten()].view(R, kk, D))  # (R, K')
     scores, ids = sort_by_score_then_id(exact, ids)
     scores, ids = scores[:, :k], ids[:, :k]  # (R, k)
     if kk == N:  # FAISS returned the whole corpus: nothing was left out

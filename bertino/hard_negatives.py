@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .corpus_search import SEARCH, corpus_top_k
 from .errors import ConfigError, DataError
-from .evaluation import SCORE_BLOCK_ELEMENTS
+from .metrics import SCORE_BLOCK_ELEMENTS, cosine_of_pairs
 
 SAMPLING = ("top", "random")
 
@@ -119,8 +119,7 @@ def select_negatives(
 
         # s⁺ exactly as top_k_cosine computes scores: unit query in float64, dot, / |p|, rounded to float32.
         q = F.normalize(query_emb[row_query[rows]].double(), dim=-1)  # (m, D)
-        p = corpus_emb[row_positive[rows]].double()  # (m, D)
-        pos = ((q * p).sum(dim=1) / torch.linalg.vector_norm(p, dim=1).clamp_min(1e-12)).float()  # (m,)
+        pos = cosine_of_pairs(q, corpus_emb[row_positive[rows]].unsqueeze(1)).squeeze(1)  # (m,)
         positive_scores[rows] = pos
 
         keep = ~torch.isin(row_query[rows].unsqueeze(1) * N + cand_ids, excluded_keys)  # (m, W) not a positive of q

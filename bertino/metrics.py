@@ -153,6 +153,15 @@ def _cosine(q: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def cosine_of_pairs(q: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """cos(q_r, c_rk) as float32 (R, K), for unit rows q (R, D) float64 and candidate rows (R, K, D) of any dtype:
+    the scores `top_k_cosine` gives those pairs (float64 sums, the same eps, rounded to float32) — for re-scoring
+    candidates found another way (FAISS, a positive's own score)."""
+    c = candidates.double()  # (R, K, D)
+    norm = torch.linalg.vector_norm(c, dim=-1).clamp_min(1e-12)  # (R, K) as F.normalize's eps
+    return (torch.einsum("rd,rkd->rk", q, c) / norm).float()  # (R, K)
+
+
 def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k of each row of scores (R, C) by (−score, column): scores, columns (R, k), in that order.
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .eval_names import check_indexes
-from .metrics import (MATMUL_ROWS, SCORE_BLOCK_ELEMENTS, check_ir_embeddings, ranking_metrics, sort_by_score_then_id,
+from .metrics import (MATMUL_ROWS, SCORE_BLOCK_ELEMENTS, check_ir_embeddings, cosine_of_pairs, ranking_metrics, sort_by_score_then_id,
                       top_k_cosine)
 from .quantization import binary_codes
 
@@ -230,9 +230,7 @@ class IndexSearch:
         for s in range(0, len(rows), per_slice):
             q = F.normalize(self.queries[torch.from_numpy(rows[s : s + per_slice])].double(), dim=-1)  # (r, d)
             cand = ids[s : s + per_slice].clamp_min(0)  # (r, K')
-            c = self.corpus[cand.reshape(-1)].double().view(*cand.shape, self.d)  # (r, K', d)
-            norm = torch.linalg.vector_norm(c, dim=-1).clamp_min(1e-12)  # (r, K')
-            out[s : s + per_slice] = torch.einsum("rd,rkd->rk", q, c) / norm
+            out[s : s + per_slice] = cosine_of_pairs(q, self.corpus[cand.reshape(-1)].view(*cand.shape, self.d))
         return out
 
     def query_milliseconds(self, k: int) -> tuple[float, float]:
