@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +27,10 @@ from bertino.grad_cache import RandContext, forward_no_grad, grad_cache_step
 from bertino.model import EncoderConfig, MultiHeadSelfAttention, ScaledDotProductAttention
 from bertino.speedups import cpu_dropout
 from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, install_cpu_dropout
-from bertino.speedups.fast_grad_cache import FastGradCache, plan_step
-from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, LinearTape, TapedLinear, install_linear_tape
+from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, plan_step
+from bertino.speedups.heap import keep_freed_memory
+from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, TapedLinear, install_linear_tape
+from bertino.speedups.tapes import Tape
 from bertino.speedups.settings import SpeedupsConfig
 from bertino.speedups.sparse_embeddings import SwitchableEmbedding, install_sparse_embedding_grads
 
@@ -76,6 +80,74 @@ def attention_inputs(pad: bool):
         keep[0, ..., 4:] = False
         keep[2, ..., 2:] = False
     return attn, x, keep
+
+
+@pytest.mark.parametrize("options", [{}, {"memory_budget": 1, "linear_tape": True}], ids=["defaults", "budget+tape"])
+def test_kept_dropout_masks_are_the_masks_pass_3_would_draw(tiny_model_dir, monkeypatch, options):
+    """keep_dropout_masks: pass 3 takes pass 1's masks from the tape instead of drawing them again after the RNG
+    replay: bitwise the same gradient (float64, dropout on), with pass 3 drawing nothing."""
+    texts, loss_fn = retrieval_case()
+    drawn = []
+    original = cpu_dropout.keep_mask
+    monkeypatch.setattr(cpu_dropout, "keep_mask", lambda shape, p: drawn.append(shape) or original(shape, p))
+    got = {}
+    for keep in (False, True):
+        enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
+        fast = install_speedups(enc, SpeedupsConfig(keep_dropout_masks=keep, **options), None)
+        assert (fast.masks is not None) == keep
+        drawn.clear()
+        got[keep] = grad_cache_grads(enc, texts, loss_fn, fast=fast), list(drawn)
+    (kept, kept_draws), (drawn_again, all_draws) = got[True], got[False]
+    assert kept.keys() == drawn_again.keys() and all(torch.equal(kept[n], drawn_again[n]) for n in kept)
+    assert kept_draws == all_draws[: len(kept_draws)] and len(kept_draws) < len(all_draws)  # pass 1's draws only
+    assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, fast=fast, seed=7), kept) > 1e-3  # dropout is on
+
+
+def test_a_dropout_mask_tape_refuses_a_different_replay(tiny_model_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir).train()
+    fast = install_speedups(enc, SpeedupsConfig(), None)
+    batches = mini_batches(enc, ["il gatto", "la casa di roma e il suo fiume", "il cane"], size=2)
+    tape = Tape()
+    with fast.masks.recording(tape), torch.no_grad():
+        enc(batches[0].features)
+    assert len(tape.outputs) == 2 * enc.model.config.n_layers + 1 and tape.nbytes > 0  # attention, FFN, embeddings
+    assert all(m.dtype == torch.bool for m in tape.outputs)
+    with pytest.raises(RuntimeError, match="dropout-mask tape"):
+        with fast.masks.replaying(tape):
+            enc(batches[1].features)  # another mini-batch: its masks' shapes differ from the recorded ones
+    assert tape.outputs == [] and fast.masks.tape is None  # freed, and the deck is idle again
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["glibc-defaults", "keep-freed-memory"])
+def test_keeping_freed_memory_spares_the_page_faults_of_a_repeated_step(keep):
+    """keep_freed_memory: a 'step' that allocates and frees 48 MB page-faults every time under glibc's defaults
+    (the freed memory goes back to the kernel), and not at all once malloc keeps it (in a fresh process: the
+    setting is process-wide)."""
+    import subprocess
+    import sys
+
+    if keep and not keep_freed_memory():
+        pytest.skip("the C library is not glibc: keep_freed_memory does nothing here")
+    script = f"""
+import resource, torch
+from bertino.speedups.heap import keep_freed_memory
+assert keep_freed_memory() if {keep} else True
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():
+    tensors = [torch.ones(4_000_000) for _ in range(3)]  # 3 x 16 MB, freed together
+    del tensors
+for _ in range(3):
+    step()
+before = faults()
+step()
+print(faults() - before)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    faults = int(out.stdout.split()[-1])
+    assert faults < 200 if keep else faults > 2000, faults  # 48 MB is ≈ 12,000 pages of 4 KiB
 
 
 @pytest.mark.parametrize("pad", [True, False])
@@ -212,41 +284,64 @@ def test_plans_keep_the_last_graphs_and_backpropagate_them_first():
     assert plan_step(fast(memory_budget=99), 6, distributed=True).kept == set(range(1, 6))
     assert plan_step(fast(keep_last_graph=False), 6, distributed=False).kept == set()
     assert plan_step(fast(), 6, distributed=False, separate_first_pass=True).kept == set()  # other chunks: none
-    with_switch = FastGradCache(SpeedupsConfig(memory_budget=1), 64, None,
-                                sparse=install_sparse_embedding_grads(torch.nn.Sequential(torch.nn.Embedding(10, 2))))
-    plan = plan_step(with_switch, 4, distributed=False)
-    assert plan.order == (2, 3, 0, 1) and plan.sparse == {2, 3, 0}  # the last backward (1) stays dense
+    for buffer, sparse in ((False, {2, 3, 0}), (True, {2, 3, 0, 1})):  # the last backward (1): dense, or into the buffer
+        with_switch = FastGradCache(SpeedupsConfig(memory_budget=1, embedding_grad_buffer=buffer), 64, None,
+                                    sparse=install_sparse_embedding_grads(torch.nn.Sequential(torch.nn.Embedding(10, 2))))
+        plan = plan_step(with_switch, 4, distributed=False)
+        assert plan.order == (2, 3, 0, 1) and plan.sparse == sparse
 
 
-def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("buffer", [False, True], ids=["last-dense", "grad-buffer"])
+def test_sparse_accumulation_leaves_a_dense_gradient_and_the_switch_off(tiny_model_dir, monkeypatch, buffer):
     enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
     texts, loss_fn = retrieval_case()
-    fast = fast_path(enc, sparse=True)
+    fast = fast_path(enc, sparse=True, embedding_grad_buffer=buffer)
     tokens = max(b.features["input_ids"].numel() for b in mini_batches(enc, texts))
     assert tokens < enc.model.embeddings.word_embeddings.num_embeddings  # the word table does go sparse
-    seen = []
+    seen = []  # sparse or not, each lookup of the word table
     original = F.embedding
 
     def spy(*args, **kwargs):
-        seen.append(args[-1] if len(args) == 7 else kwargs.get("sparse", False))
+        if args[1] is enc.model.embeddings.word_embeddings.weight:
+            seen.append(args[-1] if len(args) == 7 else kwargs.get("sparse", False))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(F, "embedding", spy)
+    seed = 5
+    torch.manual_seed(seed)
     fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
     monkeypatch.undo()
-    assert any(seen) and not all(seen)  # sparse backwards happened, and the last one was dense
-    word = enc.model.embeddings.word_embeddings.weight.grad
-    assert word.layout == torch.strided and fast.sparse.on == ()
-    # accumulating onto an existing dense gradient (two steps without zero_grad) is the same too
-    twice = {}
-    for name, options in (("dense", {}), ("sparse", dict(sparse=True))):
+    # sparse backwards happened; the last one was dense, or (buffer) sparse too, into the dense buffer
+    assert any(seen) and all(seen) == buffer
+    word = enc.model.embeddings.word_embeddings.weight
+    assert word.grad.layout == torch.strided and fast.sparse.on == ()
+    if buffer:  # the next step adds into the same memory, zeroed first
+        memory, first = word.grad.data_ptr(), grads(enc)
         enc.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
+        assert word.grad.data_ptr() == memory and all(torch.equal(g, first[n]) for n, g in grads(enc).items())
+    # accumulating onto an existing dense gradient (two steps without zero_grad), or onto a sparse one, is the same
+    twice = {}
+    for name, options in (("dense", {}), ("sparse", dict(sparse=True, embedding_grad_buffer=buffer))):
+        enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()  # installs into plain modules
         fast = fast_path(enc, **options)
+        assert len(fast.sparse.tables) == 2 if fast.sparse else True  # word and position tables
         for _ in range(2):
             torch.manual_seed(9)
             fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
         twice[name] = grads(enc)
     assert max_rel_error(twice["sparse"], twice["dense"]) <= 1e-10
+    if buffer:  # a sparse `.grad` left by other code is folded into the buffer, not lost
+        enc.zero_grad(set_to_none=True)
+        word = enc.model.embeddings.word_embeddings.weight
+        rows = torch.tensor([[1, 5]])
+        word.grad = torch.sparse_coo_tensor(rows, torch.ones(2, word.shape[1], dtype=word.dtype), word.shape,
+                                            check_invariants=True)
+        torch.manual_seed(9)
+        fast.grad_cache_step(enc, mini_batches(enc, texts), loss_fn, lambda loss: loss, contextlib.nullcontext)
+        once = twice["sparse"]["model.embeddings.word_embeddings.weight"] / 2
+        assert torch.allclose(word.grad[[1, 5]] - 1, once[[1, 5]], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("names", [DEFAULT_TAPED, ALL_LINEARS], ids=["default", "all"])
@@ -263,7 +358,7 @@ def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(tiny
     enc = SentenceEncoder.from_pretrained(tiny_model_dir).train()
     deck = install_linear_tape(enc.model)
     batches = mini_batches(enc, ["il gatto", "la casa di roma", "il cane"], size=2)
-    tapes = [LinearTape() for _ in batches]
+    tapes = [Tape() for _ in batches]
     for tape, b in zip(tapes, batches):
         with deck.recording(tape), torch.no_grad():
             enc(b.features)
@@ -272,7 +367,7 @@ def test_linear_tape_records_what_it_is_told_and_refuses_a_different_replay(tiny
     with pytest.raises(RuntimeError, match="linear tape"):
         with deck.replaying(tapes[0]):
             enc(batches[1].features)  # another mini-batch: its shapes differ from the recorded ones
-    tape = LinearTape()
+    tape = Tape()
     with deck.recording(tape), torch.no_grad():
         enc(batches[0].features)
     with pytest.raises(RuntimeError, match="replayed"):

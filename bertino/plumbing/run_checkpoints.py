@@ -53,10 +53,13 @@ RESUME_FREE_TASK_KEYS = ("dataset", "config", "split")
 # Keys a resume may change with a warning: the math is the same, the dropout masks / rounding are not. Every key of
 # the `speedups` section is one (each changes time or memory, never the gradient: a smaller GPU after a pre-emption).
 RESUME_NOT_BITWISE = {"train.mini_batch_size", "train.fp16", "train.bf16", "model.dropout_masks", "speedups"}
+# ... except the speed-ups that change no number at all: a resume may change them silently.
+RESUME_SAME_BITS = {"speedups.keep_dropout_masks", "speedups.keep_freed_memory"}
 # A checkpoint that does not name a key ran with that key's default of its time. Where a default changed (or a key
 # came with a default that changes the numbers), this is the value such a checkpoint ran with; every other key's
 # default is the old behaviour. So a resume with today's default is named in the not-bitwise warning.
-EARLIER_DEFAULTS = {"speedups.adamw_fused": False, "speedups.onednn_linear": False}
+EARLIER_DEFAULTS = {"speedups.adamw_fused": False, "speedups.onednn_linear": False,
+                    "speedups.embedding_grad_buffer": False}
 
 
 @dataclass
@@ -177,9 +180,10 @@ def config_changes(saved_config: dict, run_config: dict) -> tuple[list[str], lis
     earlier = {**key_defaults(new), **{k: v for k, v in EARLIER_DEFAULTS.items() if k in new}}
     old = {**{k: v for k, v in earlier.items() if k not in old}, **old}  # keys added since it was saved
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
-    free = [k for k in changed if k in RESUME_FREE or k.startswith("eval.")
+    free = [k for k in changed if k in RESUME_FREE or k in RESUME_SAME_BITS or k.startswith("eval.")
             or (k.startswith("tasks.") and k.rsplit(".", 1)[-1] in RESUME_FREE_TASK_KEYS)]
-    soft = [k for k in changed if k in RESUME_NOT_BITWISE or k.split(".")[0] in RESUME_NOT_BITWISE]
+    soft = [k for k in changed if k not in free
+            and (k in RESUME_NOT_BITWISE or k.split(".")[0] in RESUME_NOT_BITWISE)]
     hard = [f"{k}: {json.dumps(old.get(k, '(absent)'))} → {json.dumps(new.get(k, '(absent)'))}"
             for k in changed if k not in free and k not in soft]
     return hard, soft, old, new

@@ -17,6 +17,12 @@ compare each with the plain module it replaces, tests/test_speedups.py):
 
 Both fall back to the plain computation wherever they would not help: CUDA tensors, eval mode, p = 0. So `encode`
 (eval mode) gives the same numbers with or without them, and they hold no parameters: state-dict keys are unchanged.
+
+Kept masks (`speedups.keep_dropout_masks`): GradCache's pass 3 needs pass 1's masks again, and drawing them again
+(the RNG replay) is half of the step's random bits, the dominant cost of these masks (mt19937 is serial: ≈ 2 ns
+per 32-bit draw on the machine of benchmarks/README.md). With a `TapeDeck` (tapes.py), every `BitsDropout` records
+its mask in pass 1 and takes it back in pass 3: the same masks, so the same numbers, for one byte per mask element
+of every recomputed mini-batch, held from pass 1 to pass 3.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 
 from ..model import ScaledDotProductAttention
 from . import replace_modules
+from .tapes import TapeDeck
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
@@ -43,20 +50,39 @@ def _active(module: nn.Module, p: float, x: torch.Tensor) -> bool:
 
 
 class BitsDropout(nn.Dropout):
-    """`nn.Dropout` with the keep-mask drawn from 32 random bits per element on CPU tensors (module docstring)."""
+    """`nn.Dropout` with the keep-mask drawn from 32 random bits per element on CPU tensors (module docstring).
+    `masks`: the deck its masks are recorded on in pass 1 and replayed from in pass 3 (None: always drawn)."""
+
+    def __init__(self, p: float, masks: TapeDeck | None = None):
+        super().__init__(p)
+        self.masks = masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _active(self, self.p, x) or self.p >= 1:
             return super().forward(x)
-        return x.mul(keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
+        return x.mul(self.keep(x.shape)).mul_(1.0 / (1.0 - self.p))
+
+    def keep(self, shape: torch.Size) -> torch.Tensor:
+        """The keep-mask of this call: drawn, or pass 1's from the deck in pass 3."""
+        deck = self.masks
+        if deck is not None and deck.replaying_now:
+            m = deck.next_output("dropout")
+            if m.shape != shape:
+                raise RuntimeError(f"dropout-mask tape: recorded {tuple(m.shape)} but this call needs "
+                                   f"{tuple(shape)}")
+            return m
+        m = keep_mask(shape, self.p)
+        if deck is not None and deck.recording_now:
+            deck.record(m)
+        return m
 
 
 class WrittenOutAttention(ScaledDotProductAttention):
     """`ScaledDotProductAttention` with CPU training-mode attention written out around a `BitsDropout`."""
 
-    def __init__(self, dropout: float):
+    def __init__(self, dropout: float, masks: TapeDeck | None = None):
         super().__init__(dropout)
-        self.dropout = BitsDropout(dropout)  # on the attention probabilities
+        self.dropout = BitsDropout(dropout, masks)  # on the attention probabilities
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         if not _active(self, self.p, q):
@@ -67,14 +93,14 @@ class WrittenOutAttention(ScaledDotProductAttention):
         return self.dropout(scores.softmax(dim=-1)) @ v  # (B, H, L, Dh)
 
 
-def install_cpu_dropout(model: nn.Module) -> int:
+def install_cpu_dropout(model: nn.Module, masks: TapeDeck | None = None) -> int:
     """Replace every `nn.Dropout` with `BitsDropout` and every `ScaledDotProductAttention` with
-    `WrittenOutAttention` (same p); returns how many modules were replaced."""
+    `WrittenOutAttention` (same p), all on the deck `masks` if given; returns how many modules were replaced."""
     def replace(name: str, m: nn.Module) -> nn.Module | None:
         if type(m) is nn.Dropout:
-            return BitsDropout(m.p)
+            return BitsDropout(m.p, masks)
         if type(m) is ScaledDotProductAttention:
-            return WrittenOutAttention(m.p)
+            return WrittenOutAttention(m.p, masks)
         return None
 
     return replace_modules(model, replace)

@@ -14,7 +14,10 @@ pass 1 returns its RNG snapshots. The switches (settings.py names them and their
     keep_last_graph,           i kept: forward WITH autograd, keep      i kept: backward of the kept output,
       memory_budget              the output (no snapshot)                 first (nothing recomputed)
     linear_tape                record the linear layers' outputs        replay them (no matmul recomputed)
+    keep_dropout_masks         record the dropout masks (cpu_dropout)   replay them (no random bits drawn again)
     sparse_embedding_grads     i ≠ last backward: sparse lookups        i ≠ last backward: sparse lookups
+    embedding_grad_buffer      (the last one too)                       dense .grad buffers attached first; every
+                                                                          backward sparse (the last one too)
     keyed dropout masks        no RNG snapshot (masks are the texts')   nothing replayed
     length_multiple /          mini-batches of repeating shapes, with   the same; the empty rows' outputs cut off
       mini_batch_tokens          empty rows (static_shapes.py)            (`real_rows`): zero gradient
@@ -28,7 +31,8 @@ pass 1 returns its RNG snapshots. The switches (settings.py names them and their
 Why each gives the textbook's gradient: ∂L/∂θ = Σ_chunks J_chunkᵀ g_chunk holds for any partition of the texts and
 any order of the sum (docs/gradcache.md §1); a kept graph IS the graph pass 3 would rebuild; a replayed linear
 output equals the recomputed one bit for bit; a sparse and a dense gradient of an embedding lookup are the same
-numbers. tests/test_speedups.py compares every combination with grad_cache.grad_cache_step (float64, 1e-10).
+numbers, and so is a replayed dropout mask the mask the RNG replay would draw. tests/test_speedups.py compares every
+combination with grad_cache.grad_cache_step (float64, 1e-10).
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ from ..grad_cache import (Autocast, LossFn, MiniBatch, RandContext, build_cache,
 from ..keyed_dropout import DropoutKeys
 from .cpu_dropout import install_cpu_dropout
 from .cuda_graphs import GraphedChunks
-from .linear_tape import LinearTape, TapeDeck, install_linear_tape
+from .heap import keep_freed_memory
+from .linear_tape import install_linear_tape
 from .onednn_linear import install_onednn_linear, onednn_wanted
 from .settings import SpeedupsConfig
 from .sparse_embeddings import SparseGradSwitch, install_sparse_embedding_grads
 from .static_shapes import StaticShapes, static_mini_batches
+from .tapes import Tape, TapeDeck
 
 
 @dataclass
@@ -63,6 +69,7 @@ class FastGradCache:
     sparse: SparseGradSwitch | None = None  # sparse_embedding_grads
     tape: TapeDeck | None = None  # linear_tape
     graphs: GraphedChunks | None = None  # cuda_graphs
+    masks: TapeDeck | None = None  # keep_dropout_masks: the deck of the installed BitsDropouts
 
     def shapes(self, mini_batch_size: int) -> StaticShapes:
         s = self.settings
@@ -111,15 +118,19 @@ def install_speedups(encoder: nn.Module, settings: SpeedupsConfig, dropout_keys:
     """Install the module replacements `settings` asks for into `encoder.model` (in place; each keeps the
     parameters and computes like the module it replaces in eval mode, so `encode` never sees it) → the switches."""
     model = encoder.model
+    if settings.keep_freed_memory:
+        keep_freed_memory()  # process-wide: malloc keeps what a step frees for the next step (heap.py)
+    masks = None
     if dropout_keys is None and settings.cpu_dropout:
-        install_cpu_dropout(model)  # the stream's masks drawn faster on CPU tensors (torch's own on CUDA)
+        masks = TapeDeck("dropout-mask tape") if settings.keep_dropout_masks else None
+        install_cpu_dropout(model, masks)  # the stream's masks drawn faster on CPU tensors (torch's own on CUDA)
     graphs = GraphedChunks(encoder, dropout_keys, encoder.max_seq_length) if settings.cuda_graphs else None
     sparse = install_sparse_embedding_grads(model) if settings.sparse_embedding_grads else None
     smallest = onednn_wanted(settings.onednn_linear)
     if smallest is not None:
         install_onednn_linear(model, smallest)  # before the tape, whose layers then keep oneDNN's kernel
     tape = install_linear_tape(model) if settings.linear_tape else None
-    return FastGradCache(settings, encoder.max_seq_length, dropout_keys, sparse, tape, graphs)
+    return FastGradCache(settings, encoder.max_seq_length, dropout_keys, sparse, tape, graphs, masks)
 
 
 # ────────────────────────────────────────────────────────────────────────────────────────────── the plan of a step
@@ -130,9 +141,11 @@ class Plan:
     kept: frozenset[int]  # mini-batches whose pass-1 graph is kept instead of recomputed
     order: tuple[int, ...]  # pass 3's order: the kept graphs first, freed before anything is recomputed
     sparse: frozenset[int]  # mini-batches whose backward makes sparse embedding gradients: all but the last
+    #                         (every one, into dense buffers, with embedding_grad_buffer)
     graphed: frozenset[int]  # mini-batches whose passes are CUDA-graph replays
     replay_rng: bool  # stream masks: pass 3 replays pass 1's RNG snapshots (keyed masks need none)
     tape: bool  # recomputed mini-batches replay pass 1's linear outputs
+    masks: bool  # recomputed mini-batches replay pass 1's dropout masks (CPU stream masks)
 
 
 def plan_step(fast: FastGradCache, n: int, distributed: bool, separate_first_pass: bool = False) -> Plan:
@@ -141,14 +154,14 @@ def plan_step(fast: FastGradCache, n: int, distributed: bool, separate_first_pas
     s = fast.settings
     if fast.graphs is not None:  # every mini-batch graphed; under DDP the last one eager
         return Plan(frozenset(), tuple(range(n)), frozenset(), frozenset(range(n - int(distributed))),
-                    replay_rng=False, tape=False)
+                    replay_rng=False, tape=False, masks=False)
     # a kept graph must be the graph of pass 3's chunk: not with a separate first pass
     m = 0 if separate_first_pass else min(s.memory_budget + int(s.keep_last_graph), n - int(distributed))
     kept = range(n - m, n)  # the last m: pass 1 ends with a full mini-batch of the longest texts
     order = (*kept, *range(n - m))
-    sparse = frozenset(order[:-1]) if fast.sparse is not None else frozenset()
+    sparse = frozenset() if fast.sparse is None else frozenset(order if s.embedding_grad_buffer else order[:-1])
     return Plan(frozenset(kept), order, sparse, frozenset(), replay_rng=fast.dropout_keys is None,
-                tape=fast.tape is not None)
+                tape=fast.tape is not None, masks=fast.masks is not None)
 
 
 @dataclass
@@ -157,7 +170,8 @@ class Carry:
 
     graph: torch.Tensor | None = None  # a kept output (C, D), with its autograd graph
     rng: RandContext | None = None  # the RNG state its forward started from (stream masks)
-    tape: LinearTape | None = field(default=None)  # its recorded linear outputs (linear_tape)
+    tape: Tape | None = field(default=None)  # its recorded linear outputs (linear_tape)
+    masks: Tape | None = field(default=None)  # its recorded dropout masks (keep_dropout_masks)
 
 
 def real_rows(out: torch.Tensor, batch: MiniBatch) -> torch.Tensor:
@@ -187,7 +201,9 @@ def forward_no_grad(module: nn.Module, batches: list[MiniBatch], autocast: Autoc
                         if plan.replay_rng:
                             carry.rng = RandContext(device)  # BEFORE the forward that draws the masks
                         if plan.tape:
-                            carry.tape = stack.enter_context(fast.tape.recording(LinearTape()))
+                            carry.tape = stack.enter_context(fast.tape.recording(Tape()))
+                        if plan.masks:
+                            carry.masks = stack.enter_context(fast.masks.recording(Tape()))
                         stack.enter_context(torch.no_grad())
                         out = module(batch.features)  # (C, D)
             outputs.append(real_rows(out, batch).detach())
@@ -202,6 +218,8 @@ def recompute(model: nn.Module, batch: MiniBatch, carry: Carry, fast: FastGradCa
             stack.enter_context(fast.sparse.sparse_for(batch.features))
         if carry.tape is not None:
             stack.enter_context(fast.tape.replaying(carry.tape))
+        if carry.masks is not None:
+            stack.enter_context(fast.masks.replaying(carry.masks))
         if carry.rng is not None:
             stack.enter_context(carry.rng)
         return model(batch.features)
@@ -212,6 +230,8 @@ def forward_backward(model: nn.Module, batches: list[MiniBatch], cache: torch.Te
     """Pass 3: accumulate Σ_chunks J_chunkᵀ g_chunk into `.grad`, in `plan.order`; under DDP every backward but
     the last under `no_sync()`."""
     last = plan.order[-1]
+    if last in plan.sparse:
+        fast.sparse.attach_buffers()  # dense `.grad`s first: every sparse backward adds into them in place
     with autocast():
         for i in plan.order:
             batch, carry = batches[i], carried[i]

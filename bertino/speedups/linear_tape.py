@@ -20,8 +20,8 @@ layer — measured, a sixth of what a full autograd graph holds (8 vs 49 MiB per
 output would remove the rest for 4·D more floats per token and layer).
 
 How it is wired: `install_linear_tape(model, names)` replaces the named `nn.Linear` layers with `TapedLinear`
-layers sharing their parameters and one `TapeDeck`; the fast GradCache passes (fast_grad_cache.py) record each
-recomputed mini-batch into a fresh `LinearTape` in pass 1 (`TapeDeck.recording`) and replay it in pass 3
+layers sharing their parameters and one `TapeDeck` (tapes.py); the fast GradCache passes (fast_grad_cache.py)
+record each recomputed mini-batch into a fresh `Tape` in pass 1 (`TapeDeck.recording`) and replay it in pass 3
 (`TapeDeck.replaying`). With no tape on the deck a `TapedLinear` is an `nn.Linear`.
 
 Autocast: the recorded outputs are in the autocast dtype; the replay casts x, W and b to that dtype itself (as
@@ -30,70 +30,16 @@ F.linear under autocast would), so backward sees the same low-precision operands
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import replace_modules
 from .onednn_linear import OneDNNLinear, linear as onednn_linear, onednn_applies, onednn_mm
+from .tapes import TapeDeck
 
 DEFAULT_TAPED = ("q_lin", "k_lin", "v_lin", "out_lin", "lin2")  # not lin1: its output is 4·D wide
 ALL_LINEARS = DEFAULT_TAPED + ("lin1",)
-
-
-class LinearTape:
-    """The recorded outputs of the taped layers of one mini-batch's forward, in call order."""
-
-    def __init__(self):
-        self.outputs: list[torch.Tensor] = []
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.outputs)
-
-
-class TapeDeck:
-    """What the installed `TapedLinear` layers share: the tape being recorded or replayed, if any."""
-
-    def __init__(self):
-        self.tape: LinearTape | None = None
-        self.replay_at: int | None = None  # None while recording
-
-    @contextlib.contextmanager
-    def recording(self, tape: LinearTape) -> Iterator[LinearTape]:
-        """Pass 1: taped layers compute as usual and append their (detached) outputs to `tape`."""
-        self.tape, self.replay_at = tape, None
-        try:
-            yield tape
-        finally:
-            self.tape = None
-
-    @contextlib.contextmanager
-    def replaying(self, tape: LinearTape) -> Iterator[LinearTape]:
-        """Pass 3: taped layers return the outputs of `tape`, in the same order; the tape is then emptied."""
-        self.tape, self.replay_at = tape, 0
-        try:
-            yield tape
-            if self.replay_at != len(tape.outputs):
-                raise RuntimeError(f"linear tape: {len(tape.outputs)} outputs recorded but {self.replay_at} "
-                                   f"replayed; pass 3 must run the same forward as pass 1")
-        finally:
-            self.tape, self.replay_at = None, None
-            tape.outputs = []  # free the recorded outputs
-
-    def next_output(self, name: str, shape: torch.Size) -> torch.Tensor:
-        tape = self.tape
-        if self.replay_at >= len(tape.outputs):
-            raise RuntimeError(f"linear tape: {name} asked for output {self.replay_at + 1} of "
-                               f"{len(tape.outputs)} recorded; pass 3 must run the same forward as pass 1")
-        y = tape.outputs[self.replay_at]
-        if y.shape[:-1] != shape[:-1]:
-            raise RuntimeError(f"linear tape: {name} recorded {tuple(y.shape)} but its input is {tuple(shape)}")
-        self.replay_at += 1
-        return y
 
 
 class TapedLinear(nn.Linear):
@@ -109,13 +55,15 @@ class TapedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deck = self.deck
         linear = onednn_linear if self.onednn and self.training else F.linear
-        if deck.tape is None:
-            return linear(x, self.weight, self.bias)
-        if deck.replay_at is None:
+        if not deck.replaying_now:
             y = linear(x, self.weight, self.bias)  # (..., D_out)
-            deck.tape.outputs.append(y.detach())
+            if deck.recording_now:
+                deck.record(y)
             return y
-        y = deck.next_output(self.tape_name, x.shape)  # (..., D_out), recorded in pass 1
+        y = deck.next_output(self.tape_name)  # (..., D_out), recorded in pass 1
+        if y.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"linear tape: {self.tape_name} recorded {tuple(y.shape)} but its input is "
+                               f"{tuple(x.shape)}")
         w, b = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):  # operands as F.linear under autocast would see them
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -156,7 +104,7 @@ class _LinearFromTape(torch.autograd.Function):
 def install_linear_tape(model: nn.Module, names: tuple[str, ...] = DEFAULT_TAPED) -> TapeDeck:
     """Replace the `nn.Linear` layers (or `OneDNNLinear`s, whose kernel they keep) whose attribute name is in
     `names` with `TapedLinear`s on one new deck."""
-    deck = TapeDeck()
+    deck = TapeDeck("linear tape")
     count = replace_modules(model, lambda name, m: TapedLinear(m, name, deck, onednn=type(m) is OneDNNLinear)
                             if name in names and type(m) in (nn.Linear, OneDNNLinear) else None)
     if count == 0:

@@ -14,9 +14,22 @@ uninterrupted one. What each does to GradCache's passes is written out in fast_g
 |                              |         | mini-batch fewer. Free: classic GradCache holds that graph anyway         |
 | `sparse_embedding_grads`     | true    | every backward but the last makes sparse embedding-table gradients        |
 |                              |         | (sparse_embeddings.py): no (V, D) zero-fill per mini-batch                |
+| `embedding_grad_buffer`      | true    | with sparse_embedding_grads: the tables' `.grad` is a dense buffer kept   |
+|                              |         | from step to step and every backward, the last too, adds its sparse rows  |
+|                              |         | into it: no (V, D) gradient made per step (2 × 47 MB of fresh memory for  |
+|                              |         | MiniLM). The same sum in another order: fp32 rounding                     |
 | `cpu_dropout`                | true    | stream dropout masks drawn from 32 random bits on CPU tensors, attention  |
 |                              |         | written out around them (cpu_dropout.py). Other draws of the same masks'  |
 |                              |         | distribution than torch's dropout: runs are not bitwise those without it  |
+| `keep_dropout_masks`         | true    | pass 3 takes pass 1's `cpu_dropout` masks from a tape (tapes.py) instead  |
+|                              |         | of drawing them again: the same masks, so the same numbers, with half the |
+|                              |         | random bits (a bf16 step ≈ 7% shorter). Costs one byte per mask element   |
+|                              |         | of every recomputed mini-batch from pass 1 to pass 3 (MiniLM, 128 texts   |
+|                              |         | of ≤ 64 tokens: 43 MB; benchmarks/README.md). CPU tensors only            |
+| `keep_freed_memory`          | true    | glibc's malloc keeps the memory a step frees for the next step instead of |
+|                              |         | returning it to the kernel (heap.py): 2.5× fewer page faults per step, a  |
+|                              |         | bf16 step ≈ 5% shorter. Never changes a number; the process keeps its     |
+|                              |         | peak memory. Process-wide; nothing where the C library is not glibc       |
 | `memory_budget`              | 0       | m more mini-batches keep their pass-1 graph (m × one mini-batch's graph   |
 |                              |         | of memory, m fewer recomputations)                                        |
 | `linear_tape`                | false   | pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs (linear_tape.py):      |
@@ -61,8 +74,11 @@ from ..errors import ConfigError
 class SpeedupsConfig:
     keep_last_graph: bool = True  # pass 1's last mini-batch keeps its graph (free: classic GradCache holds it too)
     sparse_embedding_grads: bool = True  # sparse embedding gradients in every GradCache backward but the last
+    embedding_grad_buffer: bool = True  # sparse_embedding_grads add into a dense .grad buffer kept across steps
     cpu_dropout: bool = True  # stream dropout masks from random bits on CPU tensors (with model.dropout_masks
     #                           "stream"; CUDA tensors keep torch's dropout)
+    keep_dropout_masks: bool = True  # pass 3 replays pass 1's cpu_dropout masks instead of drawing them again
+    keep_freed_memory: bool = True  # glibc's malloc keeps freed memory for reuse (heap.py; process-wide)
     memory_budget: int = 0  # mini-batches whose pass-1 graph is kept besides the last one (0: classic memory)
     linear_tape: bool = False  # pass 3 replays pass 1's q/k/v/out_lin/lin2 outputs instead of recomputing them
     first_pass_mini_batch_size: int | None = None  # texts per chunk of pass 1 when larger than mini_batch_size

@@ -11,6 +11,13 @@ decides which), and only where the mini-batch has fewer tokens than the table ha
 smaller). The last backward is dense, and autograd accumulates dense + sparse into a dense `.grad`: AdamW,
 clipping and DDP (whose all-reduce happens in that last backward) see an ordinary dense gradient.
 
+That still makes two (V, D) tensors per step (the last backward's dense gradient, and the sum autograd makes of
+it and the sparse rows), and each is fresh memory: on the 2-core machine of benchmarks/README.md, a fresh 47 MB
+tensor costs ≈ 12k page faults, 10–60 ms. With a gradient buffer (`speedups.embedding_grad_buffer`), pass 3 first
+gives every table whose `.grad` is None a dense zeroed buffer kept from step to step (`attach_buffers`), and then
+every backward, the last too, is sparse: autograd adds each mini-batch's rows into that dense `.grad` in place. The
+optimizer, clipping and DDP see the same dense `.grad`; the sum runs in another order (fp32 rounding).
+
 How it is wired: `install_sparse_embedding_grads(model)` replaces the model's `nn.Embedding`s with
 `SwitchableEmbedding`s (the same weights) that consult one `SparseGradSwitch`; the switch is off except inside
 `switch.sparse_for(features)`, so everywhere else (plain training, `encode`) they are `nn.Embedding`s.
@@ -34,6 +41,24 @@ class SparseGradSwitch:
     def __init__(self):
         self.tables: list[SwitchableEmbedding] = []
         self.on: tuple[nn.Embedding, ...] = ()
+        self.buffers: dict[int, torch.Tensor] = {}  # per table (its id): the dense gradient buffer, once made
+
+    def attach_buffers(self) -> None:
+        """Make every table's `.grad` dense before pass 3: a table without one gets its buffer, zeroed (made on the
+        first call, then the same memory every step); a sparse one is added into it. Every backward may then be
+        sparse: autograd adds sparse rows into a dense `.grad` in place."""
+        for table in self.tables:
+            w = table.weight
+            if w.grad is not None and not w.grad.is_sparse:
+                continue  # already dense (an earlier task's gradient in this step): add into it
+            buffer = self.buffers.get(id(table))
+            if buffer is None or buffer.shape != w.shape or buffer.dtype != w.dtype or buffer.device != w.device:
+                buffer = self.buffers[id(table)] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+            else:
+                buffer.zero_()
+            if w.grad is not None:  # sparse
+                buffer.add_(w.grad)
+            w.grad = buffer
 
     @contextlib.contextmanager
     def sparse_for(self, features: dict[str, torch.Tensor]) -> Iterator[None]:
