@@ -17,7 +17,8 @@ for each precision:
   forwards every mini-batch, pass 3 forwards the recomputed ones and backpropagates all, a backward costing two
   forwards; plus the same count on the real (unpadded) tokens only;
 - the step's time (median of `--steps` unprofiled steps) and the fraction it reaches of the machine's best linear
-  rate in that precision (its FLOPs / its time / the rate);
+  rate in that precision (its FLOPs / its time / the rate), and the page faults of each of those steps (fresh
+  memory the process asked the kernel for: `speedups.keep_freed_memory` is about them);
 - one profiled step (torch.profiler, CPU), every op's self time grouped: linear-layer GEMMs (addmm, mm), attention
   (its batched GEMMs, softmax, masking), dropout masks (random bits, the comparison, keyed hashes), casts and
   copies, other element-wise work (LayerNorm, GELU, residual adds, dropout's multiplications, bias gradients),
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -237,11 +239,13 @@ def main() -> None:
         texts_of = (lambda s: batch_texts(pairs, s, args.batch_size, args.negatives, lengths=args.lengths))
         for s in range(args.warmup):
             trainer.step(setting, texts_of(s), s)
-        seconds = []
+        seconds, faults = [], []
         for s in range(args.warmup, args.warmup + args.steps):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             trainer.step(setting, texts_of(s), s)
             seconds.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         s = args.warmup + args.steps
         prof = profile_step(lambda: trainer.step(setting, texts_of(s), s))
         shapes = trainer.last_shapes
@@ -249,11 +253,12 @@ def main() -> None:
         flops = step_flops(shapes["lengths"], shapes["recomputed"], cfg.dim, cfg.hidden_dim, cfg.n_layers)
         median = statistics.median(seconds)
         rate = linear_rate(results["gemm_gflops"], amp)
-        out = {"step_s": seconds, "median_s": median, "min_s": min(seconds), "flops": flops,
+        out = {"step_s": seconds, "median_s": median, "min_s": min(seconds), "page_faults": faults, "flops": flops,
                "achieved_gflops": flops["total"] / median / 1e9,
                "fraction_of_gemm_rate": flops["total"] / median / 1e9 / rate, "profile": prof}
         results["by_amp"][amp] = out
         print(f"\n### {amp}: step median {median:.3f} s (min {min(seconds):.3f}), "
+              f"{statistics.median(faults):.0f} page faults per step (median), "
               f"{flops['total'] / 1e12:.3f} TFLOP ({flops['linear'] / 1e12:.3f} linear + "
               f"{flops['attention'] / 1e12:.3f} attention; {flops['total_real'] / 1e12:.3f} on real tokens), "
               f"{out['achieved_gflops']:.0f} GFLOP/s = {100 * out['fraction_of_gemm_rate']:.0f}% of the "

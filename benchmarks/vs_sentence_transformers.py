@@ -20,7 +20,11 @@ AdamW step → zero_grad.
                          picks them, fused AdamW).
 bertino also runs with the linear tape (`--tape`, bertino/speedups/linear_tape.py), which holds more memory than
 classic GradCache; every bertino variant trains the same weights (one encoder per tape setting, shared parameters).
-All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`.
+All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`. sentence-transformers
+runs in a child process of its own (`STProcess`), driven step by step from here, so that settings one side makes for
+its whole process — bertino's `speedups.keep_freed_memory` (glibc's malloc thresholds) — do not reach the other:
+each side runs as its users run it. `--st-in-process` puts it back in this process (it then gets bertino's malloc
+setting too).
 
 encode: `SentenceTransformer.encode` vs `SentenceEncoder.encode` on the demo's passages (and queries), batch 32,
 each model's own max_seq_length (256 for this model), alternated, texts/second from the median of `--encode-reps`
@@ -95,12 +99,56 @@ class STTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def st_worker(conn, folder: str, args: argparse.Namespace) -> None:
+    """The child process of `STProcess`: one `STTrainer`; for each step index received, that step's texts (the same
+    `batch_texts` as the parent's), one step, and its seconds sent back; None ends it."""
+    torch.manual_seed(0)
+    pairs = load_pairs()
+    trainer = STTrainer(Path(folder), args.max_seq_length, args.mini_batch_size, args.device, args.amp)
+    conn.send("ready")
+    while (step := conn.recv()) is not None:
+        texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        start = time.perf_counter()
+        trainer.step(texts, 2 + args.negatives)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        conn.send(time.perf_counter() - start)
+
+
+class STProcess:
+    """sentence-transformers' step in a child process (spawned: a fresh interpreter and C library state)."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=st_worker, args=(child, str(folder), args), daemon=True)
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the sentence-transformers process did not start")
+
+    def step(self, step: int) -> float:
+        self.conn.send(step)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=60)
+
+
 def compare_steps(args, folder: Path) -> dict:
     pairs = load_pairs()
     n_columns = 2 + args.negatives
     ours = Trainer(str(folder), args.max_seq_length, args.device, args.amp, True, args.negatives)
-    theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
-    runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
+    if args.st_in_process:
+        theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
+        runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
+    else:
+        child = STProcess(folder, args)
+        runners = {"sentence-transformers": None}  # timed in the child
     settings = {"bertino": Setting("gradcache", args.mini_batch_size, speedups=SpeedupsConfig())}  # the defaults
     if args.before:  # the defaults before issue 20: torch's fp32 linear kernel, the multi-tensor AdamW
         settings["bertino, speedups before issue 20"] = Setting(
@@ -120,14 +168,20 @@ def compare_steps(args, folder: Path) -> dict:
         texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
         rotation = step % len(names)
         for name in names[rotation:] + names[:rotation]:
-            ours.sync()
-            start = time.perf_counter()
-            runners[name](texts)
-            ours.sync()
+            if runners[name] is None:  # sentence-transformers in its own process
+                elapsed = child.step(step)
+            else:
+                ours.sync()
+                start = time.perf_counter()
+                runners[name](texts)
+                ours.sync()
+                elapsed = time.perf_counter() - start
             if step >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(elapsed)
         print(f"  step {step + 1}/{args.warmup + args.steps}, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
               flush=True)
+    if not args.st_in_process:
+        child.close()
     med = {name: statistics.median(xs) for name, xs in seconds.items()}
     st = med["sentence-transformers"]
     print(f"\n| Matryoshka + GradCache step, B={args.batch_size}, C={args.mini_batch_size}, {args.amp}, {args.device}, "
@@ -159,6 +213,9 @@ def main() -> None:
                         "false)")
     p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
                    help="also time bertino with each of these speedups sections (JSON objects)")
+    p.add_argument("--st-in-process", action="store_true",
+                   help="run sentence-transformers in this process rather than in a child process of its own (it "
+                        "then shares bertino's process-wide settings: glibc's malloc thresholds)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="the training step's precision")
     p.add_argument("--steps", type=int, default=7)

@@ -39,11 +39,14 @@ def break_cache(monkeypatch, factor: float) -> None:
 
 
 def break_replay(monkeypatch) -> None:
-    """Pass 3 without the RNG replay: dropout draws new masks."""
+    """Pass 3 without pass 1's masks: no RNG replay, and no masks kept on the dropout-mask tape either (the default
+    speedups.keep_dropout_masks): dropout draws new masks."""
     from bertino.grad_cache import RandContext
+    from bertino.speedups import cpu_dropout
 
     monkeypatch.setattr(RandContext, "__enter__", lambda self: None)
     monkeypatch.setattr(RandContext, "__exit__", lambda self, *exc: None)
+    monkeypatch.setattr(cpu_dropout.BitsDropout, "keep", lambda self, shape: cpu_dropout.keep_mask(shape, self.p))
 
 
 def run_check(capsys, *args) -> tuple[int, str]:

@@ -534,9 +534,10 @@ def test_resume_refuses_other_settings_or_data_and_warns_on_memory_knobs(referen
 
 def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference, tmp_path, capsys):
     """A checkpoint whose run_config.json has the speed-up keys at their old places (train.grad_cache_*,
-    train.adamw_fused, no `speedups`) and no onednn_linear, as every run folder written before the move has: it
-    resumes, and ends bitwise where the uninterrupted run ended. The key it lacks ran as false (EARLIER_DEFAULTS):
-    a resume under today's default "auto" says it may not be bitwise; with the old value it is silent."""
+    train.adamw_fused, no `speedups`) and none of the keys added since, as every run folder written before the move
+    has: it resumes, and ends bitwise where the uninterrupted run ended. The keys it lacks that change rounding ran as
+    false (EARLIER_DEFAULTS): a resume under today's defaults names each in a notice; with the old values it is
+    silent."""
     ref_run, cfg = reference
     old = tmp_path / "old" / "checkpoint-6"
     shutil.copytree(ref_run / "checkpoint-6", old)
@@ -547,14 +548,30 @@ def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference
                            for old_key, new in MOVED_KEYS.items()})
     (old / "run_config.json").write_text(json.dumps(saved))
     seal_checksums(old)
-    for extra, warned in (([], True), (["speedups.onednn_linear=false"], False)):
+    # the keys that came with issue 20 ran as false; of those, the two that change no number need no notice
+    later = {"onednn_linear": '"auto"', "embedding_grad_buffer": "true"}
+    for extra in ([], [f"speedups.{key}=false" for key in later]):
         capsys.readouterr()
         out = tmp_path / f"out{len(extra)}"
         run_inprocess(tmp_path, cfg, f"train.output_dir={out}", f"train.resume_from_checkpoint={old}", *extra)
-        assert same_weights(weights(out / "final"), weights(ref_run / "final"))  # the tiny model's products are
-        err = capsys.readouterr().err  # below "auto"'s size: bitwise either way
-        assert ('warning: resuming with speedups.onednn_linear false → "auto"' in err) == warned, err
-        assert err.count("warning: resuming with") == int(warned), err
+        err = capsys.readouterr().err
+        warned = [f"warning: resuming with speedups.{key} false → {value}" in err for key, value in later.items()]
+        assert warned == [not extra] * len(later) and err.count("warning: resuming with") == sum(warned), err
+        if not extra:  # today's defaults, as the reference run: bitwise (the tiny model's products are below
+            assert same_weights(weights(out / "final"), weights(ref_run / "final"))  # "auto"'s size)
+
+
+def test_a_resume_may_change_the_speedups_that_change_no_number_silently(reference, tmp_path, capsys):
+    """keep_dropout_masks (pass 1's masks from a tape = the masks the RNG replay draws again) and keep_freed_memory
+    (malloc's thresholds): a resume that turns them off is silent and ends bitwise where the uninterrupted run did."""
+    ref_run, cfg = reference
+    capsys.readouterr()
+    run_inprocess(tmp_path, cfg, f"train.output_dir={tmp_path / 'out'}",
+                  f"train.resume_from_checkpoint={ref_run / 'checkpoint-6'}", "speedups.keep_dropout_masks=false",
+                  "speedups.keep_freed_memory=false")
+    err = capsys.readouterr().err
+    assert "warning: resuming with" not in err, err
+    assert same_weights(weights(tmp_path / "out" / "final"), weights(ref_run / "final"))
 
 
 def test_a_resume_accepts_every_speedup_change_with_a_notice(reference, tmp_path, capsys):

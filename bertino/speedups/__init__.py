@@ -2,7 +2,8 @@
 config's `speedups` section (settings.py: the switches, their defaults and their costs); `"speedups": null` runs
 the textbook with nothing installed. Each is tested against the code it replaces (tests/test_speedups.py).
 
-They reach the textbook through two seams, and nothing else:
+They reach the textbook through two seams, and nothing else (plus one process-wide setting, heap.py's
+`keep_freed_memory`, which changes where memory comes from and never a number):
 
 1. **Module replacement.** `replace_modules(model, replace)` swaps submodules of the plain DistilBERT
    (bertino/model.py) for equivalent ones. A replacement keeps the parameters (the same tensors, so state-dict
@@ -14,7 +15,8 @@ They reach the textbook through two seams, and nothing else:
      - `sparse_embeddings.install_sparse_embedding_grads` (`sparse_embedding_grads`): embedding tables that produce
        sparse gradients while their switch is on;
      - `linear_tape.install_linear_tape` (`linear_tape`): linear layers that can record their outputs in GradCache's
-       pass 1 and replay them in pass 3.
+       pass 1 and replay them in pass 3 (on a `tapes.TapeDeck`; `cpu_dropout`'s masks use one too, with
+       `keep_dropout_masks`).
 2. **GradCache's passes with switches** (fast_grad_cache.py): the textbook's three passes (bertino/grad_cache.py)
    written out again with an `if` per switch — kept graphs, sparse backwards, the tape, CUDA graphs
    (cuda_graphs.py), static shapes (static_shapes.py), a larger first pass — decided per step by `plan_step`.
