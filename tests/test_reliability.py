@@ -549,7 +549,7 @@ def test_a_checkpoint_from_before_the_speedups_section_resumes_bitwise(reference
     (old / "run_config.json").write_text(json.dumps(saved))
     seal_checksums(old)
     # the keys that came with issue 20 ran as false; of those, the two that change no number need no notice
-    later = {"onednn_linear": '"auto"', "embedding_grad_buffer": "true"}
+    later = {"onednn_linear": '"auto"', "embedding_grad_buffer": "true", "lazy_mask_bits": "true"}
     for extra in ([], [f"speedups.{key}=false" for key in later]):
         capsys.readouterr()
         out = tmp_path / f"out{len(extra)}"

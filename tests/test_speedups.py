@@ -55,6 +55,30 @@ def test_bits_dropout_is_bernoulli_with_the_usual_scale():
     assert torch.equal(BitsDropout(1.0).train()(x.detach()), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("p", [0.1, 1 / 3, 0.5, 0.9])
+def test_lazy_mask_bits_decide_as_32_bits_would(p):
+    """lazy_keep_mask keeps u ≥ round(p·2³²) for u = 2²⁴·a + b, a the 8 bits drawn for every element and b the 24
+    drawn for the ties only: checked element by element against that u, rebuilt from the same generator state; and
+    the drop rate is p within 5σ."""
+    shape, n = (50, 100, 200), 50 * 100 * 200
+    torch.manual_seed(3)
+    got = cpu_dropout.lazy_keep_mask(shape, p)
+    torch.manual_seed(3)
+    a = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)[:n].long()
+    t = round(p * 2**32)
+    ties = (a == t // 2**24).nonzero().squeeze(1)
+    assert ties.numel() > 0  # the second draw happens: ≈ n / 256 ties
+    b = torch.zeros(n, dtype=torch.int64)
+    b[ties] = torch.empty(ties.numel(), dtype=torch.int64).random_(0, 2**24)
+    assert torch.equal(got.flatten(), a * 2**24 + b >= t)  # a non-tie is decided by a alone, whatever its b
+    dropped = 1 - got.float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5, dropped
+    ctx = RandContext(torch.device("cpu"))  # and the RNG replay draws the same mask again
+    first = cpu_dropout.lazy_keep_mask(shape, p)
+    with ctx:
+        assert torch.equal(cpu_dropout.lazy_keep_mask(shape, p), first)
+
+
 def test_bits_dropout_replays_and_falls_back_to_torch_where_it_does_not_apply():
     x = torch.randn(4, 7, 16)
     drop = BitsDropout(0.3).train()
@@ -88,8 +112,9 @@ def test_kept_dropout_masks_are_the_masks_pass_3_would_draw(tiny_model_dir, monk
     replay: bitwise the same gradient (float64, dropout on), with pass 3 drawing nothing."""
     texts, loss_fn = retrieval_case()
     drawn = []
-    original = cpu_dropout.keep_mask
-    monkeypatch.setattr(cpu_dropout, "keep_mask", lambda shape, p: drawn.append(shape) or original(shape, p))
+    for name in ("keep_mask", "lazy_keep_mask"):
+        original = getattr(cpu_dropout, name)
+        monkeypatch.setattr(cpu_dropout, name, lambda shape, p, f=original: drawn.append(shape) or f(shape, p))
     got = {}
     for keep in (False, True):
         enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()

@@ -59,7 +59,7 @@ RESUME_SAME_BITS = {"speedups.keep_dropout_masks", "speedups.keep_freed_memory"}
 # came with a default that changes the numbers), this is the value such a checkpoint ran with; every other key's
 # default is the old behaviour. So a resume with today's default is named in the not-bitwise warning.
 EARLIER_DEFAULTS = {"speedups.adamw_fused": False, "speedups.onednn_linear": False,
-                    "speedups.embedding_grad_buffer": False}
+                    "speedups.embedding_grad_buffer": False, "speedups.lazy_mask_bits": False}
 
 
 @dataclass

@@ -18,6 +18,10 @@ compare each with the plain module it replaces, tests/test_speedups.py):
 Both fall back to the plain computation wherever they would not help: CUDA tensors, eval mode, p = 0. So `encode`
 (eval mode) gives the same numbers with or without them, and they hold no parameters: state-dict keys are unchanged.
 
+Lazy bits (`speedups.lazy_mask_bits`): the same variable from about a quarter of the random bits
+(`lazy_keep_mask`): 8 bits decide an element unless they tie with the threshold's top 8 bits (1 in 256), and only
+those elements draw 24 more. Other bits than the 32-bit draw's, so other masks: runs are not bitwise those without.
+
 Kept masks (`speedups.keep_dropout_masks`): GradCache's pass 3 needs pass 1's masks again, and drawing them again
 (the RNG replay) is half of the step's random bits, the dominant cost of these masks (mt19937 is serial: ≈ 2 ns
 per 32-bit draw on the machine of benchmarks/README.md). With a `TapeDeck` (tapes.py), every `BitsDropout` records
@@ -45,17 +49,39 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     return u >= round(p * 2**32) - 2**31
 
 
+def lazy_keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """`keep_mask`'s Bernoulli variable from a quarter of the random bits (`speedups.lazy_mask_bits`).
+
+    keep_mask keeps u ≥ t for a 32-bit uniform u and t = round(p · 2³²). Write u = 2²⁴·a + b with a the top 8 bits and
+    b the low 24: u ≥ t ⇔ a > t_a, or a = t_a and b ≥ t_b (t = 2²⁴·t_a + t_b). So draw a for every element and b only
+    for the elements whose a ties with t_a (1 in 256): u is uniform on [0, 2³²) all the same, and P(drop) = t / 2³²
+    exactly as with 32 bits per element, for about 8.1 bits per element instead of 32.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    t_a, t_b = divmod(round(p * 2**32), 2**24)
+    a = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)[:n]  # 8 bits each
+    keep = a > t_a  # t_a ≤ 255 for p < 1
+    ties = (a == t_a).nonzero().squeeze(1)
+    if ties.numel():
+        b = torch.empty(ties.numel(), dtype=torch.int64).random_(0, 2**24)  # the low 24 bits, for the ties only
+        keep[ties] = b >= t_b
+    return keep.view(shape)
+
+
 def _active(module: nn.Module, p: float, x: torch.Tensor) -> bool:
     return module.training and p > 0 and x.device.type == "cpu"
 
 
 class BitsDropout(nn.Dropout):
     """`nn.Dropout` with the keep-mask drawn from 32 random bits per element on CPU tensors (module docstring).
-    `masks`: the deck its masks are recorded on in pass 1 and replayed from in pass 3 (None: always drawn)."""
+    `masks`: the deck its masks are recorded on in pass 1 and replayed from in pass 3 (None: always drawn);
+    `lazy`: the same variable from ≈ 8 bits per element (`lazy_keep_mask`)."""
 
-    def __init__(self, p: float, masks: TapeDeck | None = None):
+    def __init__(self, p: float, masks: TapeDeck | None = None, lazy: bool = False):
         super().__init__(p)
-        self.masks = masks
+        self.masks, self.lazy = masks, lazy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _active(self, self.p, x) or self.p >= 1:
@@ -71,7 +97,7 @@ class BitsDropout(nn.Dropout):
                 raise RuntimeError(f"dropout-mask tape: recorded {tuple(m.shape)} but this call needs "
                                    f"{tuple(shape)}")
             return m
-        m = keep_mask(shape, self.p)
+        m = (lazy_keep_mask if self.lazy else keep_mask)(shape, self.p)
         if deck is not None and deck.recording_now:
             deck.record(m)
         return m
@@ -80,9 +106,9 @@ class BitsDropout(nn.Dropout):
 class WrittenOutAttention(ScaledDotProductAttention):
     """`ScaledDotProductAttention` with CPU training-mode attention written out around a `BitsDropout`."""
 
-    def __init__(self, dropout: float, masks: TapeDeck | None = None):
+    def __init__(self, dropout: float, masks: TapeDeck | None = None, lazy: bool = False):
         super().__init__(dropout)
-        self.dropout = BitsDropout(dropout, masks)  # on the attention probabilities
+        self.dropout = BitsDropout(dropout, masks, lazy)  # on the attention probabilities
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         if not _active(self, self.p, q):
@@ -93,14 +119,15 @@ class WrittenOutAttention(ScaledDotProductAttention):
         return self.dropout(scores.softmax(dim=-1)) @ v  # (B, H, L, Dh)
 
 
-def install_cpu_dropout(model: nn.Module, masks: TapeDeck | None = None) -> int:
+def install_cpu_dropout(model: nn.Module, masks: TapeDeck | None = None, lazy: bool = False) -> int:
     """Replace every `nn.Dropout` with `BitsDropout` and every `ScaledDotProductAttention` with
-    `WrittenOutAttention` (same p), all on the deck `masks` if given; returns how many modules were replaced."""
+    `WrittenOutAttention` (same p), all on the deck `masks` if given and drawing lazily if `lazy`; returns how many
+    modules were replaced."""
     def replace(name: str, m: nn.Module) -> nn.Module | None:
         if type(m) is nn.Dropout:
-            return BitsDropout(m.p, masks)
+            return BitsDropout(m.p, masks, lazy)
         if type(m) is ScaledDotProductAttention:
-            return WrittenOutAttention(m.p, masks)
+            return WrittenOutAttention(m.p, masks, lazy)
         return None
 
     return replace_modules(model, replace)

@@ -123,7 +123,7 @@ def install_speedups(encoder: nn.Module, settings: SpeedupsConfig, dropout_keys:
     masks = None
     if dropout_keys is None and settings.cpu_dropout:
         masks = TapeDeck("dropout-mask tape") if settings.keep_dropout_masks else None
-        install_cpu_dropout(model, masks)  # the stream's masks drawn faster on CPU tensors (torch's own on CUDA)
+        install_cpu_dropout(model, masks, settings.lazy_mask_bits)  # the stream's masks drawn faster on CPU tensors
     graphs = GraphedChunks(encoder, dropout_keys, encoder.max_seq_length) if settings.cuda_graphs else None
     sparse = install_sparse_embedding_grads(model) if settings.sparse_embedding_grads else None
     smallest = onednn_wanted(settings.onednn_linear)

@@ -21,6 +21,10 @@ uninterrupted one. What each does to GradCache's passes is written out in fast_g
 | `cpu_dropout`                | true    | stream dropout masks drawn from 32 random bits on CPU tensors, attention  |
 |                              |         | written out around them (cpu_dropout.py). Other draws of the same masks'  |
 |                              |         | distribution than torch's dropout: runs are not bitwise those without it  |
+| `lazy_mask_bits`             | true    | with cpu_dropout: each mask element from 8 random bits, 24 more only for  |
+|                              |         | the 1 in 256 whose 8 tie with the threshold's (cpu_dropout.py): the same  |
+|                              |         | Bernoulli variable as 32 bits, a quarter of the generator's draws. Other  |
+|                              |         | bits, other masks: runs are not bitwise those without it                  |
 | `keep_dropout_masks`         | true    | pass 3 takes pass 1's `cpu_dropout` masks from a tape (tapes.py) instead  |
 |                              |         | of drawing them again: the same masks, so the same numbers, with half the |
 |                              |         | random bits (a bf16 step ≈ 7% shorter). Costs one byte per mask element   |
@@ -77,6 +81,7 @@ class SpeedupsConfig:
     embedding_grad_buffer: bool = True  # sparse_embedding_grads add into a dense .grad buffer kept across steps
     cpu_dropout: bool = True  # stream dropout masks from random bits on CPU tensors (with model.dropout_masks
     #                           "stream"; CUDA tensors keep torch's dropout)
+    lazy_mask_bits: bool = True  # cpu_dropout's masks from ≈ 8 random bits per element instead of 32 (same variable)
     keep_dropout_masks: bool = True  # pass 3 replays pass 1's cpu_dropout masks instead of drawing them again
     keep_freed_memory: bool = True  # glibc's malloc keeps freed memory for reuse (heap.py; process-wide)
     memory_budget: int = 0  # mini-batches whose pass-1 graph is kept besides the last one (0: classic memory)
