@@ -111,10 +111,11 @@ def test_kept_dropout_masks_are_the_masks_pass_3_would_draw(tiny_model_dir, monk
     """keep_dropout_masks: pass 3 takes pass 1's masks from the tape instead of drawing them again after the RNG
     replay: bitwise the same gradient (float64, dropout on), with pass 3 drawing nothing."""
     texts, loss_fn = retrieval_case()
-    drawn = []
+    drawn = []  # (which function, shape) of every mask drawn
     for name in ("keep_mask", "lazy_keep_mask"):
         original = getattr(cpu_dropout, name)
-        monkeypatch.setattr(cpu_dropout, name, lambda shape, p, f=original: drawn.append(shape) or f(shape, p))
+        monkeypatch.setattr(cpu_dropout, name,
+                            lambda shape, p, f=original, name=name: drawn.append((name, shape)) or f(shape, p))
     got = {}
     for keep in (False, True):
         enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
@@ -125,6 +126,7 @@ def test_kept_dropout_masks_are_the_masks_pass_3_would_draw(tiny_model_dir, monk
     (kept, kept_draws), (drawn_again, all_draws) = got[True], got[False]
     assert kept.keys() == drawn_again.keys() and all(torch.equal(kept[n], drawn_again[n]) for n in kept)
     assert kept_draws == all_draws[: len(kept_draws)] and len(kept_draws) < len(all_draws)  # pass 1's draws only
+    assert {name for name, _ in all_draws} == {"lazy_keep_mask"}  # the default lazy_mask_bits, installed
     assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, fast=fast, seed=7), kept) > 1e-3  # dropout is on
 
 
