@@ -20,11 +20,13 @@ AdamW step → zero_grad.
                          picks them, fused AdamW).
 bertino also runs with the linear tape (`--tape`, bertino/speedups/linear_tape.py), which holds more memory than
 classic GradCache; every bertino variant trains the same weights (one encoder per tape setting, shared parameters).
-All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`. sentence-transformers
-runs in a child process of its own (`STProcess`), driven step by step from here, so that settings one side makes for
-its whole process — bertino's `speedups.keep_freed_memory` (glibc's malloc thresholds) — do not reach the other:
-each side runs as its users run it. `--st-in-process` puts it back in this process (it then gets bertino's malloc
-setting too).
+All variants alternate step by step (the order rotates); medians over `--steps` after `--warmup`. In one process,
+sentence-transformers also runs with the settings bertino makes for the whole process — `speedups.keep_freed_memory`
+(glibc's malloc thresholds), which spares it page faults too: a bound that favours sentence-transformers.
+`--st-process` runs it in a child process of its own instead (`STProcess`), still step by step; on the project's
+virtual machine that slows it by up to 30% (its ≈ 230,000 page faults per step cost more beside a second process
+holding memory): a bound that favours bertino. `--alone R` runs each side alone in a fresh process instead,
+`--warmup` + `--steps` steps, R rounds in alternating order: each as its users run it, the figures of record.
 
 encode: `SentenceTransformer.encode` vs `SentenceEncoder.encode` on the demo's passages (and queries), batch 32,
 each model's own max_seq_length (256 for this model), alternated, texts/second from the median of `--encode-reps`
@@ -139,11 +141,71 @@ class STProcess:
         self.process.join(timeout=60)
 
 
+def alone_worker(conn, side: str, folder: str, args: argparse.Namespace) -> None:
+    """One side alone in a fresh process (`--alone`): `--warmup` + `--steps` steps → the timed steps' seconds."""
+    torch.manual_seed(0)
+    pairs = load_pairs()
+    if side == "sentence-transformers":
+        trainer = STTrainer(Path(folder), args.max_seq_length, args.mini_batch_size, args.device, args.amp)
+        run = lambda texts: trainer.step(texts, 2 + args.negatives)  # noqa: E731
+    else:
+        ours = Trainer(folder, args.max_seq_length, args.device, args.amp, True, args.negatives)
+        setting = Setting("gradcache", args.mini_batch_size, speedups=SpeedupsConfig())  # the defaults
+        run = lambda texts: ours.step(setting, texts)  # noqa: E731
+    seconds = []
+    for step in range(args.warmup + args.steps):
+        texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(texts)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    conn.send(seconds)
+
+
+def compare_alone(args, folder: Path) -> dict:
+    """Each side alone in a fresh process, one after the other, `--alone` rounds (the order alternates): each as its
+    users run it, with nothing of the other in its caches, its heap or its process-wide settings."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    sides = ["sentence-transformers", "bertino"]
+    seconds = {side: [] for side in sides}
+    rounds = []
+    for r in range(args.alone):
+        medians = {}
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            conn, child = ctx.Pipe()
+            process = ctx.Process(target=alone_worker, args=(child, side, str(folder), args))
+            process.start()
+            xs = conn.recv()
+            process.join()
+            seconds[side] += xs
+            medians[side] = statistics.median(xs)
+            print(f"  round {r + 1}/{args.alone}: {side} median {medians[side]:.3f} s, load "
+                  f"{os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        rounds.append(medians["bertino"] / medians["sentence-transformers"])
+    med = {side: statistics.median(xs) for side, xs in seconds.items()}
+    st, st_min = med["sentence-transformers"], min(seconds["sentence-transformers"])
+    print(f"\n| each alone, {args.alone} rounds × {args.steps} steps, B={args.batch_size}, C={args.mini_batch_size}, "
+          f"{args.amp}, {args.device}, {args.lengths} lengths (max {args.max_seq_length}) | median (s) | min (s) | "
+          f"× sentence-transformers (medians) | × (mins) |\n|---|---:|---:|---:|---:|")
+    for side, xs in seconds.items():
+        print(f"| {side} | {med[side]:.3f} | {min(xs):.3f} | {med[side] / st:.3f} | {min(xs) / st_min:.3f} |")
+    print("per round (bertino / sentence-transformers, medians): " + ", ".join(f"{x:.3f}" for x in rounds))
+    return {"median_s": med, "all_s": seconds, "ratio_over_st": {k: v / st for k, v in med.items()},
+            "min_ratio_over_st": {k: min(xs) / st_min for k, xs in seconds.items()}, "ratio_per_round": rounds,
+            "load_after": os.getloadavg()}
+
+
 def compare_steps(args, folder: Path) -> dict:
     pairs = load_pairs()
     n_columns = 2 + args.negatives
     ours = Trainer(str(folder), args.max_seq_length, args.device, args.amp, True, args.negatives)
-    if args.st_in_process:
+    if not args.st_process:
         theirs = STTrainer(folder, args.max_seq_length, args.mini_batch_size, args.device, args.amp)
         runners = {"sentence-transformers": lambda texts: theirs.step(texts, n_columns)}
     else:
@@ -180,7 +242,7 @@ def compare_steps(args, folder: Path) -> dict:
                 seconds[name].append(elapsed)
         print(f"  step {step + 1}/{args.warmup + args.steps}, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
               flush=True)
-    if not args.st_in_process:
+    if args.st_process:
         child.close()
     med = {name: statistics.median(xs) for name, xs in seconds.items()}
     st = med["sentence-transformers"]
@@ -213,9 +275,12 @@ def main() -> None:
                         "false)")
     p.add_argument("--speedups", nargs="*", default=[], metavar="JSON",
                    help="also time bertino with each of these speedups sections (JSON objects)")
-    p.add_argument("--st-in-process", action="store_true",
-                   help="run sentence-transformers in this process rather than in a child process of its own (it "
-                        "then shares bertino's process-wide settings: glibc's malloc thresholds)")
+    p.add_argument("--alone", type=int, default=0, metavar="ROUNDS",
+                   help="instead of alternating steps: each side alone in a fresh process, ROUNDS times each, the "
+                        "order alternating (bertino with its default speedups)")
+    p.add_argument("--st-process", action="store_true",
+                   help="run sentence-transformers in a child process of its own, still step by step (without "
+                        "bertino's process-wide malloc setting; beside a second process)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="the training step's precision")
     p.add_argument("--steps", type=int, default=7)
@@ -238,7 +303,7 @@ def main() -> None:
                "load_before": os.getloadavg()}
     torch.manual_seed(0)
     if args.only in (None, "step"):
-        results["step"] = compare_steps(args, folder)
+        results["step"] = compare_alone(args, folder) if args.alone else compare_steps(args, folder)
     if args.only in (None, "encode"):
         results["encode"] = compare_encode(args.model, args.encode_batch_size, args.encode_limit, args.encode_reps,
                                            compare_st=True, device=args.device)
