@@ -1,4 +1,4 @@
-"""The cost of one dropout mask, three ways: torch's dropout, the fast CPU dropout, keyed masks.
+"""The cost of one dropout mask, four ways: torch's dropout, the fast CPU dropout, keyed masks.
 
     python benchmarks/dropout_masks.py [--device cpu] [--reps 20] [--json benchmarks/results/dropout_masks.json]
 
@@ -8,6 +8,7 @@ is (C, H, L, L), the hidden-state mask (C, L, D). Each way applies dropout p = 0
 
     torch      torch.nn.functional.dropout (bernoulli_; on CUDA torch's Philox kernel)
     bits       speedups.cpu_dropout.BitsDropout (32 random bits per element from the CPU generator)
+    lazy_bits  the same with lazy=True (speedups.lazy_mask_bits: 8 bits per element, 24 more for 1 in 256)
     keyed      keyed_dropout.KeyedDropout / the keyed attention mask (SplitMix64 of the text's key and position)
 
 The per-step cost inside a training step is measured by `train_step.py --keyed` (the same step with both masks).
@@ -63,6 +64,7 @@ def main() -> None:
         for kind, shape in (("attention", (C, 12, L, L)), ("hidden", (C, L, 384))):
             x = torch.ones(shape, device=device)
             bits = BitsDropout(P).train()
+            lazy_bits = BitsDropout(P, lazy=True).train()
             keyed = KeyedDropout(P, 3, keys).train()
             tk = text_keys(0, 0, torch.arange(C)).to(device)
 
@@ -76,6 +78,7 @@ def main() -> None:
                     return keyed(x)
 
             ways = {"torch": lambda: F.dropout(x, P, training=True), "bits": lambda: bits(x),
+                    "lazy_bits": lambda: lazy_bits(x),
                     "keyed": keyed_attention if kind == "attention" else keyed_hidden}
             row = {"C": C, "L": L, "site": kind, "elements": x.numel(),
                    **{f"{w}_ms": round(median_ms(fn, device, args.reps), 3) for w, fn in ways.items()}}
