@@ -10,8 +10,9 @@ machine of benchmarks/README.md, a few microseconds each inside a virtual machin
 
 `keep_freed_memory()` sets M_MMAP_THRESHOLD to glibc's largest (32 MiB on 64-bit systems: larger blocks are
 always mapped separately; the embedding gradient buffer, sparse_embeddings.py, keeps the one such tensor of a step)
-and M_TRIM_THRESHOLD to 2 GiB, so freed blocks stay in the heap for the next step: ≈ 27,000 faults per step,
-the rest being the tables' gradients. It changes where memory comes from, never a number; the cost is that the
+and M_TRIM_THRESHOLD to 2 GiB, so freed blocks stay in the heap for the next step: ≈ 27,000 faults per step, the
+rest being the embedding tables' fresh (V, D) gradients, and ≈ 3,500 with those kept too (embedding_grad_buffer);
+a step 3–14% shorter (benchmarks/README.md). It changes where memory comes from, never a number; the cost is that the
 process keeps the memory it freed (its peak) instead of returning it. It is process-wide and stays set; where
 the C library is not glibc (macOS, Windows, musl), it does nothing.
 """

@@ -27,12 +27,13 @@ uninterrupted one. What each does to GradCache's passes is written out in fast_g
 |                              |         | bits, other masks: runs are not bitwise those without it                  |
 | `keep_dropout_masks`         | true    | pass 3 takes pass 1's `cpu_dropout` masks from a tape (tapes.py) instead  |
 |                              |         | of drawing them again: the same masks, so the same numbers, with half the |
-|                              |         | random bits (a bf16 step ≈ 7% shorter). Costs one byte per mask element   |
-|                              |         | of every recomputed mini-batch from pass 1 to pass 3 (MiniLM, 128 texts   |
-|                              |         | of ≤ 64 tokens: 43 MB; benchmarks/README.md). CPU tensors only            |
+|                              |         | random bits (≈ 0.05 s of a 1.3 s bf16 step). Costs one byte per mask      |
+|                              |         | element of every recomputed mini-batch from pass 1 to pass 3 (MiniLM, 128 |
+|                              |         | texts of ≤ 64 tokens: 42 MB; at the card's lengths 455 MB). CPU tensors   |
+|                              |         | only                                                                      |
 | `keep_freed_memory`          | true    | glibc's malloc keeps the memory a step frees for the next step instead of |
-|                              |         | returning it to the kernel (heap.py): 2.5× fewer page faults per step, a  |
-|                              |         | bf16 step ≈ 5% shorter. Never changes a number; the process keeps its     |
+|                              |         | returning it to the kernel (heap.py): 20× fewer page faults per step, a   |
+|                              |         | bf16 step 3–14% shorter. Never changes a number; the process keeps its    |
 |                              |         | peak memory. Process-wide; nothing where the C library is not glibc       |
 | `memory_budget`              | 0       | m more mini-batches keep their pass-1 graph (m × one mini-batch's graph   |
 |                              |         | of memory, m fewer recomputations)                                        |
