@@ -30,7 +30,7 @@ from bertino.speedups.cpu_dropout import BitsDropout, WrittenOutAttention, insta
 from bertino.speedups.fast_grad_cache import FastGradCache, install_speedups, plan_step
 from bertino.speedups.heap import keep_freed_memory
 from bertino.speedups.linear_tape import ALL_LINEARS, DEFAULT_TAPED, TapedLinear, install_linear_tape
-from bertino.speedups.tapes import Tape
+from bertino.speedups.tapes import Tape, TapeDeck
 from bertino.speedups.settings import SpeedupsConfig
 from bertino.speedups.sparse_embeddings import SwitchableEmbedding, install_sparse_embedding_grads
 
@@ -255,19 +255,25 @@ SWITCHES = [dict(keep_graphs=k, keep_last=last, sparse=s, tape=t)
          for k, last, s, t in itertools.product((0, 2, 99), (True, False), (False, True), (None, DEFAULT_TAPED))]
 
 
-@pytest.mark.parametrize("cpu", [True, False], ids=["cpu-dropout", "torch-dropout"])
+@pytest.mark.parametrize("cpu", ["bits", "lazy-bits-kept", "torch"],
+                         ids=["cpu-dropout", "cpu-dropout-lazy-bits-kept-masks", "torch-dropout"])
 def test_every_combination_of_switches_gives_the_textbook_gradient(tiny_model_dir, cpu):
-    """float64, dropout on: every combination of kept graphs, the free last graph, sparse embedding gradients and
-    the linear tape equals the textbook GradCache (which test_grad_cache.py proves equals the full batch). With
+    """float64, dropout on: every combination of kept graphs, the free last graph, sparse embedding gradients (into
+    the kept buffer) and the linear tape equals the textbook GradCache (which test_grad_cache.py proves equals the
+    full batch), with the CPU dropout's 32-bit masks, and with its lazy bits and pass 1's masks kept on a tape. With
     torch's own dropout (a slow float64 kernel on CPU) the combinations of all switches at once, which the others
     imply."""
     texts, loss_fn = retrieval_case()
-    for options in SWITCHES if cpu else [p for p in SWITCHES if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]:
+    combos = SWITCHES if cpu != "torch" else [p for p in SWITCHES if p["sparse"] and p["tape"] and p["keep_graphs"] < 99]
+    for options in combos:
         enc = SentenceEncoder.from_pretrained(tiny_model_dir).double().train()
-        if cpu:
-            install_cpu_dropout(enc.model)
-        classic = grad_cache_grads(enc, texts, loss_fn)
-        err = max_rel_error(grad_cache_grads(enc, texts, loss_fn, fast=fast_path(enc, **options)), classic)
+        masks = TapeDeck("dropout-mask tape") if cpu == "lazy-bits-kept" else None
+        if cpu != "torch":
+            install_cpu_dropout(enc.model, masks, lazy=masks is not None)
+        classic = grad_cache_grads(enc, texts, loss_fn)  # the textbook: masks drawn again after the RNG replay
+        fast = fast_path(enc, **options)
+        fast.masks = masks
+        err = max_rel_error(grad_cache_grads(enc, texts, loss_fn, fast=fast), classic)
         print(f"{options}: {err:.2e}")
         assert err <= 1e-10, options
     assert max_rel_error(grad_cache_grads(enc, texts, loss_fn, seed=7), classic) > 1e-3  # dropout is on
