@@ -23,7 +23,7 @@ Lazy bits (`speedups.lazy_mask_bits`): the same variable from about a quarter of
 those elements draw 24 more. Other bits than the 32-bit draw's, so other masks: runs are not bitwise those without.
 
 Kept masks (`speedups.keep_dropout_masks`): GradCache's pass 3 needs pass 1's masks again, and drawing them again
-(the RNG replay) is half of the step's random bits, the dominant cost of these masks (mt19937 is serial: ≈ 2 ns
+(the RNG replay) is half of the step's random bits, the dominant cost of these masks (mt19937 is serial: ≈ 1.3 ns
 per 32-bit draw on the machine of benchmarks/README.md). With a `TapeDeck` (tapes.py), every `BitsDropout` records
 its mask in pass 1 and takes it back in pass 3: the same masks, so the same numbers, for one byte per mask element
 of every recomputed mini-batch, held from pass 1 to pass 3.

@@ -26,7 +26,8 @@ pass 1 returns its RNG snapshots. The switches (settings.py names them and their
                                                                           the last one (cuda_graphs.py)
     first_pass_mini_batch_size pass 1 over larger chunks of the same    (nothing carried: keyed masks)
                                  texts
-    cpu_dropout                (module replacement: the masks' draws, installed by `install_speedups`)
+    cpu_dropout,               (module replacement: the masks' draws, installed by `install_speedups`)
+      lazy_mask_bits
 
 Why each gives the textbook's gradient: ∂L/∂θ = Σ_chunks J_chunkᵀ g_chunk holds for any partition of the texts and
 any order of the sum (docs/gradcache.md §1); a kept graph IS the graph pass 3 would rebuild; a replayed linear
