@@ -101,6 +101,18 @@ class STTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def timed(run, texts: list[str], device: str) -> float:
+    """Seconds of `run(texts)`, the GPU's queue drained before and after on CUDA."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(texts)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def st_worker(conn, folder: str, args: argparse.Namespace) -> None:
     """The child process of `STProcess`: one `STTrainer`; for each step index received, that step's texts (the same
     `batch_texts` as the parent's), one step, and its seconds sent back; None ends it."""
@@ -110,13 +122,7 @@ def st_worker(conn, folder: str, args: argparse.Namespace) -> None:
     conn.send("ready")
     while (step := conn.recv()) is not None:
         texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-        start = time.perf_counter()
-        trainer.step(texts, 2 + args.negatives)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-        conn.send(time.perf_counter() - start)
+        conn.send(timed(lambda t: trainer.step(t, 2 + args.negatives), texts, args.device))
 
 
 class STProcess:
@@ -155,14 +161,9 @@ def alone_worker(conn, side: str, folder: str, args: argparse.Namespace) -> None
     seconds = []
     for step in range(args.warmup + args.steps):
         texts = batch_texts(pairs, step, args.batch_size, args.negatives, lengths=args.lengths)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(texts)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        elapsed = timed(run, texts, args.device)
         if step >= args.warmup:
-            seconds.append(time.perf_counter() - start)
+            seconds.append(elapsed)
     conn.send(seconds)
 
 
@@ -233,11 +234,7 @@ def compare_steps(args, folder: Path) -> dict:
             if runners[name] is None:  # sentence-transformers in its own process
                 elapsed = child.step(step)
             else:
-                ours.sync()
-                start = time.perf_counter()
-                runners[name](texts)
-                ours.sync()
-                elapsed = time.perf_counter() - start
+                elapsed = timed(runners[name], texts, args.device)
             if step >= args.warmup:
                 seconds[name].append(elapsed)
         print(f"  step {step + 1}/{args.warmup + args.steps}, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
