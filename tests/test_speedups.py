@@ -212,6 +212,37 @@ def test_written_out_attention_equals_sdpa_and_the_formula(monkeypatch, pad):
     assert torch.allclose(got, attn.out_lin(y.transpose(1, 2).reshape(3, 6, 32)), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_cpu_dropout_computes_the_plain_formulas_bit_for_bit(monkeypatch, dtype):
+    """The faster kernels of cpu_dropout (the mask multiplied as bytes, the key mask added, the comparisons written
+    as bytes) give the bits of the plain formulas — scores·(1/√Dh), masked_fill(−∞), softmax, x·m·(1/(1 − p)) with
+    a bool m — forward and backward, in bf16 (autocast's dtype), fp32 and float64, for the same masks."""
+    B, H, L, Dh, p = 3, 4, 9, 24, 0.1  # 1/√24: not a power of two, so a scale rounded elsewhere shows
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, H, L, Dh, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    keep[0, ..., 6:] = keep[2, ..., 3:] = False
+    m = torch.rand(B, H, L, L, generator=gen) > p
+    g = torch.randn(B, H, L, Dh, generator=gen).to(dtype)
+    monkeypatch.setattr(cpu_dropout, "lazy_keep_mask", lambda shape, p: m)
+    attn = WrittenOutAttention(p, lazy=True).train()
+    got = attn(q, k, v, keep)
+    want = ((q @ k.transpose(-1, -2)).mul_(Dh**-0.5).masked_fill_(~keep, float("-inf")).softmax(-1)
+            .mul(m).mul_(1 / (1 - p)) @ v)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, (q, k, v), g),
+                                                torch.autograd.grad(want, (q, k, v), g)))
+    x = torch.randn(B, L, 32, generator=gen).to(dtype).requires_grad_()
+    mx = torch.rand(B, L, 32, generator=gen) > p
+    monkeypatch.setattr(cpu_dropout, "lazy_keep_mask", lambda shape, p: mx)
+    got, want = BitsDropout(p, lazy=True).train()(x), x.mul(mx).mul_(1 / (1 - p))
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(y, x, torch.ones_like(y))[0] for y in (got, want)))
+    a = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=gen)
+    for compare in (torch.gt, torch.eq, torch.ge):
+        assert torch.equal(cpu_dropout.as_bytes(compare, a, 25), compare(a, 25))
+
+
 def test_a_mini_batch_without_padding_skips_the_mask(tiny_model_dir):
     enc = SentenceEncoder.from_pretrained(tiny_model_dir)
     install_cpu_dropout(enc.model)
