@@ -15,6 +15,11 @@ compare each with the plain module it replaces, tests/test_speedups.py):
   kernel for the unfused "math" one (which also spends passes on a NaN-safe softmax), so training-mode attention is
   written out, softmax(q kᵀ/√Dh + mask) · m/(1 − p) · v, with `BitsDropout`'s masks.
 
+Bytes, not bools, where torch's CPU kernels treat them differently: a comparison writes its result into a uint8
+tensor 2–10× faster than into a bool one (`as_bytes`), a mask multiplies as bytes (a bool operand is first converted
+to x's dtype in a slow loop), and the padded keys get −∞ by adding a (B, 1, 1, L) bias rather than by a masked fill.
+Each gives the bits of the plain formula (tests/test_speedups.py, bf16, fp32, float64), so they are not switches.
+
 Both fall back to the plain computation wherever they would not help: CUDA tensors, eval mode, p = 0. So `encode`
 (eval mode) gives the same numbers with or without them, and they hold no parameters: state-dict keys are unchanged.
 
